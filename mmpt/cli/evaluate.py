@@ -1,0 +1,89 @@
+"""`mmpt-eval ckpt=<run dir | checkpoint dir> [data.eval.urls=...] [eval.output=file.json] [key=value ...]`
+
+Loads the config and tokenizer saved inside the checkpoint, applies the overrides, evaluates retrieval on
+every rank of the launcher (single process, torchrun, srun) and prints/writes flat JSON metrics.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from mmpt import distributed as mdist
+from mmpt.cli.common import fail, strip_launcher_args, user_errors_exit
+from mmpt.engine.checkpoint import load_model_weights, resolve_checkpoint_dir
+from mmpt.engine.config import ConfigError
+from mmpt.engine.dist_env import detect_env, device_for, init_process_group
+from mmpt.engine.run_setup import build_eval_loader_for, configure_logging, validate
+from mmpt.eval.retrieval import embed_eval_set, retrieval_metrics
+from mmpt.models.registry import build_model
+
+
+def parse_overrides(argv: list[str]) -> tuple[str, list[str]]:
+    """`key=value` or `--key=value`; returns the ckpt value and the remaining dotlist."""
+    ckpt, rest = None, []
+    for arg in argv:
+        arg = arg.removeprefix("--")
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not key=value; usage: mmpt-eval ckpt=RUN_DIR [key=value ...]")
+        key, value = arg.split("=", 1)
+        if key == "ckpt":
+            ckpt = value
+        else:
+            rest.append(f"{key}={value}")
+    if ckpt is None:
+        raise ConfigError("missing ckpt=<run dir or checkpoint dir>; usage: mmpt-eval ckpt=runs/x data.eval.urls=...")
+    return ckpt, rest
+
+
+@user_errors_exit
+def evaluate(argv: list[str]) -> dict[str, float]:
+    ckpt, overrides = parse_overrides(argv)
+    tag_dir = resolve_checkpoint_dir(Path(ckpt))
+    saved = OmegaConf.load(tag_dir / "config.yaml")
+    if (tag_dir / "tokenizer.json").is_file():
+        saved.tokenizer.path = str(tag_dir / "tokenizer.json")
+    OmegaConf.set_struct(saved, True)
+    try:
+        cfg_raw = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))
+    except Exception as exc:  # omegaconf raises several types for a bad dotlist
+        raise ConfigError(f"bad override in {overrides}: {str(exc).splitlines()[0]}") from None
+    env = detect_env()
+    configure_logging(env)
+    prep = validate(cfg_raw, env, need_train=False)
+    if not prep.cfg.data.eval.urls:
+        raise ConfigError("data.eval.urls is not set; pass data.eval.urls='<shard pattern>'")
+    if env.world_size > 1:
+        init_process_group(env, prep.cfg.trainer.dist_timeout_s)
+    device = device_for(env)
+    model = build_model(prep.cfg.model)
+    model.load_state_dict(load_model_weights(tag_dir))
+    model.to(device)
+    loader = build_eval_loader_for(prep.cfg, prep.tokenizer, env)
+    metrics = retrieval_metrics(embed_eval_set(model, loader, device), prep.cfg.eval.ks)
+    if env.is_main:
+        metrics = {"checkpoint": str(tag_dir), **metrics}  # type: ignore[dict-item]
+        text = json.dumps(metrics, indent=2)
+        print(text, flush=True)
+        if prep.cfg.eval.output:
+            Path(prep.cfg.eval.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(prep.cfg.eval.output).write_text(text + "\n")
+    if mdist.is_dist():
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def main() -> None:
+    argv = strip_launcher_args(sys.argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        fail("missing ckpt=...", 2) if not argv else None
+        return
+    evaluate(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Image decoding and train/eval transforms with PIL + torch only (torchvision is not a dependency).
+
+Randomness comes from an explicit `random.Random` passed per sample, never from global state, so a
+pipeline seeded once is reproducible no matter how many workers or processes run it.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Box = tuple[float, float, float, float]  # PIL (left, upper, right, lower)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """jpg/png/webp bytes -> fully loaded RGB image; raises on corrupt or truncated data."""
+    img = Image.open(io.BytesIO(data))
+    img.load()  # force the decode here so corrupt bytes fail now, not in a later transform
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL's recommended path for palette transparency
+    return img.convert("RGB")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> `c h w` float32 in [0, 1]."""
+    array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class Normalize:
+    """`c h w` -> (x - mean) / std per channel."""
+
+    def __init__(self, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"need 3 means and 3 positive stds, got mean={mean} std={std}")
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> Box:
+    """A crop covering `scale` of the area with aspect (w/h) in `ratio`, log-uniform (Inception-style).
+
+    Falls back to the largest centred crop with the aspect clamped to `ratio` after 10 misses
+    (very elongated images), so it never fails.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            return (left, top, left + w, top + h)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return (left, top, left + w, top + h)
+
+
+class TrainTransform:
+    """Random resized crop -> optional h-flip -> tensor -> normalize; output `c s s`, s = image_size.
+
+    Flip is off by default: captions often say "left"/"right", and flipping makes them wrong.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        *,
+        scale: tuple[float, float] = (0.5, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = False,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
+        self.image_size = image_size
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.hflip = hflip
+        self.normalize = Normalize(mean, std)
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        box = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng)
+        # resize(box=...) crops and resamples in one pass, cheaper than crop() then resize()
+        out = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
+        if self.hflip and rng.random() < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return self.normalize(to_tensor(out))
+
+
+class EvalTransform:
+    """Resize shorter side to image_size -> centre crop -> tensor -> normalize; deterministic, `c s s`."""
+
+    def __init__(self, image_size: int, *, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+        self.image_size = image_size
+        self.normalize = Normalize(mean, std)
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        # the centred square of side min(w, h), scaled to image_size, is exactly resize-shorter-side
+        # followed by centre crop, done as a single resample
+        side = min(img.width, img.height)
+        left, top = (img.width - side) / 2, (img.height - side) / 2
+        box = (left, top, left + side, top + side)
+        out = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
+        return self.normalize(to_tensor(out))

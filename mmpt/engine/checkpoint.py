@@ -1,0 +1,114 @@
+"""Checkpoints: DeepSpeed tags under <run dir>/checkpoints, a completeness marker, pruning, RNG state.
+
+A checkpoint counts only once every rank has written its part and rank 0 has dropped the `complete`
+marker, so a run killed mid-save resumes from the previous one instead of a half-written tag.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmpt import distributed as mdist
+
+COMPLETE_MARKER = "complete"
+TAG_PREFIX = "step_"
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def step_of(tag_dir: Path) -> int:
+    return int(tag_dir.name[len(TAG_PREFIX):])
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete tag dirs, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    tags = [p for p in ckpt_root.glob(f"{TAG_PREFIX}*") if (p / COMPLETE_MARKER).is_file()]
+    return sorted(tags, key=step_of)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = complete_checkpoints(ckpt_root)
+    return done[-1] if done else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine: Any, ckpt_root: Path, step: int, client_state: dict[str, Any], keep_last: int,
+         extra_files: dict[str, str] | None = None) -> Path:
+    """Collective: every rank must call it. Writes the tag, per-rank RNG, the marker, then prunes."""
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state)
+    tag_dir = ckpt_root / tag
+    torch.save(rng_state(), tag_dir / f"rng_rank{mdist.rank():05d}.pt")
+    mdist.barrier()
+    if mdist.rank() == 0:
+        for name, text in (extra_files or {}).items():
+            (tag_dir / name).write_text(text)
+        (tag_dir / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": mdist.world_size()}))
+        for old in complete_checkpoints(ckpt_root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    mdist.barrier()
+    return tag_dir
+
+
+def load(engine: Any, tag_dir: Path) -> dict[str, Any]:
+    """Collective. Restores model/optimizer/scheduler via DeepSpeed and this rank's RNG; returns client state."""
+    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    rng_file = tag_dir / f"rng_rank{mdist.rank():05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state
+
+
+def resolve_checkpoint_dir(path: Path) -> Path:
+    """Accept a run dir, its checkpoints/ dir or one tag dir; return the newest complete tag dir."""
+    path = Path(path)
+    if (path / COMPLETE_MARKER).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise FileNotFoundError(
+        f"no complete checkpoint in {path} (looked for {TAG_PREFIX}*/{COMPLETE_MARKER} in it and in its checkpoints/); "
+        "pass a run dir of mmpt-train or one of its checkpoints/step_* dirs"
+    )
+
+
+def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 model state dict from a DeepSpeed tag (any ZeRO stage), without an engine.
+
+    ZeRO partitions (and bf16 runs' fp32 masters) live in the *zero_pp_rank_*optim_states.pt files; stage 0
+    in fp32 keeps the full module in mp_rank_00_model_states.pt.
+    """
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in state["module"].items()}

@@ -1,0 +1,272 @@
+"""Structured schema of the training config and the one place that validates it.
+
+Validation runs before any process group exists, so a typo costs a second, not a queue slot. Every
+problem becomes a `ConfigError` whose message names the key, what is wrong and how to fix it.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from mmpt.models.registry import arch_names, model_config
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the CLI prints it as one line and exits with code 2."""
+
+
+@dataclass
+class TrainDataConfig:
+    urls: Any = MISSING
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class EvalDataConfig:
+    urls: Any = None
+
+
+@dataclass
+class DataConfig:
+    train: TrainDataConfig = field(default_factory=TrainDataConfig)
+    eval: EvalDataConfig = field(default_factory=EvalDataConfig)
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    image_size: int = 64
+    max_text_len: int = 32
+    num_workers: int = 1
+    rrc_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    hflip: bool = False
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = MISSING
+    vocab_size: int = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    grad_accum: int = 1
+    global_batch_size: Optional[int] = None
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    resume: str = "auto"
+    seed: int = 0
+    dist_timeout_s: int = 1800
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+
+
+@dataclass
+class SchedulerConfig:
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"
+    mode: str = "offline"
+    project: str = "mmpt"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    at_end: bool = True
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    output: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything except `model` (typed per architecture by the registry) and `deepspeed` (DeepSpeed's own
+    JSON schema, checked by DeepSpeed itself)."""
+
+    model: Any = MISSING
+    deepspeed: Any = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Keys of the DeepSpeed dict that mmpt derives from trainer/data/optimizer settings: setting them by hand
+# is how batch sizes silently drift out of sync, so they are refused.
+DERIVED_DEEPSPEED_KEYS = {
+    "train_batch_size": "data.batch_size, trainer.grad_accum (or trainer.global_batch_size)",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "trainer.grad_accum",
+    "gradient_clipping": "trainer.grad_clip",
+    "bf16": "trainer.precision=bf16",
+    "fp16": "trainer.precision=fp16",
+    "optimizer": "optimizer.*",
+    "scheduler": "scheduler.*",
+}
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _describe_omegaconf_error(exc: OmegaConfBaseException, where: str) -> str:
+    key = getattr(exc, "full_key", None) or "?"
+    full = f"{where}.{key}" if where and not key.startswith(where) else key
+    if isinstance(exc, ConfigKeyError):
+        obj = getattr(exc, "object_type", None)
+        valid = list(getattr(obj, "__dataclass_fields__", {}))
+        leaf = full.rsplit(".", 1)[-1]
+        return (
+            f"unknown config key '{full}'.{_suggest(leaf, valid)} Valid keys here: {', '.join(valid)}. "
+            "Fix the override or the YAML file that sets it."
+        )
+    if isinstance(exc, MissingMandatoryValue):
+        return f"config key '{full}' is required but not set (???). Set it on the command line: {full}=..."
+    if isinstance(exc, ValidationError):
+        return f"config key '{full}' has a wrong type or value: {exc.msg.splitlines()[0]}"
+    return f"invalid config at '{full}': {str(exc).splitlines()[0]}"
+
+
+def resolve(cfg: DictConfig) -> DictConfig:
+    """Resolve interpolations (${...}) with a clear error instead of OmegaConf's stack trace."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe_omegaconf_error(exc, "")) from None
+    return cfg
+
+
+def typed_config(cfg: DictConfig) -> TrainConfig:
+    """Merge the composed config onto the schema: unknown keys and wrong types become ConfigError."""
+    body = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(body, dict)
+    body.pop("hydra", None)
+    model_cfg = body.get("model")
+    if not isinstance(model_cfg, dict) or "arch" not in model_cfg:
+        raise ConfigError(f"config 'model' needs an 'arch' key (one of {arch_names()}); pick a preset: model=clip/tiny")
+    try:
+        model_typed = model_config(model_cfg)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe_omegaconf_error(exc, "model")) from None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in body.items() if k != "model"})
+        typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe_omegaconf_error(exc, "")) from None
+    typed.model = model_typed
+    return typed
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_objectives: tuple[str, ...]) -> None:
+    """Impossible or inconsistent option combinations, each with the fix."""
+    t, d = cfg.trainer, cfg.data
+    _check_choice("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
+    _check_choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
+    _check_choice("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
+    if t.precision == "fp16" and not has_gpu:
+        raise ConfigError("trainer.precision=fp16 needs a GPU (loss scaling on CPU is unsupported); use bf16 or fp32")
+    for key, value in (("trainer.max_steps", t.max_steps), ("data.batch_size", d.batch_size),
+                       ("trainer.grad_accum", t.grad_accum), ("trainer.log_every", t.log_every),
+                       ("trainer.save_every", t.save_every), ("data.eval_batch_size", d.eval_batch_size)):
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if t.keep_last < 1:
+        raise ConfigError(f"trainer.keep_last={t.keep_last} must be >= 1 (resuming needs a checkpoint)")
+    if t.global_batch_size is not None:
+        per_step = d.batch_size * world_size
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"trainer.global_batch_size={t.global_batch_size} is not divisible by data.batch_size x world size "
+                f"= {d.batch_size} x {world_size} = {per_step}; choose a multiple of {per_step} or change data.batch_size"
+            )
+        t.grad_accum = t.global_batch_size // per_step
+    patch = getattr(cfg.model, "patch_size", None)
+    if patch and d.image_size % patch:
+        raise ConfigError(
+            f"data.image_size={d.image_size} is not divisible by model.patch_size={cfg.model.patch_size}"
+        )
+    if not d.train.urls:
+        raise ConfigError("data.train.urls is empty; set a shard pattern, e.g. data.train.urls='/data/{00000..00099}.tar'")
+    unknown = sorted(set(cfg.loss.weights) - set(model_objectives))
+    if unknown:
+        raise ConfigError(
+            f"loss.weights has {unknown} but model.arch={cfg.model.arch} trains only {list(model_objectives)}; "
+            "remove those weights"
+        )
+    unweighted = sorted(set(model_objectives) - set(cfg.loss.weights))
+    if unweighted:
+        raise ConfigError(
+            f"model.arch={cfg.model.arch} trains {unweighted} but loss.weights has no weight for it; "
+            f"add e.g. +loss.weights.{unweighted[0]}=1.0 (0 disables it)"
+        )
+    for key in DERIVED_DEEPSPEED_KEYS:
+        if key in cfg.deepspeed:
+            raise ConfigError(
+                f"deepspeed.{key} is derived by mmpt; remove it and set {DERIVED_DEEPSPEED_KEYS[key]} instead"
+            )
+    stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_optimization.stage={stage} must be 0, 1, 2 or 3")
+    resume = t.resume
+    if resume not in ("auto", "none") and not Path(resume).is_dir():
+        raise ConfigError(f"trainer.resume={resume!r}: no such checkpoint directory; use auto, none or a checkpoint dir")
+
+
+def check_paths(cfg: TrainConfig, need_train: bool = True) -> None:
+    """Files that must exist before launch: local shards, the tokenizer file."""
+    from mmpt.data.shards import check_local_shards
+    from mmpt.data.tokenizer import looks_like_local_path
+
+    tok = cfg.tokenizer.path
+    if looks_like_local_path(tok) and not Path(tok).expanduser().is_file():
+        raise ConfigError(
+            f"tokenizer.path={tok!r} does not exist; train one with "
+            "`mmpt-data tokenizer --shards PATTERN --out tokenizer.json` or give a Hugging Face hub name"
+        )
+    sources = [("data.train.urls", cfg.data.train.urls)] if need_train else []
+    if cfg.data.eval.urls:
+        sources.append(("data.eval.urls", cfg.data.eval.urls))
+    for key, urls in sources:
+        try:
+            check_local_shards(urls)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{key}: {exc}") from None

@@ -1,0 +1,94 @@
+"""Where training records go: the console, <run dir>/metrics.jsonl, and W&B. Rank 0 only."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from mmpt.engine.config import LoggerConfig
+
+log = logging.getLogger("mmpt")
+
+
+SPECIAL_KEYS = {"train/lr", "train/samples_per_s", "train/data_wait", "train/skipped"}
+
+
+def format_progress(record: dict[str, Any], max_steps: int) -> str:
+    """One console line: step, every train/<loss or metric>, lr, throughput, data-wait and eval results."""
+    parts = [f"step {record['step']}/{max_steps}"]
+    parts += [f"{k.removeprefix('train/')} {v:.4f}" for k, v in record.items()
+              if k.startswith("train/") and k not in SPECIAL_KEYS]
+    if "train/lr" in record:
+        parts.append(f"lr {record['train/lr']:.2e}")
+    if "train/samples_per_s" in record:
+        parts.append(f"{record['train/samples_per_s']:.1f} samples/s")
+    if "train/data_wait" in record:
+        parts.append(f"data-wait {100 * record['train/data_wait']:.0f}%")
+    if record.get("train/skipped"):
+        parts.append(f"skipped {record['train/skipped']}")
+    parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval/")]
+    return " | ".join(parts)
+
+
+class JsonlLog:
+    """Append-only `metrics.jsonl`: one JSON object per record, each with a `step` field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class WandbLog:
+    """A W&B run whose config is the resolved Hydra config; resumes the same id after a restart."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, run_id: str, config: dict[str, Any]):
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name, tags=list(cfg.tags),
+            mode=cfg.mode, dir=str(run_dir), id=run_id, resume="allow", config=config,
+        )
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+    @property
+    def location(self) -> str:
+        return str(Path(self.run.dir).parent)
+
+
+class RunLogger:
+    """Fans records out to the console, metrics.jsonl and (optionally) W&B. A no-op on ranks > 0."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, run_id: str, config: dict[str, Any],
+                 is_main: bool, max_steps: int):
+        self.is_main, self.max_steps = is_main, max_steps
+        self.jsonl = JsonlLog(run_dir / "metrics.jsonl") if is_main else None
+        use_wandb = is_main and cfg.backend == "wandb" and cfg.mode != "disabled"
+        self.wandb = WandbLog(cfg, run_dir, run_id, config) if use_wandb else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        log.info(format_progress(record, self.max_steps))
+        assert self.jsonl is not None
+        self.jsonl.write(record)
+        if self.wandb is not None:
+            self.wandb.write(record)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.close()
+
+    @property
+    def wandb_location(self) -> str | None:
+        return self.wandb.location if self.wandb is not None else None

@@ -1,0 +1,49 @@
+"""AdamW with decay only on matrices, and the warm-up + cosine learning-rate schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mmpt.engine.config import OptimizerConfig, SchedulerConfig
+
+NO_DECAY_NAME_PARTS = ("logit_scale", "pos_embed", "cls_token", "bias")
+
+
+def decays(name: str, param: nn.Parameter) -> bool:
+    """Weight decay shrinks matrices; norms (1-d), biases, position/cls tokens and the temperature stay free."""
+    return param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if decays(name, param) else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused
+    )
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then cosine."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
+    )

@@ -1,0 +1,99 @@
+"""Everything between a composed config and a running Trainer: validate, tokenizer, process group, run dir.
+
+Order matters: every check that can fail on user input runs before the process group starts.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mmpt import distributed as mdist
+from mmpt.data.pipeline import BatchLoader, build_eval_loader, build_train_loader
+from mmpt.data.tokenizer import TextTokenizer, load_tokenizer
+from mmpt.engine.config import ConfigError, TrainConfig, check_combinations, check_paths, resolve, typed_config
+from mmpt.engine.dist_env import DistEnv, detect_env, device_for, init_process_group
+from mmpt.models.registry import build_model
+
+log = logging.getLogger("mmpt")
+
+
+@dataclass
+class Prepared:
+    cfg: TrainConfig
+    resolved: dict[str, Any]
+    env: DistEnv
+    tokenizer: TextTokenizer
+    trainable_params: int
+    frozen_params: int
+
+
+def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared:
+    """All user-input checks; raises ConfigError. Builds the model on the meta device (no memory)."""
+    raw = resolve(raw.copy())
+    cfg = typed_config(raw)
+    with torch.device("meta"):
+        probe = build_model(cfg.model)
+    check_combinations(cfg, env.world_size, torch.cuda.is_available(), tuple(probe.objectives))
+    check_paths(cfg, need_train=need_train)
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer.path, cfg.data.max_text_len)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if tokenizer.vocab_size > cfg.tokenizer.vocab_size:
+        raise ConfigError(
+            f"tokenizer {cfg.tokenizer.path} has {tokenizer.vocab_size} tokens but tokenizer.vocab_size="
+            f"{cfg.tokenizer.vocab_size} embedding rows; set tokenizer.vocab_size={tokenizer.vocab_size} or more"
+        )
+    resolved = OmegaConf.to_container(raw, resolve=True)
+    assert isinstance(resolved, dict)
+    resolved.pop("hydra", None)
+    trainable = sum(p.numel() for p in probe.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in probe.parameters() if not p.requires_grad)
+    return Prepared(cfg, resolved, env, tokenizer, trainable, frozen)
+
+
+def configure_logging(env: DistEnv) -> None:
+    """Rank 0 speaks at INFO; other ranks only warn. Hydra may already have attached handlers."""
+    logger = logging.getLogger("mmpt")
+    logger.setLevel(logging.INFO if env.is_main else logging.WARNING)
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s][mmpt] %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+
+
+def start_distributed(prep: Prepared, run_dir: Path) -> tuple[torch.device, Path]:
+    """Start the process group; every rank adopts rank 0's run dir (launchers may differ in ${now:})."""
+    init_process_group(prep.env, prep.cfg.trainer.dist_timeout_s)
+    run_dir = Path(str(mdist.all_gather_objects(str(run_dir.resolve()))[0]))
+    if prep.env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    mdist.barrier()
+    return device_for(prep.env), run_dir
+
+
+def build_train_loader_for(cfg: TrainConfig, tokenizer: TextTokenizer, env: DistEnv, step: int) -> BatchLoader:
+    d = cfg.data
+    return build_train_loader(
+        d.train.urls, tokenizer, batch_size=d.batch_size, image_size=d.image_size, num_workers=d.num_workers,
+        seed=cfg.trainer.seed, rank=env.rank, world_size=env.world_size, shuffle_buffer=d.train.shuffle_buffer,
+        resume_step=step, scale=tuple(d.rrc_scale), hflip=d.hflip, mean=d.mean, std=d.std,
+    )
+
+
+def build_eval_loader_for(cfg: TrainConfig, tokenizer: TextTokenizer, env: DistEnv) -> BatchLoader:
+    d = cfg.data
+    return build_eval_loader(
+        d.eval.urls, tokenizer, batch_size=d.eval_batch_size, image_size=d.image_size,
+        num_workers=min(d.num_workers, 2), rank=env.rank, world_size=env.world_size, mean=d.mean, std=d.std,
+    )
+
+
+def current_env() -> DistEnv:
+    return detect_env()

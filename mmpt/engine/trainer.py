@@ -1,0 +1,204 @@
+"""The training loop: DeepSpeed engine, weighted objective sum, logging, checkpoints, periodic eval.
+
+The trainer knows models only through the protocol (forward -> ModelOutput, encode_*), so a new
+architecture or objective never edits this file.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from mmpt import distributed as mdist
+from mmpt.data.batch import Batch
+from mmpt.data.tokenizer import TextTokenizer
+from mmpt.engine import checkpoint
+from mmpt.engine.config import TrainConfig
+from mmpt.engine.dist_env import DistEnv
+from mmpt.engine.ds_config import build_deepspeed_config, global_batch_size
+from mmpt.engine.loggers import RunLogger
+from mmpt.engine.optim import build_optimizer, build_scheduler
+from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
+from mmpt.eval.retrieval import embed_eval_set, retrieval_metrics
+from mmpt.models.registry import build_model
+
+log = logging.getLogger("mmpt")
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class IntervalStats:
+    """Sums since the last log line, kept on device so the hot path never syncs with the host."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    micro_steps: int = 0
+    data_wait_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.micro_steps += 1
+
+    def reduce(self) -> dict[str, float]:
+        """Collective: averages over micro-steps and ranks, one host sync per log line."""
+        keys = sorted(self.sums)
+        stacked = torch.stack([self.sums[k] for k in keys]) / max(1, self.micro_steps)
+        if mdist.is_dist():
+            torch.distributed.all_reduce(stacked)
+            stacked /= mdist.world_size()
+        return dict(zip(keys, stacked.tolist()))
+
+
+@dataclass
+class TrainResult:
+    step: int
+    run_dir: Path
+    last_checkpoint: Path | None
+    eval_metrics: dict[str, float]
+    wandb_location: str | None
+    wandb_run_id: str
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resolved: dict[str, Any], env: DistEnv, device: torch.device,
+                 run_dir: Path, tokenizer: TextTokenizer):
+        import deepspeed
+
+        self.cfg, self.env, self.device, self.run_dir, self.tokenizer = cfg, env, device, run_dir, tokenizer
+        self.ckpt_root = run_dir / "checkpoints"
+        torch.manual_seed(cfg.trainer.seed)  # identical init on every rank
+        model = build_model(cfg.model)
+        optimizer = build_optimizer(model, cfg.optimizer)
+        scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
+        self.ds_config = build_deepspeed_config(cfg, env.world_size)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.model = self.engine.module
+        self.input_dtype = PRECISION_DTYPES[cfg.trainer.precision]
+        self.weights = dict(cfg.loss.weights)
+        self.step = 0
+        self.wandb_run_id = ""
+        self.resolved = resolved
+        self._resume()
+        torch.manual_seed(cfg.trainer.seed * 1000 + env.rank + self.step)  # per-rank masks/dropout
+        self.logger = RunLogger(cfg.logger, run_dir, self.wandb_run_id, resolved, env.is_main, cfg.trainer.max_steps)
+        self.last_checkpoint: Path | None = None
+        self.eval_metrics: dict[str, float] = {}
+
+    # ---- resume -----------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        tag_dir = None
+        if resume == "auto":
+            tag_dir = checkpoint.latest_checkpoint(self.ckpt_root)
+        elif resume != "none":
+            tag_dir = checkpoint.resolve_checkpoint_dir(Path(resume))
+        if tag_dir is None:
+            import wandb.util
+
+            self.wandb_run_id = str(mdist.all_gather_objects(wandb.util.generate_id())[0])
+            return
+        state = checkpoint.load(self.engine, tag_dir)
+        self.step = int(state["step"])
+        self.wandb_run_id = str(state["wandb_run_id"])
+        if state.get("world_size") != self.env.world_size:
+            log.warning("resuming a %s-rank checkpoint on %s ranks", state.get("world_size"), self.env.world_size)
+        if self.env.is_main:
+            log.info("resumed from %s at step %d (W&B run %s)", tag_dir, self.step, self.wandb_run_id)
+
+    def client_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "samples_seen": self.step * global_batch_size(self.cfg, self.env.world_size),
+            "data": {"resume_step": self.step, "seed": self.cfg.trainer.seed},
+            "wandb_run_id": self.wandb_run_id,
+            "world_size": self.env.world_size,
+        }
+
+    def save(self) -> None:
+        extra = {"config.yaml": OmegaConf.to_yaml(self.resolved),
+                 "tokenizer.json": self.tokenizer.tokenizer.to_str()}
+        self.last_checkpoint = checkpoint.save(
+            self.engine, self.ckpt_root, self.step, self.client_state(), self.cfg.trainer.keep_last, extra
+        )
+        if self.env.is_main:
+            log.info("saved checkpoint %s", self.last_checkpoint)
+
+    # ---- one optimizer step -------------------------------------------------------------------------------
+    def _micro_step(self, batch: Batch, stats: IntervalStats) -> None:
+        batch = batch.to(self.device, self.input_dtype)
+        out = self.engine(batch)
+        total = sum(self.weights[name] * loss for name, loss in out.losses.items())
+        self.engine.backward(total)
+        self.engine.step()
+        stats.add({"loss": total, **out.losses, **out.metrics})
+
+    def _record(self, stats: IntervalStats) -> dict[str, Any]:
+        values = stats.reduce()
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"loss is {values['loss']} at step {self.step}; last good checkpoint: {self.last_checkpoint}. "
+                "Lower optimizer.lr, raise scheduler.warmup_steps, or use trainer.precision=fp32"
+            )
+        elapsed = time.perf_counter() - stats.started
+        samples = stats.micro_steps * self.cfg.data.batch_size * self.env.world_size
+        skipped = sum(mdist.all_gather_objects(sum(stats.skipped.values())))  # type: ignore[arg-type]
+        record: dict[str, Any] = {"step": self.step}
+        record.update({f"train/{k}": v for k, v in values.items()})
+        record["train/lr"] = self.engine.get_lr()[0]
+        record["train/samples_per_s"] = samples / max(elapsed, 1e-9)
+        record["train/data_wait"] = stats.data_wait_s / max(elapsed, 1e-9)
+        record["train/skipped"] = skipped
+        return record
+
+    # ---- evaluation ---------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        loader = build_eval_loader_for(self.cfg, self.tokenizer, self.env)
+        metrics = retrieval_metrics(embed_eval_set(self.model, loader, self.device, self.input_dtype), self.cfg.eval.ks)
+        self.eval_metrics = metrics
+        self.logger.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        t = self.cfg.trainer
+        batches: Iterator[Batch] = iter(build_train_loader_for(self.cfg, self.tokenizer, self.env, self.step))
+        stats = IntervalStats()
+        if self.env.is_main:
+            log.info("training from step %d to %d, global batch %d", self.step, t.max_steps,
+                     global_batch_size(self.cfg, self.env.world_size))
+        while self.step < t.max_steps:
+            for _ in range(t.grad_accum):
+                waited = time.perf_counter()
+                batch = next(batches)
+                stats.data_wait_s += time.perf_counter() - waited
+                for reason, count in batch.skipped.items():
+                    stats.skipped[reason] = stats.skipped.get(reason, 0) + count
+                self._micro_step(batch, stats)
+            self.step += 1
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self.logger.log(self._record(stats))
+                stats = IntervalStats(skipped=stats.skipped)
+            if self.step % t.save_every == 0 or self.step == t.max_steps:
+                self.save()
+            every = self.cfg.eval.every
+            if self.cfg.data.eval.urls and every and self.step % every == 0 and self.step != t.max_steps:
+                self.evaluate()
+        if self.cfg.data.eval.urls and self.cfg.eval.at_end:
+            self.evaluate()
+        result = TrainResult(self.step, self.run_dir, self.last_checkpoint or checkpoint.latest_checkpoint(self.ckpt_root),
+                             self.eval_metrics, self.logger.wandb_location, self.wandb_run_id)
+        self.logger.close()
+        return result

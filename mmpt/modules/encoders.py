@@ -1,0 +1,98 @@
+"""Unimodal towers: a ViT for images and a transformer for text, both returning all tokens (final LN).
+
+They return every token rather than a pooled vector because the architectures pool differently (CLIP:
+[CLS] or EOT; CoCa: attentional pooler; ALBEF: fusion layers cross-attend to all image tokens).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmpt.modules.block import Transformer
+from mmpt.modules.embeddings import PatchEmbedding, TextEmbedding
+
+
+class VisionTransformer(nn.Module):
+    """Images `b c h w` -> tokens `b n d`, n = 1 + (h/p)^2 with [CLS] at position 0, final LayerNorm."""
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        in_chans: int = 3,
+        cls_token: bool = True,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.width = width
+        self.patch_embed = PatchEmbedding(image_size, patch_size, width, in_chans=in_chans, cls_token=cls_token)
+        self.drop = nn.Dropout(dropout)
+        self.transformer = Transformer(
+            width, layers, heads, mlp_ratio, dropout=dropout, attn_dropout=attn_dropout, norm_eps=norm_eps
+        )
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.patch_embed.num_tokens
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.transformer(self.drop(self.patch_embed(images))))
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs for one image: patch projection (6 * weights * patches) + `Transformer.flops`."""
+        pe = self.patch_embed
+        return 6.0 * pe.proj.weight.numel() * pe.num_patches + self.transformer.flops(self.num_tokens)
+
+
+class TextTransformer(nn.Module):
+    """Token ids `b l` + attention_mask `b l` (1 = real token) -> tokens `b l d`, final LayerNorm.
+
+    Bidirectional by default (BERT-like, pool at [CLS]); `causal=True` gives a GPT/CLIP-style tower whose
+    summary token is the last real one. Padded positions are masked as keys, so they never influence real
+    tokens; their own outputs are meaningless and must not be pooled.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_len: int,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        causal: bool = False,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.width = width
+        self.max_len = max_len
+        self.causal = causal
+        self.embed = TextEmbedding(vocab_size, max_len, width, dropout=dropout)
+        self.transformer = Transformer(
+            width, layers, heads, mlp_ratio, dropout=dropout, attn_dropout=attn_dropout, norm_eps=norm_eps
+        )
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> torch.Tensor:
+        """input_ids, attention_mask: `b l`; is_causal overrides the tower's default for this call."""
+        causal = self.causal if is_causal is None else is_causal
+        x = self.transformer(self.embed(input_ids), key_padding_mask=attention_mask, is_causal=causal)
+        return self.norm(x)
+
+    def flops_per_sample(self, seq_len: int | None = None) -> float:
+        """Training FLOPs for one padded sequence (default `max_len`); the embedding lookup is free."""
+        return self.transformer.flops(seq_len if seq_len is not None else self.max_len)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Create or update .venv with mmpt (and extras given as $1, e.g. "dev"). Sourced by quickstart.sh and test.sh.
+# Idempotent: reinstalls only when pyproject.toml changed. Caches DeepSpeed's JIT-built comm op.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+EXTRAS="${1:-}"
+PY="${PYTHON:-python3}"
+VENV="${MMPT_VENV:-$ROOT/.venv}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+
+stamp="$VENV/.mmpt-install-stamp"
+want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-${EXTRAS}"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing mmpt${EXTRAS:+[$EXTRAS]} into $VENV"
+  if ! python -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      pip install -q "torch>=2.3,<2.15"
+    else
+      # CPU machine: the local CPU wheel of torch 2.13 (a plain 'torch' would pull a multi-GB CUDA build).
+      pip install -q "torch==2.13.0"
+    fi
+  fi
+  pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}" 2>&1 | grep -v -E "^(WARNING: Location|  )" || true
+  python -c "import mmpt, deepspeed, webdataset, hydra, wandb" 2>/dev/null || { echo "[setup] install failed"; exit 1; }
+  echo "$want" > "$stamp"
+fi
+
+if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  # DeepSpeed's CPU accelerator JIT-builds a shared-memory comm op on first use (~1-2 min); build it once
+  # here, cached in $TORCH_EXTENSIONS_DIR, so training runs and tests do not race to build it.
+  python - <<'PY' >/dev/null 2>&1 || echo "[setup] warning: could not pre-build DeepSpeed's CPU comm op"
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+ShareMemCommBuilder().load()
+PY
+fi
