@@ -19,9 +19,9 @@ EVAL_N="${MMPT_EVAL_SAMPLES:-1000}"
 
 if [ ! -f "$MMPT_DEMO_DIR/tokenizer.json" ]; then
   echo "[quickstart] writing synthetic shards to $MMPT_DEMO_DIR"
-  # Held-out eval pairs come from a disjoint index range of the same generator.
+  # Held-out eval pairs: another seed of the same generator (same grammar, new scenes).
   mmpt-data synthetic --out "$MMPT_DEMO_DIR/train" --num-samples "$TRAIN_N" --shard-size $(( TRAIN_N / 20 )) --seed 0 --image-size 64 &
-  mmpt-data synthetic --out "$MMPT_DEMO_DIR/eval" --num-samples "$EVAL_N" --shard-size $(( EVAL_N / 4 )) --seed 0 --image-size 64 --start-index 100000000 &
+  mmpt-data synthetic --out "$MMPT_DEMO_DIR/eval" --num-samples "$EVAL_N" --shard-size $(( EVAL_N / 4 )) --seed 1 --image-size 64 &
   wait
   mmpt-data tokenizer --shards "$MMPT_DEMO_DIR/train/{00000..00019}.tar" --out "$MMPT_DEMO_DIR/tokenizer.json" --vocab-size 1000
 fi

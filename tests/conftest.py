@@ -11,7 +11,9 @@ import webdataset as wds
 from PIL import Image
 
 
-def encode_image(color: tuple[int, int, int] = (128, 64, 32), size: tuple[int, int] = (24, 16), fmt: str = "JPEG") -> bytes:
+def encode_image(
+    color: tuple[int, int, int] = (128, 64, 32), size: tuple[int, int] = (24, 16), fmt: str = "JPEG"
+) -> bytes:
     """A constant-colour image of `size` (w, h) encoded as `fmt` bytes (WEBP lossless, so colours stay exact)."""
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))

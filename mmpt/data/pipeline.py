@@ -50,6 +50,14 @@ class SkipCounter:
         self.rank, self.worker = rank, worker
         self.pending: Counter[str] = Counter()
         self.total: Counter[str] = Counter()
+        self.shard_index = 0  # which shard this worker is reading (bumped by `track_shards`)
+        self._bad_shard = -1
+
+    def track_shards(self, urls: Iterable[str]) -> Iterator[dict[str, str]]:
+        """Shard URLs -> webdataset source dicts, remembering which shard is being read."""
+        for url in urls:
+            self.shard_index += 1
+            yield {"url": url}
 
     def add(self, reason: str, detail: str) -> None:
         if reason not in self.total:
@@ -61,8 +69,13 @@ class SkipCounter:
         self.total[reason] += 1
 
     def tar_handler(self, exn: Exception) -> bool:
-        """webdataset handler: like `warn_and_continue`, but counted and without its 0.5 s sleep."""
-        self.add("bad_tar", f"unreadable tar data: {exn!r}"[:500])
+        """webdataset handler: like `warn_and_continue`, but counted and without its 0.5 s sleep.
+
+        Counted once per shard read: a truncated tar raises several times as the reader gives up.
+        """
+        if self._bad_shard != self.shard_index:
+            self._bad_shard = self.shard_index
+            self.add("bad_tar", f"unreadable tar data: {exn!r}"[:500])
         return True
 
     def pop(self) -> dict[str, int]:
@@ -161,8 +174,9 @@ class _ShardStream(IterableDataset):
                 for purpose in range(3)
             ]  # independent streams for shard choice, shuffle and augmentation
             state = {"empty_shards": 0}
-            shards = ({"url": u} for u in self._resampled(rngs[0], state))
-            raw: Iterable[dict[str, Any]] = self._mark_nonempty(tarfile_samples(shards, handler=counter.tar_handler), state)
+            shards = counter.track_shards(self._resampled(rngs[0], state))
+            samples = tarfile_samples(shards, handler=counter.tar_handler)
+            raw: Iterable[dict[str, Any]] = self._mark_nonempty(samples, state)
             if self.shuffle_buffer > 1:
                 raw = _shuffled(raw, self.shuffle_buffer, rngs[1])
             aug_rng = rngs[2]
@@ -170,7 +184,7 @@ class _ShardStream(IterableDataset):
             mine = split_shards(self.urls, self.rank, self.world_size, worker, num_workers)
             if not mine:
                 return
-            raw = tarfile_samples(({"url": u} for u in mine), handler=counter.tar_handler)
+            raw = tarfile_samples(counter.track_shards(mine), handler=counter.tar_handler)
             aug_rng = random.Random(0)  # unused by the eval transform
         good = self._decode(raw, counter, aug_rng)
         yield from self._batches(good, counter)

@@ -13,7 +13,7 @@ from urllib.request import url2pathname
 
 import braceexpand
 
-ShardSpec = str | Sequence[str]
+ShardSpec = str | os.PathLike | Sequence[str]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _SHOW_MISSING = 5  # missing shards named in the error; the rest are only counted
@@ -25,6 +25,8 @@ def expand_urls(urls: ShardSpec) -> list[str]:
     `::` splits a string into patterns and each pattern is brace-expanded; a list is expanded item by
     item, so list items may themselves hold `::` or braces. `~` is expanded for local paths only.
     """
+    if isinstance(urls, os.PathLike):
+        urls = os.fspath(urls)
     if isinstance(urls, str):
         parts = urls.split("::")
     elif isinstance(urls, Sequence):
@@ -58,7 +60,10 @@ def local_path(url: str) -> str:
 
 
 def _describe(spec: ShardSpec) -> str:
-    text = spec if isinstance(spec, str) else " :: ".join(map(str, spec))
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+    else:
+        text = " :: ".join(map(str, spec))
     return repr(text if len(text) <= 200 else text[:197] + "...")
 
 
@@ -69,7 +74,10 @@ def check_local_shards(urls: ShardSpec) -> None:
     loop) deep inside the DataLoader. `pipe:` and remote URLs cannot be checked cheaply and are skipped.
     """
     expanded = expand_urls(urls)
-    fix = "write shards with `mmpt-data synthetic --out DIR` (or your own WebDataset tars) and point the pattern at them"
+    fix = (
+        "write shards with `mmpt-data synthetic --out DIR` (or your own WebDataset tars) "
+        "and point the pattern at them"
+    )
     if not expanded:
         raise FileNotFoundError(
             f"shard pattern {_describe(urls)} expands to no shards; give a path, a brace pattern like "

@@ -19,7 +19,7 @@ import os
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +88,15 @@ def _choice(rng: np.random.Generator, options) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _attributes(rng: np.random.Generator, image_size: int) -> tuple[str, str, str, float, float, tuple[int, int, int]]:
+def _attributes(rng: np.random.Generator, image_size: int) -> SceneObject:
+    """Colour, shape, size class with jitter (exact radius, rotation, shade); placed later."""
     colour, shape, size = _choice(rng, list(COLOURS)), _choice(rng, SHAPES), _choice(rng, list(SIZES))
     lo, hi = SIZES[size]
     radius = float(rng.uniform(lo, hi)) * image_size
     angle = 0.0 if shape == "circle" else float(rng.uniform(-MAX_ANGLE, MAX_ANGLE))
     shade = rng.integers(-SHADE_JITTER, SHADE_JITTER + 1, size=3)
-    rgb = tuple(int(c) for c in np.clip(np.array(COLOURS[colour]) + shade, 0, 255))
-    return colour, shape, size, radius, angle, rgb  # type: ignore[return-value]
+    r, g, b = (int(c) for c in np.clip(np.array(COLOURS[colour]) + shade, 0, 255))
+    return SceneObject(colour, shape, size, cx=0.0, cy=0.0, radius=radius, angle=angle, rgb=(r, g, b))
 
 
 def _place_pair(rng: np.random.Generator, r_a: float, r_b: float, relation: str, side: int) -> tuple[float, ...]:
@@ -125,22 +126,18 @@ def _place_pair(rng: np.random.Generator, r_a: float, r_b: float, relation: str,
 def sample_scene(rng: np.random.Generator, image_size: int, p_two: float = 0.7) -> Scene:
     """Random attributes and positions; the caption of the result is exact up to jitter."""
     level = int(rng.integers(60, 141))
-    background = tuple(int(c) for c in np.clip(level + rng.integers(-10, 11, size=3), 0, 255))
+    r, g, b = (int(c) for c in np.clip(level + rng.integers(-10, 11, size=3), 0, 255))
+    background = (r, g, b)
     first = _attributes(rng, image_size)
     if rng.random() >= p_two:
-        r = first[3]
-        lo, hi = r + MARGIN * image_size, image_size - r - MARGIN * image_size
+        lo, hi = first.radius + MARGIN * image_size, image_size - first.radius - MARGIN * image_size
         cx, cy = (float(x) for x in rng.uniform(lo, hi, size=2))
-        obj = SceneObject(*first[:3], cx=cx, cy=cy, radius=r, angle=first[4], rgb=first[5])
-        return Scene(objects=(obj,), relation=None, background=background)  # type: ignore[arg-type]
+        return Scene(objects=(replace(first, cx=cx, cy=cy),), relation=None, background=background)
     second = _attributes(rng, image_size)
     relation = _choice(rng, RELATIONS)
-    ax, ay, bx, by = _place_pair(rng, first[3], second[3], relation, image_size)
-    objs = tuple(
-        SceneObject(*attrs[:3], cx=x, cy=y, radius=attrs[3], angle=attrs[4], rgb=attrs[5])
-        for attrs, x, y in ((first, ax, ay), (second, bx, by))
-    )
-    return Scene(objects=objs, relation=relation, background=background)  # type: ignore[arg-type]
+    ax, ay, bx, by = _place_pair(rng, first.radius, second.radius, relation, image_size)
+    objects = (replace(first, cx=ax, cy=ay), replace(second, cx=bx, cy=by))
+    return Scene(objects=objects, relation=relation, background=background)
 
 
 def _unit_polygon(shape: str) -> list[tuple[float, float]]:

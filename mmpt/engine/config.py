@@ -110,7 +110,7 @@ class TrainConfig:
     """Everything except `model` (typed per architecture by the registry) and `deepspeed` (DeepSpeed's own
     JSON schema, checked by DeepSpeed itself)."""
 
-    model: Any = MISSING
+    model: Any = None
     deepspeed: Any = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

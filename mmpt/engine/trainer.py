@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +107,7 @@ class Trainer:
         elif resume != "none":
             tag_dir = checkpoint.resolve_checkpoint_dir(Path(resume))
         if tag_dir is None:
-            import wandb.util
-
-            self.wandb_run_id = str(mdist.all_gather_objects(wandb.util.generate_id())[0])
+            self.wandb_run_id = str(mdist.all_gather_objects(uuid.uuid4().hex[:8])[0])  # W&B ids: [a-z0-9]
             return
         state = checkpoint.load(self.engine, tag_dir)
         self.step = int(state["step"])

@@ -114,9 +114,9 @@ class CLIP(nn.Module):
         """Training (forward + backward) FLOPs per image-text pair, for MFU.
 
         Sum over towers of 6 * (matmul weights) * tokens + 12 * layers * tokens^2 * width (attention
-        scores and weights @ V), with tokens = 1 + (image_size/patch_size)^2 for the ViT (patch conv counted
-        as a matmul over the patches) and max_text_len for text (padding is computed too), plus
-        6 * weights for each projection head. Not counted: norms, softmax, GELU, the embedding lookup, and
+        scores and weights @ V), with tokens = 1 + (image_size/patch_size)^2 for the ViT and max_text_len
+        for text (padding is computed too), plus 4 * patch-conv weights * patches (no input gradient for
+        images) and 6 * weights for each projection head. Not counted: norms, softmax, GELU, the embedding lookup, and
         the ITC logits (12 * global_batch * embed_dim per pair: ~0.2% at ViT-B/16 with a 32k batch).
         """
         return (

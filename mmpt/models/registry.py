@@ -5,7 +5,7 @@ Configs are validated against the dataclass (unknown keys, wrong types) before a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -56,5 +56,6 @@ def model_config(model_cfg: Any) -> Any:
 
 
 def build_model(model_cfg: Any) -> nn.Module:
-    typed = model_config(model_cfg)
+    """Accepts the arch's typed config, or a dict/DictConfig that is validated into one first."""
+    typed = model_cfg if is_dataclass(model_cfg) else model_config(model_cfg)
     return arch_entry(typed.arch).builder(typed)

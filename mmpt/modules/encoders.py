@@ -46,9 +46,13 @@ class VisionTransformer(nn.Module):
         return self.norm(self.transformer(self.drop(self.patch_embed(images))))
 
     def flops_per_sample(self) -> float:
-        """Training FLOPs for one image: patch projection (6 * weights * patches) + `Transformer.flops`."""
+        """Training FLOPs for one image: patch projection + `Transformer.flops(num_tokens)`.
+
+        The patch projection counts 4 * weights * patches, not 6: images need no gradient, so its backward
+        computes only the weight gradient.
+        """
         pe = self.patch_embed
-        return 6.0 * pe.proj.weight.numel() * pe.num_patches + self.transformer.flops(self.num_tokens)
+        return 4.0 * pe.proj.weight.numel() * pe.num_patches + self.transformer.flops(self.num_tokens)
 
 
 class TextTransformer(nn.Module):

@@ -69,11 +69,12 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"temperature_init must be > 0, got {temperature_init}")
         self.log_min = math.log(min_logit_scale)
         self.log_max = math.log(max_logit_scale)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature_init)))
+        # Shape (1,), not 0-d: DeepSpeed's parameter broadcast and ZeRO flattening reject 0-d tensors.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / temperature_init)))
 
-    def scale(self) -> torch.Tensor:
+    def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The clamped multiplicative logit scale s = 1 / temperature (0-d, carries gradient)."""
-        return _ClampRestoring.apply(self.logit_scale.float(), self.log_min, self.log_max).exp()
+        return _ClampRestoring.apply(self.logit_scale.to(dtype), self.log_min, self.log_max).exp().squeeze(0)
 
     def forward(
         self, image_features: torch.Tensor, text_features: torch.Tensor
@@ -81,12 +82,13 @@ class ContrastiveLoss(nn.Module):
         """image_features, text_features: local, L2-normalised `b e`, row i of one paired with row i of
         the other. Returns (loss, metrics); metrics are detached 0-d tensors (no host sync here)."""
         b = image_features.shape[0]
-        # Logits in fp32: under bf16 the softmax over tens of thousands of columns loses precision.
-        img = image_features.float()
-        txt = text_features.float()
+        # Logits in at least fp32: in bf16 the softmax over tens of thousands of columns loses precision.
+        dtype = torch.promote_types(image_features.dtype, torch.float32)
+        img = image_features.to(dtype)
+        txt = text_features.to(dtype)
         img_all = all_gather_with_grad(img)  # `(w b) e`, rank-major
         txt_all = all_gather_with_grad(txt)
-        s = self.scale()
+        s = self.scale(dtype)
         logits_i2t = s * img @ txt_all.T  # `b (w b)`
         logits_t2i = s * txt @ img_all.T  # `b (w b)`
         labels = torch.arange(b, device=img.device) + b * rank()
