@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,3 +46,34 @@ def write_shards(tmp_path: Path) -> Callable[..., list[str]]:
         return paths
 
     return write
+
+
+# ---- the demo dataset (synthetic shards + tokenizer) in the layout conf/data/demo.yaml expects ----------
+
+DEMO_TRAIN_SHARDS = 20  # conf/data/demo.yaml: train/{00000..00019}.tar, eval/{00000..00003}.tar
+DEMO_EVAL_SHARDS = 4
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo set: 20 train shards x 16, 4 eval shards x 16 (another seed), tokenizer.json."""
+    from mmpt.data.synthetic import write_shards as write_synthetic
+    from mmpt.data.tokenizer import train_wordpiece
+
+    root = tmp_path_factory.mktemp("demo")
+    write_synthetic(root / "train", num_samples=16 * DEMO_TRAIN_SHARDS, shard_size=16, seed=0, image_size=32)
+    write_synthetic(root / "eval", num_samples=16 * DEMO_EVAL_SHARDS, shard_size=16, seed=1, image_size=32)
+    captions = [json.loads(s["json"])["caption"] for p in sorted((root / "train").glob("*.tar"))
+                for s in wds.WebDataset(str(p), shardshuffle=False)]
+    train_wordpiece(captions, vocab_size=200).save(str(root / "tokenizer.json"))
+    return root
+
+
+@pytest.fixture
+def demo_env(demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment for CLI subprocesses and in-process composition: demo data, offline W&B, 1 thread."""
+    env = {"MMPT_DEMO_DIR": str(demo_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_DISABLE_GIT": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return {**os.environ, **env}

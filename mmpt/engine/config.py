@@ -178,10 +178,12 @@ def typed_config(cfg: DictConfig) -> TrainConfig:
         raise ConfigError(f"config 'model' needs an 'arch' key (one of {arch_names()}); pick a preset: model=clip/tiny")
     try:
         model_typed = model_config(model_cfg)
-    except KeyError as exc:
-        raise ConfigError(str(exc.args[0])) from None
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe_omegaconf_error(exc, "model")) from None
+    except KeyError as exc:  # unknown arch
+        raise ConfigError(str(exc.args[0])) from None
+    except ValueError as exc:  # the arch config's own consistency checks (__post_init__)
+        raise ConfigError(f"model: {exc}") from None
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in body.items() if k != "model"})
         typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -219,11 +221,6 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
                 f"= {d.batch_size} x {world_size} = {per_step}; choose a multiple of {per_step} or change data.batch_size"
             )
         t.grad_accum = t.global_batch_size // per_step
-    patch = getattr(cfg.model, "patch_size", None)
-    if patch and d.image_size % patch:
-        raise ConfigError(
-            f"data.image_size={d.image_size} is not divisible by model.patch_size={cfg.model.patch_size}"
-        )
     if not d.train.urls:
         raise ConfigError("data.train.urls is empty; set a shard pattern, e.g. data.train.urls='/data/{00000..00099}.tar'")
     unknown = sorted(set(cfg.loss.weights) - set(model_objectives))

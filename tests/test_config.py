@@ -1,0 +1,102 @@
+"""Config composition (Hydra, real conf/) and validation: every bad input is one clear ConfigError."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mmpt.cli.common import CONF_DIR
+from mmpt.engine.config import ConfigError
+from mmpt.engine.dist_env import DistEnv
+from mmpt.engine.ds_config import build_deepspeed_config
+from mmpt.engine.run_setup import validate
+
+SINGLE = DistEnv(0, 0, 1, "127.0.0.1", 29500, "single")
+TWO = DistEnv(0, 0, 2, "127.0.0.1", 29500, "torchrun")
+
+
+def composed(overrides: list[str]):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def test_default_composition_is_valid_and_typed(demo_env):
+    prep = validate(composed(["experiment=clip_tiny"]), SINGLE)
+    assert prep.cfg.model.arch == "clip" and prep.cfg.model.image_size == prep.cfg.data.image_size == 64
+    assert prep.cfg.model.vocab_size == prep.cfg.tokenizer.vocab_size
+    assert prep.cfg.loss.weights == {"itc": 1.0}
+    assert prep.resolved["data"]["train"]["urls"].startswith(demo_env["MMPT_DEMO_DIR"])
+    assert prep.trainable_params > 0 and prep.frozen_params == 0
+
+
+def test_base_preset_composes(demo_env):
+    cfg = composed(["model=clip/base", "data.image_size=224", "tokenizer.vocab_size=49408", "data.max_text_len=77"])
+    prep = validate(cfg, SINGLE)
+    assert (prep.cfg.model.vision_width, prep.cfg.model.text_width, prep.cfg.model.embed_dim) == (768, 512, 512)
+    assert abs(prep.trainable_params - 149.6e6) / 149.6e6 < 0.001  # OpenAI CLIP ViT-B/16: 149.6M
+
+
+def test_deepspeed_batch_sizes_are_derived(demo_env):
+    prep = validate(composed(["data.batch_size=8", "trainer.grad_accum=3", "deepspeed=zero2"]), TWO)
+    ds = build_deepspeed_config(prep.cfg, world_size=2)
+    assert ds["train_batch_size"] == 8 * 3 * 2
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"] == {"enabled": False}
+
+
+def test_global_batch_size_derives_accumulation(demo_env):
+    prep = validate(composed(["data.batch_size=8", "trainer.global_batch_size=64"]), TWO)
+    assert prep.cfg.trainer.grad_accum == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["+trainer.max_stpes=5"], "unknown config key 'trainer.max_stpes'. Did you mean 'max_steps'?"),
+        (["trainer.max_steps=abc"], "trainer.max_steps' has a wrong type"),
+        (["+model.widht=3"], "unknown config key 'model.widht'"),
+        (["data.train.urls='/nonexistent/{00000..00003}.tar'"], "data.train.urls: 4 of 4 shard(s)"),
+        (["tokenizer.path=/nonexistent/tok.json"], "tokenizer.path='/nonexistent/tok.json' does not exist"),
+        (["tokenizer.vocab_size=10"], "set tokenizer.vocab_size="),
+        (["data.batch_size=8", "trainer.global_batch_size=20"], "not divisible by data.batch_size x world size"),
+        (["trainer.precision=fp16"], "needs a GPU"),
+        (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid"),
+        (["+deepspeed.train_batch_size=64"], "deepspeed.train_batch_size is derived by mmpt"),
+        (["+loss.weights.mlm=1.0"], "trains only ['itc']"),
+        (["~loss.weights.itc"], "has no weight for it"),
+        (["data.image_size=60"], "image_size=60 must be a multiple of patch_size=8"),
+        (["trainer.resume=/nonexistent/ckpt"], "no such checkpoint directory"),
+        (["model.arch=albatross"], "not a known architecture"),
+    ],
+)
+def test_validation_errors_name_the_key_and_fix(demo_env, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        validate(composed(overrides), TWO)
+    assert expected in str(err.value)
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmpt.cli.train", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_typo_exits_2_with_one_line_before_any_process_group(demo_env, tmp_path):
+    proc = run_cli(["+trainer.max_stpes=5", f"hydra.run.dir={tmp_path}/run"], demo_env, tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: unknown config key 'trainer.max_stpes'. Did you mean 'max_steps'? "
+                      "Valid keys here: " + errors[0].split("Valid keys here: ")[1]]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_missing_shards_exit_nonzero(demo_env, tmp_path):
+    proc = run_cli(["data.train.urls='/nope/{00000..00001}.tar'", f"hydra.run.dir={tmp_path}/run"], demo_env, tmp_path)
+    assert proc.returncode == 2 and "error: data.train.urls" in proc.stderr and "/nope/00000.tar" in proc.stderr
+
+
+def test_cli_override_of_absent_key_is_refused_by_hydra(demo_env, tmp_path):
+    proc = run_cli(["trainer.max_stpes=5", f"hydra.run.dir={tmp_path}/run"], demo_env, tmp_path)
+    assert proc.returncode != 0 and "max_stpes" in proc.stderr

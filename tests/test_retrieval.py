@@ -1,0 +1,39 @@
+"""Retrieval recall against hand-computed rankings, by pair and by caption identity."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmpt.eval.retrieval import EvalEmbeddings, recall_at_k, retrieval_metrics
+
+
+def test_recall_at_k_hand_computed():
+    sims = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.1, 0.2, 0.3]])
+    correct = torch.eye(3, dtype=torch.bool)
+    # query 0: rank 0; query 1: rank 1; query 2: rank 0
+    assert recall_at_k(sims, correct, [1, 2]) == {1: pytest.approx(2 / 3), 2: pytest.approx(1.0)}
+    # no correct candidate at all never counts as a hit
+    assert recall_at_k(sims, torch.zeros(3, 3, dtype=torch.bool), [3]) == {3: 0.0}
+
+
+def test_caption_identity_counts_equal_captions():
+    # two samples share a caption; images 0 and 1 are swapped relative to their texts
+    images = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    emb = EvalEmbeddings(images, texts, captions=["a red circle", "a red circle", "a blue square"],
+                         image_ids=["k0", "k1", "k2"], keys=["k0", "k1", "k2"])
+    m = retrieval_metrics(emb, ks=[1, 2])
+    # by pair: text 0 retrieves image 1 first (wrong), text 2 retrieves image 2 (right)
+    assert m["retrieval/t2i_r1"] == pytest.approx(1 / 3)
+    assert m["retrieval/t2i_r1_caption"] == pytest.approx(1.0)
+    assert m["retrieval/i2t_r1_caption"] == pytest.approx(1.0)
+    assert m["retrieval/num_pairs"] == 3
+    pair_values = [m[f"retrieval/{d}_r{k}"] for d in ("t2i", "i2t") for k in (1, 2)]
+    assert m["retrieval/mean"] == pytest.approx(sum(pair_values) / 4)
+
+
+def test_shared_image_id_counts_as_pair():
+    images = torch.eye(3)
+    texts = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    emb = EvalEmbeddings(images, texts, captions=["x", "y", "z"], image_ids=["img", "img", "other"], keys=["0", "1", "2"])
+    assert retrieval_metrics(emb, ks=[1])["retrieval/t2i_r1"] == pytest.approx(1.0)

@@ -1,0 +1,135 @@
+"""End to end through the real CLI: 2-process DeepSpeed (gloo) runs that save, are SIGKILLed, resume and
+finish; the W&B offline run read back; standalone mmpt-eval; a single-process bf16 run."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmpt.engine.checkpoint import complete_checkpoints
+from mmpt.engine.wandb_offline import find_offline_runs, history_of_run_id, read_offline_run
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+TINY = ["experiment=clip_tiny", "data.image_size=32", "data.batch_size=8", "data.eval_batch_size=32",
+        "trainer.log_every=5", "trainer.save_every=10", "trainer.keep_last=2", "scheduler.warmup_steps=5"]
+
+
+def torchrun(run_dir: Path, overrides: list[str]) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(BIN / "mmpt-train"),
+            *TINY, *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (torchrun starts its workers in their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_after_checkpoint(cmd: list[str], env: dict, run_dir: Path, step: int, log: Path) -> None:
+    """Start a run, SIGKILL its whole process group once checkpoint `step` is complete."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        marker = run_dir / "checkpoints" / f"step_{step:08d}" / "complete"
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert proc.poll() is None, f"run ended before checkpoint {step}:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed; raise max_steps"
+        for pid in [proc.pid, *descendants(proc.pid)]:  # like a node failure: every process at once
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("zero, workers", [("zero0", 0), ("zero2", 1)])
+def test_two_process_run_killed_resumes_to_max_steps(demo_env, tmp_path, zero, workers):
+    run_dir, max_steps = tmp_path / "run", 60
+    cmd = torchrun(run_dir, [f"deepspeed={zero}", f"data.num_workers={workers}", f"trainer.max_steps={max_steps}"])
+    kill_after_checkpoint(cmd, demo_env, run_dir, 10, tmp_path / "first.log")
+    first_ids = {read_offline_run(p).run_id for p in find_offline_runs(run_dir)}
+    killed_at = max(r["step"] for r in metrics(run_dir))
+    assert killed_at < max_steps
+
+    proc = subprocess.run(cmd, env=demo_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = re.search(r"resumed from \S+step_(\d+) at step (\d+)", proc.stdout + proc.stderr)
+    assert resumed and int(resumed.group(2)) >= 10 and int(resumed.group(1)) == int(resumed.group(2))
+    start = int(resumed.group(2))
+
+    records = [r for r in metrics(run_dir) if "train/loss" in r]
+    assert records[-1]["step"] == max_steps
+    resumed_steps = [r["step"] for r in records][-(max_steps - start) // 5:]
+    assert resumed_steps == list(range(start + 5, max_steps + 1, 5)), (records, start)
+    assert records[-1]["train/loss"] < records[0]["train/loss"]  # it learns
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == max_steps and summary["retrieval/num_pairs"] == 64
+
+    kept = complete_checkpoints(run_dir / "checkpoints")
+    assert [p.name for p in kept] == [f"step_{max_steps - 10:08d}", f"step_{max_steps:08d}"]
+    assert {"config.yaml", "tokenizer.json", "rng_rank00000.pt", "rng_rank00001.pt"} <= {p.name for p in kept[-1].iterdir()}
+
+    # W&B: one run id across the kill, and the finished segment holds exactly the losses of metrics.jsonl
+    runs = [read_offline_run(p) for p in find_offline_runs(run_dir)]
+    assert {r.run_id for r in runs} == {summary["wandb_run_id"]} and first_ids <= {summary["wandb_run_id"]}
+    assert len(runs) == 2 and runs[-1].finished
+    assert runs[-1].config["trainer"]["max_steps"] == max_steps and runs[-1].config["deepspeed"]["zero_optimization"]["stage"] == int(zero[-1])
+    history = {row["_step"]: row for row in history_of_run_id(run_dir, summary["wandb_run_id"]) if "train/itc" in row}
+    for rec in records[-3:]:
+        assert history[rec["step"]]["train/itc"] == pytest.approx(rec["train/itc"], rel=1e-6)
+    final_eval = [row for row in history_of_run_id(run_dir, summary["wandb_run_id"]) if "eval/retrieval/t2i_r1" in row]
+    assert final_eval[-1]["eval/retrieval/t2i_r1"] == pytest.approx(summary["retrieval/t2i_r1"])
+
+    # standalone evaluation of the same checkpoint gives the same numbers
+    out = tmp_path / "eval.json"
+    ev = subprocess.run([str(BIN / "mmpt-eval"), f"ckpt={run_dir}", f"data.eval.urls={demo_env['MMPT_DEMO_DIR']}/eval/{{00000..00003}}.tar",
+                         f"eval.output={out}"], env=demo_env, capture_output=True, text=True, timeout=120)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["checkpoint"].endswith(f"step_{max_steps:08d}")
+    for key in ("retrieval/t2i_r1_caption", "retrieval/i2t_r5", "retrieval/mean"):
+        assert result[key] == pytest.approx(summary[key], abs=0.02)
+
+
+def test_single_process_bf16_run_without_tracker(demo_env, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "mmpt-train"), *TINY, "trainer.precision=bf16", "trainer.max_steps=6", "logger=none",
+           "data.num_workers=0", "deepspeed=zero0", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, env=demo_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = metrics(run_dir)
+    assert [r["step"] for r in recs if "train/loss" in r] == [5, 6]
+    assert all(0 < r["train/data_wait"] < 1 and r["train/samples_per_s"] > 0 for r in recs if "train/loss" in r)
+    assert not (run_dir / "wandb").exists()
+    assert "1 ranks (single)" in proc.stdout + proc.stderr
+
+
+def test_mmpt_eval_rejects_missing_checkpoint(demo_env, tmp_path):
+    ev = subprocess.run([str(BIN / "mmpt-eval"), f"ckpt={tmp_path}"], env=demo_env, capture_output=True, text=True)
+    assert ev.returncode == 2 and "no complete checkpoint" in ev.stderr and "Traceback" not in ev.stderr
