@@ -8,7 +8,7 @@ from mmpt.engine.dist_env import detect_env
 def test_torchrun_env():
     env = detect_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
     assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port) == (3, 1, 4, "n1", 1234)
-    assert env.launcher == "torchrun" and not env.is_main
+    assert env.launcher == "torchrun/deepspeed" and not env.is_main
 
 
 def test_bare_srun_env_maps_slurm_variables():

@@ -117,15 +117,44 @@ def test_two_process_run_killed_resumes_to_max_steps(demo_env, tmp_path, zero, w
         assert result[key] == pytest.approx(summary[key], abs=0.02)
 
 
-def test_single_process_bf16_run_without_tracker(demo_env, tmp_path):
+def write_foreign_shards(root: Path, image_bytes) -> str:
+    """Shards as another img2dataset-style writer makes them: png/webp images, its own json (no image_id),
+    non-numeric keys, a sample without caption in each shard."""
+    import webdataset as wds
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+    root.mkdir()
+    for shard in range(2):
+        with wds.TarWriter(str(root / f"part-{shard}.tar")) as sink:
+            for i, (name, rgb) in enumerate(list(colours.items()) * 3):
+                sample = {"__key__": f"s{shard}_{i:03d}", "json": {"url": f"http://x/{i}.png", "status": "success"},
+                          ("png" if i % 2 else "webp"): image_bytes(rgb, size=(40, 30), fmt="PNG" if i % 2 else "WEBP")}
+                if i != 0:  # sample 0 of each shard has no caption
+                    sample["txt"] = f"a plain {name} picture"
+                sink.write(sample)
+    return str(root / "part-{0..1}.tar")
+
+
+def test_single_process_bf16_run_on_foreign_shards_without_tracker(demo_env, tmp_path, image_bytes):
+    pattern = write_foreign_shards(tmp_path / "shards", image_bytes)
+    tok = tmp_path / "tok.json"
+    made = subprocess.run([str(BIN / "mmpt-data"), "tokenizer", "--shards", pattern, "--out", str(tok), "--vocab-size", "64"],
+                          env=demo_env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
     run_dir = tmp_path / "run"
-    cmd = [str(BIN / "mmpt-train"), *TINY, "trainer.precision=bf16", "trainer.max_steps=6", "logger=none",
-           "data.num_workers=0", "deepspeed=zero0", f"hydra.run.dir={run_dir}"]
+    cmd = [str(BIN / "mmpt-train"), "model=clip/tiny", "data=webdataset", f"data.train.urls={pattern}",
+           f"data.eval.urls={pattern}", f"tokenizer.path={tok}", "tokenizer.vocab_size=64", "data.image_size=32",
+           "data.max_text_len=16", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
+           "trainer.precision=bf16", "trainer.max_steps=6", "trainer.log_every=5", "logger=none",
+           "deepspeed=zero0", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, env=demo_env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = metrics(run_dir)
-    assert [r["step"] for r in recs if "train/loss" in r] == [5, 6]
-    assert all(0 < r["train/data_wait"] < 1 and r["train/samples_per_s"] > 0 for r in recs if "train/loss" in r)
+    train = [r for r in recs if "train/loss" in r]
+    assert [r["step"] for r in train] == [5, 6]
+    assert all(0 < r["train/data_wait"] < 1 and r["train/samples_per_s"] > 0 for r in train)
+    assert train[-1]["train/skipped"] >= 1  # the sample without caption was dropped and counted
+    assert json.loads((run_dir / "summary.json").read_text())["retrieval/num_pairs"] == 22
     assert not (run_dir / "wandb").exists()
     assert "1 ranks (single)" in proc.stdout + proc.stderr
 

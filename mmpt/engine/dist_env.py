@@ -17,7 +17,7 @@ class DistEnv:
     world_size: int
     master_addr: str
     master_port: int
-    launcher: str  # torchrun/deepspeed | slurm | single
+    launcher: str  # "torchrun/deepspeed" | "slurm" | "single"
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +48,7 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
             world_size=int(env["WORLD_SIZE"]),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
-            launcher="torchrun",
+            launcher="torchrun/deepspeed",
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         job_id = int(env.get("SLURM_JOB_ID", "0"))

@@ -12,6 +12,7 @@ from mmpt.engine.config import LoggerConfig
 log = logging.getLogger("mmpt")
 
 
+CONSOLE_EVAL_SUFFIXES = ("_r1", "_r1_caption", "/mean", "/mean_caption")
 SPECIAL_KEYS = {"train/lr", "train/samples_per_s", "train/data_wait", "train/skipped"}
 
 
@@ -28,7 +29,8 @@ def format_progress(record: dict[str, Any], max_steps: int) -> str:
         parts.append(f"data-wait {100 * record['train/data_wait']:.0f}%")
     if record.get("train/skipped"):
         parts.append(f"skipped {record['train/skipped']}")
-    parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval/")]
+    parts += [f"{k.removeprefix('eval/')} {v:.3f}" for k, v in record.items()
+              if k.startswith("eval/") and k.endswith(CONSOLE_EVAL_SUFFIXES)]  # the full set is in the jsonl
     return " | ".join(parts)
 
 

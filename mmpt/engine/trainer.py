@@ -28,11 +28,24 @@ from mmpt.engine.loggers import RunLogger
 from mmpt.engine.optim import build_optimizer, build_scheduler
 from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
 from mmpt.eval.retrieval import embed_eval_set, retrieval_metrics
+from mmpt.models.protocol import ModelOutput
 from mmpt.models.registry import build_model
 
 log = logging.getLogger("mmpt")
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def micro_step(engine: Any, batch: Batch, weights: dict[str, float]) -> tuple[ModelOutput, torch.Tensor]:
+    """forward -> one weighted sum of the objectives -> ONE backward (ZeRO-2 drops grads of a second) -> step.
+
+    engine.step() is called every micro-batch; DeepSpeed only updates at accumulation boundaries.
+    """
+    out: ModelOutput = engine(batch)
+    total = sum(weights[name] * loss for name, loss in out.losses.items())
+    engine.backward(total)
+    engine.step()
+    return out, total
 
 
 @dataclass
@@ -137,11 +150,7 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------------------
     def _micro_step(self, batch: Batch, stats: IntervalStats) -> None:
-        batch = batch.to(self.device, self.input_dtype)
-        out = self.engine(batch)
-        total = sum(self.weights[name] * loss for name, loss in out.losses.items())
-        self.engine.backward(total)
-        self.engine.step()
+        out, total = micro_step(self.engine, batch.to(self.device, self.input_dtype), self.weights)
         stats.add({"loss": total, **out.losses, **out.metrics})
 
     def _record(self, stats: IntervalStats) -> dict[str, Any]:
