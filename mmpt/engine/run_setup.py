@@ -5,6 +5,7 @@ Order matters: every check that can fail on user input runs before the process g
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,12 @@ def configure_logging(env: DistEnv) -> None:
 def start_distributed(prep: Prepared, run_dir: Path) -> tuple[torch.device, Path]:
     """Start the process group; every rank adopts rank 0's run dir (launchers may differ in ${now:})."""
     init_process_group(prep.env, prep.cfg.trainer.dist_timeout_s)
-    run_dir = Path(str(mdist.all_gather_objects(str(run_dir.resolve()))[0]))
+    own = run_dir.resolve()
+    run_dir = Path(str(mdist.all_gather_objects(str(own))[0]))
+    if own != run_dir:  # this rank's ${now:} differed by a second: drop the stray Hydra dir it made
+        stray = [p for p in own.iterdir() if p.name != ".hydra" and p.suffix != ".log"] if own.is_dir() else []
+        if not stray:
+            shutil.rmtree(own, ignore_errors=True)
     if prep.env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     mdist.barrier()
