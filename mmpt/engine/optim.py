@@ -7,20 +7,16 @@ import torch
 from torch import nn
 
 from mmpt.engine.config import OptimizerConfig, SchedulerConfig
-
-NO_DECAY_NAME_PARTS = ("logit_scale", "pos_embed", "cls_token", "bias")
-
-
-def decays(name: str, param: nn.Parameter) -> bool:
-    """Weight decay shrinks matrices; norms (1-d), biases, position/cls tokens and the temperature stay free."""
-    return param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
-
+from mmpt.modules.block import no_weight_decay_names
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay shrinks matrices; norms (1-d), biases, position/cls tokens and the temperature stay free
+    (the rule lives in mmpt.modules.block.no_weight_decay_names)."""
+    free = no_weight_decay_names(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if decays(name, param) else no_decay).append(param)
+            (no_decay if name in free else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -1,9 +1,9 @@
-"""Multi-head self-attention on `F.scaled_dot_product_attention` (flash / memory-efficient kernels).
+"""Multi-head self- and cross-attention on `F.scaled_dot_product_attention` (flash / memory-efficient kernels).
 
 Masks follow SDPA's boolean convention everywhere in mmpt: True / 1 = "may attend". A key padding mask is
 the batch's `attention_mask` (`b l`, 1 = real token) as it comes out of the collator, so no caller ever
-flips or converts it. `make_attn_mask` is public so cross-attention (ALBEF/BLIP fusion, CoCa decoder)
-builds its masks the same way.
+flips or converts it. Self-attention (towers, decoders) and cross-attention (ALBEF/BLIP fusion, CoCa
+decoder, attentional pooler) build their masks with the same `make_attn_mask` and run the same `attend`.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from mmpt.modules.kv_cache import KVCache
 
 
 def make_attn_mask(
@@ -26,17 +28,20 @@ def make_attn_mask(
 
     key_padding_mask: `b k`, bool or 0/1 ints, 1 = keep (padded keys get exactly zero weight).
     attn_mask: bool (True = keep) or additive float, broadcastable to `b h q k`.
-    is_causal: query i attends keys j <= i (top-left aligned, like SDPA's own `is_causal`).
+    is_causal: the queries are the last `q_len` positions of the `k_len` keys and each attends only keys at
+    or before its own position (bottom-right aligned). For q_len == k_len this is SDPA's own `is_causal`;
+    for q_len < k_len it is what a decoding step with a KV cache needs (new tokens see the whole cache).
 
-    A lone causal mask returns None: the caller passes `is_causal=True` to SDPA instead, which keeps the
-    flash kernel (an explicit mask tensor disables it). Fully masked query rows produce zeros in SDPA,
-    not NaN, but with right padding and [CLS] first this never happens for real tokens anyway.
+    A lone square causal mask returns None: the caller passes `is_causal=True` to SDPA instead (see
+    `attend`), which keeps the flash kernel (an explicit mask tensor disables it). A single causal query
+    needs no mask at all. Fully masked query rows produce zeros in SDPA, not NaN, but with right padding
+    and [CLS] first this never happens for real tokens anyway.
     """
     masks: list[torch.Tensor] = []
     if key_padding_mask is not None:
         masks.append(rearrange(key_padding_mask.bool(), "b k -> b 1 1 k"))
-    if is_causal and (masks or attn_mask is not None):
-        masks.append(torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril())
+    if is_causal and q_len > 1 and (masks or attn_mask is not None or q_len != k_len):
+        masks.append(torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len))
     if attn_mask is not None:
         masks.append(attn_mask)
     if not masks:
@@ -52,6 +57,25 @@ def make_attn_mask(
         add = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
         merged_f = add if merged_f is None else merged_f + add
     return merged_f
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for `b h n d` queries and `b h m d` keys/values -> `b n (h d)`.
+
+    `mask` comes from `make_attn_mask` called with the same `is_causal`: SDPA's own causal flag is only used
+    when that returned None for a square problem (SDPA aligns a non-square causal mask top-left, which is
+    wrong for cached decoding).
+    """
+    sdpa_causal = is_causal and mask is None and q.shape[-2] == k.shape[-2]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=sdpa_causal)
+    return rearrange(out, "b h n d -> b n (h d)")
 
 
 class Attention(nn.Module):
@@ -85,17 +109,72 @@ class Attention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x: `b n d`; key_padding_mask: `b n` (1 = keep); attn_mask: broadcastable to `b h n n`."""
+        """x: `b n d`; key_padding_mask: `b k` (1 = keep); attn_mask: broadcastable to `b h n k`.
+
+        Without a cache k = n. With one, x holds only the new tokens, their keys/values are appended to
+        the cache, k = cached + n, and both masks cover all k keys (causal is bottom-right aligned).
+        """
         n = x.shape[1]
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        mask = make_attn_mask(n, n, key_padding_mask, attn_mask, is_causal, dtype=q.dtype, device=x.device)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=is_causal and mask is None,
-        )
-        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        if cache is not None:
+            k, v = cache.append(k, v)
+        k_len = k.shape[-2]
+        mask = make_attn_mask(n, k_len, key_padding_mask, attn_mask, is_causal, dtype=q.dtype, device=x.device)
+        out = attend(q, k, v, mask, is_causal, self.attn_dropout if self.training else 0.0)
+        return self.proj_drop(self.proj(out))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x `b n d` attend to a context `b m c`: `-> b n d`.
+
+    Separate q (`d -> d`) and kv (`c -> 2d`) projections, because the context is another sequence, often of
+    another width (ViT tokens feeding a text decoder). With a cache, the context's k/v are computed on the
+    first decoding step and reused, since the context does not change while generating.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = True,
+        attn_dropout: float = 0.0,
+        proj_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.context_dim = context_dim if context_dim is not None else dim
+        self.attn_dropout = attn_dropout
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(self.context_dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x: `b n d`; context: `b m c` (may be None once `cache` holds its k/v); context_mask: `b m` (1 = keep).
+
+        A filled cache wins over `context` (the context is fixed for the life of a cache).
+        """
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)
+        if cache is not None and cache.k is not None and cache.v is not None:
+            k, v = cache.k, cache.v
+        else:
+            if context is None:
+                raise ValueError("cross-attention needs a context (or a cache already holding its keys/values)")
+            k, v = rearrange(self.kv(context), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)
+            if cache is not None:
+                cache.k, cache.v = k, v
+        mask = make_attn_mask(x.shape[1], k.shape[-2], context_mask, dtype=q.dtype, device=x.device)
+        out = attend(q, k, v, mask, dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.proj_drop(self.proj(out))
