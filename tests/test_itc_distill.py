@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmpt.objectives.itc_distill import DistillContrastiveLoss, alpha_at, distill_itc_loss
@@ -107,3 +113,58 @@ def test_module_uses_the_old_queue_then_enqueues_teacher_features() -> None:
     torch.testing.assert_close(loss_fn.image_queue.feats, torch.cat([img_m, old_img_q[B:]]))
     torch.testing.assert_close(loss_fn.text_queue.feats, torch.cat([txt_m, old_txt_q[B:]]))
     assert loss_fn.image_queue.ptr.tolist() == [B]
+
+
+# ---- 2 gloo processes: local rows against the gathered teacher batch == the full-batch loss ---------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _global_inputs() -> tuple[torch.Tensor, ...]:
+    """Student and teacher features of a global batch of WORLD * B pairs, identical on every process."""
+    return tuple(unit(WORLD * B, D, seed=20 + k) for k in range(4))
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        loss_fn = DistillContrastiveLoss(embed_dim=D, queue_size=2 * WORLD * B).double()
+        local = slice(rank * B, (rank + 1) * B)
+        img, txt, img_m, txt_m = (x[local] for x in _global_inputs())
+        img = img.clone().requires_grad_()
+        loss, _ = loss_fn(img, txt, img_m, txt_m, alpha=0.4)
+        loss.backward()
+        scale_grad = loss_fn.logit_scale.grad.clone()
+        dist.all_reduce(scale_grad)
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        torch.save({"mean_loss": mean_loss / world, "scale_grad": scale_grad / world, "img_grad": img.grad,
+                    "queue": loss_fn.image_queue.feats}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_mean_equals_full_batch(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    torch.manual_seed(0)  # the same initial queues, one process holding the whole batch
+    full = DistillContrastiveLoss(embed_dim=D, queue_size=2 * WORLD * B).double()
+    img, txt, img_m, txt_m = _global_inputs()
+    img = img.clone().requires_grad_()
+    loss, _ = full(img, txt, img_m, txt_m, alpha=0.4)
+    loss.backward()
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r]["mean_loss"], loss.detach())
+        torch.testing.assert_close(ranks[r]["scale_grad"], full.logit_scale.grad)  # DeepSpeed-style average
+        # Each rank's loss is a mean over its B rows, the full loss over WORLD * B: gradients differ by WORLD.
+        torch.testing.assert_close(ranks[r]["img_grad"] / WORLD, img.grad[r * B:(r + 1) * B])
+        torch.testing.assert_close(ranks[r]["queue"], full.image_queue.feats)

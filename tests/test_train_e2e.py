@@ -142,8 +142,8 @@ def test_single_process_bf16_run_on_foreign_shards_without_tracker(demo_env, tmp
                           env=demo_env, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     run_dir = tmp_path / "run"
-    cmd = [str(BIN / "mmpt-train"), "model=clip/tiny", "data=webdataset", f"data.train.urls={pattern}",
-           f"data.eval.urls={pattern}", f"tokenizer.path={tok}", "tokenizer.vocab_size=64", "data.image_size=32",
+    cmd = [str(BIN / "mmpt-train"), "model=clip/tiny", "data=webdataset", f"data.train.urls='{pattern}'",
+           f"data.eval.urls='{pattern}'", f"tokenizer.path={tok}", "tokenizer.vocab_size=64", "data.image_size=32",
            "data.max_text_len=16", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
            "trainer.precision=bf16", "trainer.max_steps=6", "trainer.log_every=5", "logger=none",
            "deepspeed=zero0", f"hydra.run.dir={run_dir}"]

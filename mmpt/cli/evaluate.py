@@ -30,6 +30,8 @@ def parse_overrides(argv: list[str]) -> tuple[str, list[str]]:
         if "=" not in arg:
             raise ConfigError(f"argument {arg!r} is not key=value; usage: mmpt-eval ckpt=RUN_DIR [key=value ...]")
         key, value = arg.split("=", 1)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]  # quoted like a Hydra override: data.eval.urls='/d/{0..3}.tar'
         if key == "ckpt":
             ckpt = value
         else:

@@ -8,9 +8,10 @@ then `deepspeed.initialize`; the trainer calls `update()` after `engine.step()`,
 Why not inside forward: forward may run several times per optimizer step (gradient accumulation,
 activation recomputation) and the EMA must advance once per step, on the weights the optimizer wrote.
 
-Precision: DeepSpeed bf16/fp16 casts every parameter, the teacher's too. A bf16 EMA with m = 0.995 cannot
-move (0.005 * |student - teacher| is below half an ulp unless the two differ by ~80%), so for low-precision
-teachers the EMA runs on an fp32 shadow that the teacher is rounded from. The shadow is not saved: after a
+Precision: DeepSpeed bf16/fp16 casts every parameter, the teacher's too. A bf16 EMA with m = 0.995 stalls:
+a step 0.005 * |student - teacher| below half an ulp (0.2-0.4% of the teacher) is rounded away, so the
+teacher stops once it is within ~40-80% of the student. Low-precision teachers therefore keep their EMA
+in an fp32 shadow and are rounded from it after each update. The shadow is not saved: after a
 checkpoint load it is rebuilt from the saved (rounded) teacher, a one-off half-ulp error that does not
 accumulate.
 
@@ -78,8 +79,8 @@ class MomentumTeacher(nn.Module):
     def forward(self, *args: object, **kwargs: object) -> None:
         raise TypeError("MomentumTeacher is a container: call teacher[name](...) for the copy you need")
 
-    def _pairs(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(name, teacher tensor, student tensor), matched by name; re-read every call so a replaced
+    def _pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(teacher, student) parameters matched by name; re-read every call so a replaced
         Parameter (load_state_dict(assign=True), ZeRO re-wrapping) is never updated through a stale handle."""
         for name, teacher in self.teachers.items():
             student = dict(self._students[name].named_parameters())
@@ -89,7 +90,7 @@ class MomentumTeacher(nn.Module):
                     raise RuntimeError(f"student {name!r} no longer matches its teacher at {pname!r}")
                 if hasattr(sparam, "ds_id") or hasattr(tparam, "ds_id"):  # ZeRO-3 tags its partitioned params
                     assert_supported(3)
-                yield f"{name}.{pname}", tparam, sparam
+                yield tparam, sparam
 
     @torch.no_grad()
     def update(self, momentum: float | None = None) -> None:
@@ -99,11 +100,13 @@ class MomentumTeacher(nn.Module):
         """
         m = self.momentum if momentum is None else momentum
         pairs = list(self._pairs())
-        teacher = [t for _, t, _ in pairs]
-        student = [s.detach() for _, _, s in pairs]
-        if any(t.dtype in LOW_PRECISION for t in teacher):
+        teacher = [t for t, _ in pairs]
+        student = [s.detach() for _, s in pairs]
+        if not pairs:
+            pass  # parameter-free students: only buffers to follow
+        elif any(t.dtype in LOW_PRECISION for t in teacher):
             if self._shadow is None or self._shadow[0].device != teacher[0].device:
-                self._shadow = [t.float() for t in teacher]
+                self._shadow = [t.float() for t in teacher]  # fp32 teachers alias themselves: no copy
             torch._foreach_lerp_(self._shadow, [s.float() for s in student], 1.0 - m)
             torch._foreach_copy_(teacher, self._shadow)
         else:
