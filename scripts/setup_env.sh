@@ -9,6 +9,15 @@ VENV="${MMPT_VENV:-$ROOT/.venv}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
+quiet_pip() {  # pip, minus the noise about absent local mirror folders; keeps pip's exit code
+  local log rc=0
+  log="$(mktemp)"
+  pip "$@" >"$log" 2>&1 || rc=$?
+  grep -v -E "^(WARNING: Location|  )" "$log" || true
+  rm -f "$log"
+  return "$rc"
+}
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
@@ -22,13 +31,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing mmpt${EXTRAS:+[$EXTRAS]} into $VENV"
   if ! python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
-      pip install -q "torch>=2.3,<2.15"
+      quiet_pip install -q "torch>=2.3,<2.15"
     else
       # CPU machine: the local CPU wheel of torch 2.13 (a plain 'torch' would pull a multi-GB CUDA build).
-      pip install -q "torch==2.13.0"
+      quiet_pip install -q "torch==2.13.0"
     fi
   fi
-  pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}" 2>&1 | grep -v -E "^(WARNING: Location|  )" || true
+  quiet_pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}"
   python -c "import mmpt, deepspeed, webdataset, hydra, wandb" 2>/dev/null || { echo "[setup] install failed"; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -37,3 +37,34 @@ def test_shared_image_id_counts_as_pair():
     texts = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     emb = EvalEmbeddings(images, texts, captions=["x", "y", "z"], image_ids=["img", "img", "other"], keys=["0", "1", "2"])
     assert retrieval_metrics(emb, ks=[1])["retrieval/t2i_r1"] == pytest.approx(1.0)
+
+
+class OracleITM(torch.nn.Module):
+    """ITM that knows the truth: image i carries i in pixel [0,0,0], text i carries i as token 1."""
+
+    def itm_score(self, images, input_ids, attention_mask):
+        return (images[:, 0, 0, 0].round().long() == input_ids[:, 1]).float()
+
+
+def test_itm_rerank_promotes_true_pairs_inside_top_k_only():
+    from mmpt.eval.retrieval import EvalInputs, itm_rerank_sims
+
+    n = 6
+    images = torch.eye(n)
+    # text i is closest to image (i + 1) % n and 2nd closest to its true image i; image i is closest to
+    # text i - 1 and 2nd closest to its true text i
+    texts = torch.nn.functional.normalize(images.roll(-1, dims=0) + 0.6 * images, dim=1)
+    pixels = torch.zeros(n, 3, 2, 2)
+    pixels[:, 0, 0, 0] = torch.arange(n).float()
+    ids = torch.zeros(n, 3, dtype=torch.long)
+    ids[:, 1] = torch.arange(n)
+    keys = [f"{i}" for i in range(n)]
+    emb = EvalEmbeddings(images, texts, captions=keys, image_ids=keys, keys=keys,
+                         inputs=EvalInputs(pixels, ids, torch.ones_like(ids)))
+    before = retrieval_metrics(emb, ks=[1])
+    assert before["retrieval/t2i_r1"] == 0.0
+    t2i, i2t = itm_rerank_sims(OracleITM(), emb, k=2, device=torch.device("cpu"))
+    after = retrieval_metrics(emb, ks=[1], sims_t2i=t2i, sims_i2t=i2t, prefix="retrieval_itm")
+    assert after["retrieval_itm/t2i_r1"] == 1.0 and after["retrieval_itm/i2t_r1"] == 1.0
+    t2i_k1, i2t_k1 = itm_rerank_sims(OracleITM(), emb, k=1, device=torch.device("cpu"))  # true pair outside top-1
+    assert retrieval_metrics(emb, ks=[1], sims_t2i=t2i_k1, sims_i2t=i2t_k1)["retrieval/t2i_r1"] == 0.0

@@ -18,7 +18,7 @@ from mmpt.engine.checkpoint import load_model_weights, resolve_checkpoint_dir
 from mmpt.engine.config import ConfigError
 from mmpt.engine.dist_env import detect_env, device_for, init_process_group
 from mmpt.engine.run_setup import build_eval_loader_for, configure_logging, validate
-from mmpt.eval.retrieval import embed_eval_set, retrieval_metrics
+from mmpt.eval.runner import evaluate_model
 from mmpt.models.registry import build_model
 
 
@@ -65,7 +65,8 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     model.load_state_dict(load_model_weights(tag_dir))
     model.to(device)
     loader = build_eval_loader_for(prep.cfg, prep.tokenizer, env)
-    metrics = retrieval_metrics(embed_eval_set(model, loader, device), prep.cfg.eval.ks)
+    d = prep.cfg.data
+    metrics = evaluate_model(model, loader, prep.tokenizer, prep.cfg.eval, device, None, d.mean, d.std).metrics
     if env.is_main:
         metrics = {"checkpoint": str(tag_dir), **metrics}  # type: ignore[dict-item]
         text = json.dumps(metrics, indent=2)

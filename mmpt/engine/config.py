@@ -83,6 +83,8 @@ class SchedulerConfig:
 
 @dataclass
 class LossConfig:
+    """Per-objective weights; an objective not named here keeps its model's default weight."""
+
     weights: dict[str, float] = field(default_factory=dict)
 
 
@@ -103,6 +105,11 @@ class EvalConfig:
     at_end: bool = True
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     output: Optional[str] = None
+    rerank_k: int = 16  # ITM re-ranks each query's ITC top-k (models with itm_score); 0 = off
+    caption_max_images: int = 256  # captioning eval (models with generate); 0 = off
+    caption_max_len: int = 20
+    caption_beams: int = 3
+    caption_samples: int = 8  # rows of the W&B table of sample captions
 
 
 @dataclass
@@ -229,12 +236,6 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
             f"loss.weights has {unknown} but model.arch={cfg.model.arch} trains only {list(model_objectives)}; "
             "remove those weights"
         )
-    unweighted = sorted(set(model_objectives) - set(cfg.loss.weights))
-    if unweighted:
-        raise ConfigError(
-            f"model.arch={cfg.model.arch} trains {unweighted} but loss.weights has no weight for it; "
-            f"add e.g. +loss.weights.{unweighted[0]}=1.0 (0 disables it)"
-        )
     for key in DERIVED_DEEPSPEED_KEYS:
         if key in cfg.deepspeed:
             raise ConfigError(
@@ -243,6 +244,16 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
     stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage={stage} must be 0, 1, 2 or 3")
+    momentum = getattr(cfg.model, "momentum", None)
+    if momentum is not None and momentum.enabled:
+        from mmpt.models.momentum import assert_supported
+        from mmpt.objectives.queue import validate_queue_size
+
+        try:
+            assert_supported(stage)
+            validate_queue_size(momentum.queue_size, d.batch_size * world_size)
+        except ValueError as exc:
+            raise ConfigError(f"model.momentum: {exc} (or model.momentum.enabled=false)") from None
     resume = t.resume
     if resume not in ("auto", "none") and not Path(resume).is_dir():
         raise ConfigError(f"trainer.resume={resume!r}: no such checkpoint directory; use auto, none or a checkpoint dir")

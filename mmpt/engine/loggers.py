@@ -60,6 +60,14 @@ class WandbLog:
     def write(self, record: dict[str, Any]) -> None:
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def write_caption_samples(self, step: int, samples: list) -> None:
+        import wandb
+
+        table = wandb.Table(columns=["image", "generated", "reference"])
+        for sample in samples:
+            table.add_data(wandb.Image(sample.image), sample.generated, sample.reference)
+        self.run.log({"eval/caption_samples": table}, step=step)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -86,6 +94,15 @@ class RunLogger:
         self.jsonl.write(record)
         if self.wandb is not None:
             self.wandb.write(record)
+
+    def log_caption_samples(self, step: int, samples: list) -> None:
+        """Generated vs. reference captions: a W&B table with the images, and the text in the console."""
+        if not self.is_main:
+            return
+        for sample in samples[:3]:
+            log.info("caption | generated: %s | reference: %s", sample.generated, sample.reference)
+        if self.wandb is not None:
+            self.wandb.write_caption_samples(step, samples)
 
     def close(self) -> None:
         if self.wandb is not None:

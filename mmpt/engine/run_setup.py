@@ -41,6 +41,10 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
     with torch.device("meta"):
         probe = build_model(cfg.model)
     check_combinations(cfg, env.world_size, torch.cuda.is_available(), tuple(probe.objectives))
+    cfg.loss.weights = {**dict(getattr(probe, "default_loss_weights", {})), **cfg.loss.weights}
+    missing = sorted(set(probe.objectives) - set(cfg.loss.weights))
+    if missing:
+        raise ConfigError(f"model.arch={cfg.model.arch} has no default weight for {missing}; set loss.weights.{missing[0]}=...")
     check_paths(cfg, need_train=need_train)
     try:
         tokenizer = load_tokenizer(cfg.tokenizer.path, cfg.data.max_text_len)

@@ -27,7 +27,7 @@ from mmpt.engine.ds_config import build_deepspeed_config, global_batch_size
 from mmpt.engine.loggers import RunLogger
 from mmpt.engine.optim import build_optimizer, build_scheduler
 from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
-from mmpt.eval.retrieval import embed_eval_set, retrieval_metrics
+from mmpt.eval.runner import evaluate_model
 from mmpt.models.protocol import ModelOutput
 from mmpt.models.registry import build_model
 
@@ -100,6 +100,7 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
         self.model = self.engine.module
+        self.after_step = getattr(self.model, "after_optimizer_step", None)
         self.input_dtype = PRECISION_DTYPES[cfg.trainer.precision]
         self.weights = dict(cfg.loss.weights)
         self.step = 0
@@ -174,10 +175,14 @@ class Trainer:
     # ---- evaluation ---------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         loader = build_eval_loader_for(self.cfg, self.tokenizer, self.env)
-        metrics = retrieval_metrics(embed_eval_set(self.model, loader, self.device, self.input_dtype), self.cfg.eval.ks)
-        self.eval_metrics = metrics
-        self.logger.log({"step": self.step, **{f"eval/{k}": v for k, v in metrics.items()}})
-        return metrics
+        d = self.cfg.data
+        result = evaluate_model(self.model, loader, self.tokenizer, self.cfg.eval, self.device, self.input_dtype,
+                                d.mean, d.std)
+        self.eval_metrics = result.metrics
+        self.logger.log({"step": self.step, **{f"eval/{k}": v for k, v in result.metrics.items()}})
+        if result.samples:
+            self.logger.log_caption_samples(self.step, result.samples)
+        return result.metrics
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -196,6 +201,8 @@ class Trainer:
                     stats.skipped[reason] = stats.skipped.get(reason, 0) + count
                 self._micro_step(batch, stats)
             self.step += 1
+            if self.after_step is not None:
+                self.after_step(self.step)  # e.g. momentum teacher EMA: after the update, outside forward
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self.logger.log(self._record(stats))
                 stats = IntervalStats(skipped=stats.skipped)

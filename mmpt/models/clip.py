@@ -74,6 +74,7 @@ class CLIP(nn.Module):
     """Dual encoder + ITC; implements the `PretrainModel` protocol."""
 
     objectives: tuple[str, ...] = ("itc",)
+    default_loss_weights = {"itc": 1.0}  # loss.weights.<name> overrides
 
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()

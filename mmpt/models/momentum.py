@@ -21,11 +21,23 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class MomentumConfig:
+    """`model.momentum` of any architecture that supports distillation from an EMA teacher."""
+
+    enabled: bool = False
+    momentum: float = 0.995
+    queue_size: int = 65536  # must be a multiple of the global batch (checked before launch)
+    alpha: float = 0.4  # weight of the teacher's soft targets, reached after alpha_warmup_steps
+    alpha_warmup_steps: int = 1000
 
 
 def assert_supported(zero_stage: int) -> None:

@@ -19,7 +19,12 @@ class ModelOutput:
 
 @runtime_checkable
 class PretrainModel(Protocol):
+    """Optional extras the engine uses when present: `after_optimizer_step(step)` (called after every
+    optimizer step, outside forward: momentum teachers, schedules kept in buffers), `itm_score(images,
+    input_ids, attention_mask)` (retrieval re-ranking), `generate(images, ...)` (captioning eval)."""
+
     objectives: tuple[str, ...]
+    default_loss_weights: dict[str, float]
 
     def forward(self, batch: Batch) -> ModelOutput: ...
 

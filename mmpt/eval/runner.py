@@ -1,0 +1,96 @@
+"""Everything `eval` means for a model, decided by what the model can do (its protocol extras):
+
+- always: ITC retrieval (`retrieval/...`);
+- `itm_score`: ITM re-ranking of the ITC top-k (`retrieval_itm/...`), ALBEF's second stage;
+- `generate`: captioning of the eval images, BLEU-4 and CIDEr-D against their captions (`caption/...`),
+  plus a few sample rows (image, generated, reference) for a W&B table.
+Collective: every rank must call it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mmpt import distributed as mdist
+from mmpt.data.batch import Batch
+from mmpt.data.tokenizer import TextTokenizer
+from mmpt.eval.caption_metrics import caption_scores
+from mmpt.eval.retrieval import EvalEmbeddings, embed_eval_set, itm_rerank_sims, retrieval_metrics
+
+
+@dataclass
+class CaptionSample:
+    image: np.ndarray  # h w c uint8
+    generated: str
+    reference: str
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    samples: list[CaptionSample] = field(default_factory=list)
+
+
+def to_uint8(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Undo the normalisation of one `c h w` image for display."""
+    img = pixels.float() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def caption_eval(model: torch.nn.Module, emb: EvalEmbeddings, tokenizer: TextTokenizer, device: torch.device,
+                 dtype: torch.dtype | None, max_images: int, max_len: int, num_beams: int,
+                 num_samples: int, mean: Sequence[float], std: Sequence[float],
+                 batch_size: int = 64) -> EvalResult:
+    """Generate for up to `max_images` distinct images (split across ranks); references = every eval
+    caption of that image id."""
+    assert emb.inputs is not None
+    refs: dict[str, list[str]] = {}
+    first: dict[str, int] = {}
+    for i, (image_id, caption) in enumerate(zip(emb.image_ids, emb.captions)):
+        refs.setdefault(image_id, []).append(caption)
+        first.setdefault(image_id, i)
+    chosen = list(first.items())[:max_images]
+    mine = chosen[mdist.rank():: mdist.world_size()]
+    was_training = model.training
+    model.eval()
+    local: dict[str, str] = {}
+    for start in range(0, len(mine), batch_size):
+        rows = mine[start: start + batch_size]
+        pixels = emb.inputs.pixels[torch.tensor([i for _, i in rows])].to(device, dtype)
+        strategy = "beam" if num_beams > 1 else "greedy"
+        ids = model.generate(pixels, max_len=max_len, strategy=strategy, num_beams=num_beams).cpu()
+        for (image_id, _), row in zip(rows, ids.tolist()):
+            local[image_id] = tokenizer.decode(row)
+    model.train(was_training)
+    hyps: dict[str, str] = {}
+    for part in mdist.all_gather_objects(local):
+        hyps.update(part)  # type: ignore[arg-type]
+    metrics = caption_scores({k: refs[k] for k in hyps}, hyps)
+    metrics["caption/num_images"] = float(len(hyps))
+    samples = [CaptionSample(to_uint8(emb.inputs.pixels[i], mean, std), hyps[image_id], refs[image_id][0])
+               for image_id, i in chosen[:num_samples] if image_id in hyps]
+    return EvalResult(metrics, samples)
+
+
+def evaluate_model(model: torch.nn.Module, loader: Iterable[Batch], tokenizer: TextTokenizer, eval_cfg,
+                   device: torch.device, dtype: torch.dtype | None, mean: Sequence[float],
+                   std: Sequence[float]) -> EvalResult:
+    """eval_cfg: mmpt.engine.config.EvalConfig (ks, rerank_k, caption_* settings)."""
+    can_rerank = hasattr(model, "itm_score") and eval_cfg.rerank_k > 0
+    can_caption = hasattr(model, "generate") and eval_cfg.caption_max_images > 0
+    emb = embed_eval_set(model, loader, device, dtype, keep_inputs=can_rerank or can_caption)
+    metrics = retrieval_metrics(emb, eval_cfg.ks)
+    result = EvalResult(metrics)
+    if can_rerank:
+        t2i, i2t = itm_rerank_sims(model, emb, eval_cfg.rerank_k, device, dtype)
+        metrics.update(retrieval_metrics(emb, eval_cfg.ks, t2i, i2t, prefix="retrieval_itm"))
+    if can_caption:
+        captions = caption_eval(model, emb, tokenizer, device, dtype, eval_cfg.caption_max_images,
+                                eval_cfg.caption_max_len, eval_cfg.caption_beams, eval_cfg.caption_samples, mean, std)
+        metrics.update(captions.metrics)
+        result.samples = captions.samples
+    return result
