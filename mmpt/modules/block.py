@@ -1,4 +1,5 @@
-"""Pre-LN transformer block, a stack of them, and the weight-init recipe shared by every tower."""
+"""Pre-LN transformer block (post-LN optional, for BERT weights), a stack of them, and the weight-init
+recipe shared by every tower."""
 from __future__ import annotations
 
 import torch
@@ -41,6 +42,10 @@ class Block(nn.Module):
     layers, CoCa multimodal decoder layers); its context (e.g. image tokens, width `context_dim`, default
     `dim`) is expected to be normalised already, as tower outputs are. Called without a context, such a
     block skips the branch, so one set of layers can also run text-only (BLIP's unimodal text encoder).
+
+    `norm_first=False` gives the post-LN layout of BERT (and so of ALBEF/BLIP's released text towers):
+    x = norm1(x + attn(x)); [x = norm_cross(x + cross_attn(x, context))]; x = norm2(x + mlp(x)). Same
+    parameters and names, only the order differs, so BERT checkpoints load and reproduce BERT exactly.
     """
 
     def __init__(
@@ -55,10 +60,12 @@ class Block(nn.Module):
         mlp: nn.Module | None = None,
         cross_attention: bool = False,
         context_dim: int | None = None,
+        norm_first: bool = True,
     ) -> None:
         super().__init__()
         if context_dim is not None and not cross_attention:
             raise ValueError("context_dim is only meaningful with cross_attention=True")
+        self.norm_first = norm_first
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_dropout=attn_dropout, proj_dropout=dropout)
         self.norm_cross: nn.LayerNorm | None = None
@@ -73,8 +80,9 @@ class Block(nn.Module):
         init_weights_(self)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual branch after attention: `b n d -> b n d`."""
-        return self.mlp(self.norm2(x))
+        """The residual branch after attention: `b n d -> b n d` (pre-LN: includes norm2; post-LN: the
+        caller normalises the residual sum instead)."""
+        return self.mlp(self.norm2(x) if self.norm_first else x)
 
     def forward(
         self,
@@ -89,20 +97,23 @@ class Block(nn.Module):
         """x: `b n d`; key_padding_mask: `b k` (1 = keep); attn_mask: broadcastable to `b h n k`;
         context: `b m c`; context_mask: `b m` (1 = keep). Without a cache k = n; with one x holds only the
         new tokens and the self-attention masks cover all k = cached + n keys (see `Attention`)."""
-        x = x + self.attn(
-            self.norm1(x),
+        pre = self.norm_first
+        h = self.attn(
+            self.norm1(x) if pre else x,
             key_padding_mask=key_padding_mask,
             attn_mask=attn_mask,
             is_causal=is_causal,
             cache=cache.self_attn if cache is not None else None,
         )
+        x = x + h if pre else self.norm1(x + h)
         if self.cross_attn is not None and self.norm_cross is not None:
             cross_cache = cache.cross_attn if cache is not None else None
             if context is not None or (cross_cache is not None and cross_cache.k is not None):
-                x = x + self.cross_attn(self.norm_cross(x), context, context_mask, cache=cross_cache)
+                h = self.cross_attn(self.norm_cross(x) if pre else x, context, context_mask, cache=cross_cache)
+                x = x + h if pre else self.norm_cross(x + h)
         elif context is not None:
             raise ValueError("this block has no cross-attention: build it with cross_attention=True to use a context")
-        return x + self.ffn(x)
+        return x + self.ffn(x) if pre else self.norm2(x + self.ffn(x))
 
 
 class Transformer(nn.Module):
@@ -110,6 +121,7 @@ class Transformer(nn.Module):
 
     With `cross_attention=True` every block cross-attends to the context passed to `forward` (a stack that
     mixes text-only and fusion layers is two stacks, as ALBEF's text encoder + fusion encoder are).
+    `norm_first=False` makes every block post-LN (BERT layout, see `Block`).
     """
 
     def __init__(
@@ -124,10 +136,12 @@ class Transformer(nn.Module):
         norm_eps: float = 1e-5,
         cross_attention: bool = False,
         context_dim: int | None = None,
+        norm_first: bool = True,
     ) -> None:
         super().__init__()
         self.width = width
         self.cross_attention = cross_attention
+        self.norm_first = norm_first
         self.blocks = nn.ModuleList(
             Block(
                 width,
@@ -139,6 +153,7 @@ class Transformer(nn.Module):
                 norm_eps,
                 cross_attention=cross_attention,
                 context_dim=context_dim,
+                norm_first=norm_first,
             )
             for _ in range(layers)
         )

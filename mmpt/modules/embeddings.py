@@ -53,13 +53,21 @@ class PatchEmbedding(nn.Module):
 
 
 class TextEmbedding(nn.Module):
-    """Token ids `b l` -> `b l d`: token embedding + learned absolute position embedding (l <= max_len)."""
+    """Token ids `b l` -> `b l d`: token embedding + learned absolute position embedding (l <= max_len).
 
-    def __init__(self, vocab_size: int, max_len: int, dim: int, dropout: float = 0.0) -> None:
+    `norm=True` adds a LayerNorm on the sum, before dropout: BERT's embedding layout, needed by post-LN
+    towers whose blocks expect a normalised input (BERT's token-type-0 vector is folded into `pos_embed`
+    when such weights are loaded, see mmpt/models/pretrained.py).
+    """
+
+    def __init__(
+        self, vocab_size: int, max_len: int, dim: int, dropout: float = 0.0, norm: bool = False, norm_eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.max_len = max_len
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dim))
+        self.norm: nn.LayerNorm | None = nn.LayerNorm(dim, eps=norm_eps) if norm else None
         self.drop = nn.Dropout(dropout)
         init_weights_(self)
 
@@ -67,4 +75,7 @@ class TextEmbedding(nn.Module):
         length = input_ids.shape[1]
         if length > self.max_len:
             raise ValueError(f"text length {length} exceeds max_text_len={self.max_len}")
-        return self.drop(self.token_embed(input_ids) + self.pos_embed[:, :length])
+        x = self.token_embed(input_ids) + self.pos_embed[:, :length]
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.drop(x)

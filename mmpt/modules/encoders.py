@@ -61,6 +61,10 @@ class TextTransformer(nn.Module):
     Bidirectional by default (BERT-like, pool at [CLS]); `causal=True` gives a GPT/CLIP-style tower whose
     summary token is the last real one. Padded positions are masked as keys, so they never influence real
     tokens; their own outputs are meaningless and must not be pooled.
+
+    `norm_first=False` is BERT's post-LN layout (to load BERT weights): post-LN blocks, a LayerNorm on the
+    embeddings instead of the final one (`self.norm` is then an Identity), since each block already ends
+    with a LayerNorm.
     """
 
     def __init__(
@@ -75,16 +79,21 @@ class TextTransformer(nn.Module):
         attn_dropout: float = 0.0,
         causal: bool = False,
         norm_eps: float = 1e-5,
+        norm_first: bool = True,
     ) -> None:
         super().__init__()
         self.width = width
         self.max_len = max_len
         self.causal = causal
-        self.embed = TextEmbedding(vocab_size, max_len, width, dropout=dropout)
-        self.transformer = Transformer(
-            width, layers, heads, mlp_ratio, dropout=dropout, attn_dropout=attn_dropout, norm_eps=norm_eps
+        self.norm_first = norm_first
+        self.embed = TextEmbedding(
+            vocab_size, max_len, width, dropout=dropout, norm=not norm_first, norm_eps=norm_eps
         )
-        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.transformer = Transformer(
+            width, layers, heads, mlp_ratio, dropout=dropout, attn_dropout=attn_dropout, norm_eps=norm_eps,
+            norm_first=norm_first,
+        )  # fmt: skip
+        self.norm: nn.Module = nn.LayerNorm(width, eps=norm_eps) if norm_first else nn.Identity()
 
     def forward(
         self,
