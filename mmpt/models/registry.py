@@ -33,6 +33,8 @@ def register_arch(name: str, config_cls: type) -> Callable[[Callable[[Any], nn.M
 
 def _load_builtin_archs() -> None:
     from mmpt.models import clip  # noqa: F401  (registers itself)
+    from mmpt.models import albef  # noqa: F401
+    from mmpt.models import coca  # noqa: F401
 
 
 def arch_names() -> list[str]:

@@ -1,0 +1,229 @@
+"""ALBEF (Li et al. 2021): ViT + BERT split into text and fusion layers, trained with ITC + ITM + MLM,
+optionally distilled from a momentum (EMA) teacher with feature queues.
+
+ITM hard negatives across ranks (the design choice): negatives are sampled from the all-gathered global
+batch with the student's ITC similarities (`sample_hard_negatives`). The fusion pass of a negative pair
+needs the partner's token sequence, so the image tokens `b n c`, text tokens `b l d` and text masks are
+all-gathered WITHOUT gradient (`gather_rows`): a negative owned by this rank is taken from the local
+tensor and keeps its gradient (with one process this is exactly ALBEF's local-batch ITM, gradients
+included); a negative owned by another rank is a constant, so the ITM loss does not train that rank's
+encoders through it. The ITM head, the fusion layers and the local side of every pair are still trained
+on the harder global negatives. Why not a gradient-carrying gather (BLIP/LAVIS gathers image tokens with
+grad)? It would reproduce the single-process gradient exactly, but its backward all-reduces a `(w b) n c`
+tensor every step, almost all zeros (~400 MB fp32 for ViT-B/16 at 256 px, 64 pairs x 8 ranks). The
+no-grad gather costs one transient `(w b) n c` buffer per step (~200 MB bf16 there);
+`itm_global_negatives=False` samples from the local batch only (no gather), as the official ALBEF code
+does, for very large worlds.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmpt.data.batch import Batch
+from mmpt.distributed import all_gather_no_grad, rank
+from mmpt.models.albef_config import ALBEFConfig, albef_base_config
+from mmpt.models.albef_parts import TextFusionEncoder, gather_rows
+from mmpt.models.momentum import MomentumTeacher
+from mmpt.models.protocol import ModelOutput
+from mmpt.models.registry import register_arch
+from mmpt.modules.block import no_weight_decay_names
+from mmpt.modules.encoders import VisionTransformer
+from mmpt.modules.heads import ITMHead, ProjectionHead, l2_normalize
+from mmpt.objectives.itc import ContrastiveLoss
+from mmpt.objectives.itc_distill import DistillContrastiveLoss
+from mmpt.objectives.itm import image_id_codes, itm_loss, sample_hard_negatives
+from mmpt.objectives.mlm import mask_tokens, mlm_loss
+
+__all__ = ["ALBEF", "ALBEFConfig", "albef_base_config", "build_albef"]
+
+
+class ALBEF(nn.Module):
+    """ITC on unimodal [CLS] projections, ITM on the fusion [CLS] with global hard negatives, MLM through
+    the fusion layers; implements the `PretrainModel` protocol plus `itm_score` and `after_optimizer_step`."""
+
+    objectives: tuple[str, ...] = ("itc", "itm", "mlm")
+    default_loss_weights = {"itc": 1.0, "itm": 1.0, "mlm": 1.0}  # the paper's equal weights
+    step: torch.Tensor
+
+    def __init__(self, cfg: ALBEFConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(
+            cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads,
+            mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, attn_dropout=cfg.dropout,
+        )  # fmt: skip
+        self.text = TextFusionEncoder(
+            cfg.vocab_size, cfg.max_text_len, cfg.text_width, cfg.text_layers, cfg.fusion_layers, cfg.text_heads,
+            context_dim=cfg.vision_width, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
+        )  # fmt: skip
+        self.vision_proj = ProjectionHead(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = ProjectionHead(cfg.text_width, cfg.embed_dim)
+        self.itm_head = ITMHead(cfg.text_width)
+        m = cfg.momentum
+        self.teacher: MomentumTeacher | None = None
+        self.itc: ContrastiveLoss
+        if m.enabled:
+            self.itc = DistillContrastiveLoss(
+                cfg.embed_dim, m.queue_size, cfg.temperature_init, cfg.min_temperature, cfg.max_temperature
+            )
+            # Optimizer steps taken, for the alpha ramp: a buffer, so checkpoints carry it. Shape (1,) like
+            # the queue pointer (some backends reject 0-d broadcasts).
+            self.register_buffer("step", torch.zeros(1, dtype=torch.long))
+            students = {"visual": self.visual, "vision_proj": self.vision_proj, "text": self.text, "text_proj": self.text_proj}
+            self.teacher = MomentumTeacher(students, momentum=m.momentum)  # last: copies the initialised student
+        else:
+            self.itc = ContrastiveLoss(
+                cfg.temperature_init, max_logit_scale=1.0 / cfg.min_temperature, min_logit_scale=1.0 / cfg.max_temperature
+            )
+
+    # ---- protocol: embeddings and re-ranking ------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images `b c h w` -> L2-normalised `b e` (projected ViT [CLS])."""
+        return l2_normalize(self.vision_proj(self.visual(images)[:, 0]))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask `b l` (right-padded, 1 = real) -> L2-normalised `b e` (projected text-only [CLS])."""
+        return l2_normalize(self.text_proj(self.text.encode(input_ids, attention_mask)[:, 0]))
+
+    def itm_score(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Match probability `b` of row-aligned pairs (image i with text i), for ITC top-k re-ranking."""
+        fused = self.text.fuse(self.text.encode(input_ids, attention_mask), attention_mask, self.visual(images))
+        return self.itm_head(fused[:, 0]).float().softmax(dim=-1)[:, 1]
+
+    # ---- training ---------------------------------------------------------------------------------------
+    def distill_alpha(self) -> torch.Tensor:
+        """0-d device tensor equal to `alpha_at(step, alpha, alpha_warmup_steps)`, read from the step buffer
+        (no host sync); 0 without momentum."""
+        m = self.config.momentum
+        if self.teacher is None:
+            return self.itc.logit_scale.new_zeros(())
+        if m.alpha_warmup_steps <= 0:
+            return torch.full((), m.alpha, device=self.step.device)
+        return m.alpha * (self.step[0].float() / m.alpha_warmup_steps).clamp(max=1.0)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        """Trainer hook after every optimizer step, outside forward: `step` = optimizer steps completed.
+        Stores it (alpha ramp, saved in checkpoints) and moves the teacher one EMA step; no-op without momentum."""
+        if self.teacher is None:
+            return
+        self.step.fill_(step)
+        self.teacher.update()
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        images, ids, mask = batch.images, batch.input_ids, batch.attention_mask
+        image_tokens = self.visual(images)  # `b n c`
+        text_tokens = self.text.encode(ids, mask)  # `b l d`
+        image_feats = l2_normalize(self.vision_proj(image_tokens[:, 0]))  # `b e`
+        text_feats = l2_normalize(self.text_proj(text_tokens[:, 0]))
+        metrics: dict[str, torch.Tensor] = {}
+        image_tokens_m: torch.Tensor | None = None
+        alpha = self.distill_alpha()
+        if self.teacher is not None:
+            t = self.teacher
+            with torch.no_grad():
+                image_tokens_m = t["visual"](images)
+                image_feats_m = l2_normalize(t["vision_proj"](image_tokens_m[:, 0]))
+                text_feats_m = l2_normalize(t["text_proj"](t["text"].encode(ids, mask)[:, 0]))
+            loss_itc, m_itc = self.itc(image_feats, text_feats, image_feats_m, text_feats_m, alpha)
+            metrics["distill_alpha"] = alpha.detach()
+        else:
+            loss_itc, m_itc = self.itc(image_feats, text_feats)
+        loss_itm, m_itm = self._itm(image_tokens, text_tokens, mask, image_feats, text_feats, batch.image_ids)
+        loss_mlm, m_mlm = self._mlm(ids, mask, image_tokens, image_tokens_m, alpha)
+        metrics.update(m_itc | m_itm | m_mlm)
+        return ModelOutput(losses={"itc": loss_itc, "itm": loss_itm, "mlm": loss_mlm}, metrics=metrics)
+
+    def _image_codes(self, image_ids: list[str], b: int, device: torch.device) -> torch.Tensor:
+        """`b` int64 image-id codes; without ids, distinct negative codes per global row (never a collision
+        in practice with the 64-bit hashes), so every rank takes the same collective path either way."""
+        if len(image_ids) == b:
+            return image_id_codes(image_ids, device=device)
+        return -1 - (torch.arange(b, device=device) + b * rank())
+
+    def _itm(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        mask: torch.Tensor,
+        image_feats: torch.Tensor,
+        text_feats: torch.Tensor,
+        image_ids: list[str],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One fusion pass over `(3 b)` pairs: [positives ; image + hard negative text ; text + hard negative image]."""
+        b = image_tokens.shape[0]
+        codes = self._image_codes(image_ids, b, image_tokens.device)
+        glob = self.config.itm_global_negatives
+        pick = gather_rows if glob else (lambda local, index: local[index])
+        with torch.no_grad():
+            img, txt = image_feats.detach().float(), text_feats.detach().float()
+            img_all, txt_all = (all_gather_no_grad(img), all_gather_no_grad(txt)) if glob else (img, txt)
+            s = self.itc.scale().detach()
+            neg_text, neg_image = sample_hard_negatives(
+                s * img @ txt_all.T, s * txt @ img_all.T, codes,
+                all_gather_no_grad(codes) if glob else codes, rank() if glob else 0,
+            )  # fmt: skip
+        text_in = torch.cat([text_tokens, pick(text_tokens, neg_text), text_tokens])  # `(3 b) l d`
+        mask_in = torch.cat([mask, pick(mask, neg_text), mask])  # `(3 b) l`
+        image_in = torch.cat([image_tokens, image_tokens, pick(image_tokens, neg_image)])  # `(3 b) n c`
+        logits = self.itm_head(self.text.fuse(text_in, mask_in, image_in)[:, 0])  # `(3 b) 2`
+        return itm_loss(logits[:b], logits[b:])
+
+    def _mlm(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        image_tokens: torch.Tensor,
+        image_tokens_m: torch.Tensor | None,
+        alpha: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Second text + fusion pass on BERT-masked ids; distilled from the teacher's MLM logits with momentum."""
+        cfg = self.config
+        masked, labels = mask_tokens(
+            ids, mask, cfg.vocab_size, cfg.mask_token_id, (cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id),
+            prob=cfg.mlm_prob,
+        )  # fmt: skip
+        logits = self.text.mlm_logits(masked, mask, image_tokens)  # `b l v`
+        if self.teacher is None or image_tokens_m is None:
+            return mlm_loss(logits, labels)
+        with torch.no_grad():
+            logits_m = self.teacher["text"].mlm_logits(masked, mask, image_tokens_m)
+        return mlm_loss(logits, labels, logits_m, alpha)
+
+    # ---- accounting -------------------------------------------------------------------------------------
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per image-text pair, for MFU (conventions of `CLIP.flops_per_sample`).
+
+        Student (forward + backward): ViT once; text encoder twice (plain, masked); fusion 4 times (the
+        positive, two negative pairs, the MLM pass); MLM head at every position; ITM head 3x; projections.
+        Teacher (forward only, a third of training FLOPs): ViT, vision/text projections, text encoder twice,
+        fusion + MLM head once. ITC logits against the queue: 8 q e (student, both directions, forward + the
+        feature gradient; the candidates are constants) + 4 q e (teacher targets). Not counted: norms, softmax, GELU, embedding lookups, the global-batch
+        part of the logits and hard-negative sampling (O(w b e) per pair).
+        """
+        cfg = self.config
+        l, n = cfg.max_text_len, self.visual.num_tokens
+        projections = self.vision_proj.flops_per_sample() + self.text_proj.flops_per_sample()
+        student = (
+            self.visual.flops_per_sample()
+            + self.text.flops(l, n, text_passes=2, fusion_passes=4, mlm_passes=1)
+            + 3 * self.itm_head.flops_per_sample()
+            + projections
+        )
+        if self.teacher is None:
+            return student
+        pe = self.visual.patch_embed
+        vit_forward = (self.visual.flops_per_sample() + 2.0 * pe.proj.weight.numel() * pe.num_patches) / 3
+        teacher = vit_forward + (self.text.flops(l, n, text_passes=2, fusion_passes=1, mlm_passes=1) + projections) / 3
+        queue = 12.0 * cfg.momentum.queue_size * cfg.embed_dim
+        return student + teacher + queue
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Exempt from weight decay: ndim < 2, `pos_embed`, `cls_token`, `logit_scale` (`mmpt.modules.block`)."""
+        return no_weight_decay_names(self)
+
+
+@register_arch("albef", ALBEFConfig)
+def build_albef(cfg: ALBEFConfig) -> ALBEF:
+    return ALBEF(cfg)

@@ -1,0 +1,90 @@
+"""ALBEF building blocks: the BERT-like text+fusion tower and the cross-rank row gather for ITM negatives.
+
+Kept apart from mmpt/models/albef.py so the model file reads as the training step and nothing else.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmpt.distributed import all_gather_no_grad, rank, world_size
+from mmpt.modules.block import Transformer
+from mmpt.modules.encoders import TextTransformer
+from mmpt.modules.heads import MLMHead
+
+
+class TextFusionEncoder(nn.Module):
+    """BERT split in two (ALBEF): `text_layers` text-only layers, then `fusion_layers` layers of
+    self-attn -> cross-attn to image tokens -> FFN, plus the MLM head tied to the word embeddings.
+
+    One module (not three model attributes) so that a momentum teacher deep-copies it in one piece and the
+    copy keeps the MLM head tied to the copy's own word embeddings.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_len: int,
+        width: int,
+        text_layers: int,
+        fusion_layers: int,
+        heads: int,
+        context_dim: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.encoder = TextTransformer(
+            vocab_size, max_len, width, text_layers, heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=dropout
+        )
+        self.fusion = Transformer(
+            width, fusion_layers, heads, mlp_ratio, dropout=dropout, attn_dropout=dropout,
+            cross_attention=True, context_dim=context_dim,
+        )  # fmt: skip
+        self.fusion_norm = nn.LayerNorm(width)
+        self.mlm_head = MLMHead(width, vocab_size, word_embeddings=self.encoder.embed.token_embed)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only pass: ids, mask `b l` -> `b l d` ([CLS] at 0 is the ITC summary)."""
+        return self.encoder(input_ids, attention_mask)
+
+    def fuse(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Fusion pass: text `b l d` (from `encode`) cross-attending to image tokens `b n c` -> `b l d`."""
+        x = self.fusion(text_tokens, key_padding_mask=attention_mask, context=image_tokens)
+        return self.fusion_norm(x)
+
+    def mlm_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """Both passes on (masked) ids, then the MLM head at every position: `b l vocab` (no host sync)."""
+        return self.mlm_head(self.fuse(self.encode(input_ids, attention_mask), attention_mask, image_tokens))
+
+    def flops(self, text_tokens: int, image_tokens: int, text_passes: int, fusion_passes: int, mlm_passes: int) -> float:
+        """Training FLOPs per sample for the given numbers of text-encoder, fusion and MLM-head passes."""
+        return (
+            text_passes * self.encoder.flops_per_sample(text_tokens)
+            + fusion_passes * self.fusion.flops(text_tokens, image_tokens)
+            + mlm_passes * self.mlm_head.flops(text_tokens)
+        )
+
+
+def _broadcastable(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`r` -> `r 1 ... 1` with like.ndim dims."""
+    return mask.reshape(mask.shape[0], *([1] * (like.ndim - 1)))
+
+
+def gather_rows(local: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of the rank-major global batch `(w b) ...` whose rank-`r` block is `local` `b ...`.
+
+    Rows owned by this rank are taken from `local` itself and keep its gradient; rows of other ranks come
+    from a no-grad all-gather and are constants here. Collective whenever world_size > 1: every rank calls
+    it with the same `local` shape. Returns `k ...` for `index` `k` (int64 global indices).
+    """
+    if world_size() == 1:
+        return local[index]
+    b = local.shape[0]
+    start = rank() * b
+    gathered = all_gather_no_grad(local.detach())  # `(w b) ...`, transient
+    own = (index >= start) & (index < start + b)  # `k`
+    from_local = local[(index - start).clamp(0, b - 1)]  # `k ...`, garbage (masked below) where not own
+    return torch.where(_broadcastable(own, from_local), from_local, gathered[index])
