@@ -78,7 +78,6 @@ def our_vit(img: int = IMG) -> VisionTransformer:
 
 
 def test_timm_vit_matches_reference_forward(tmp_path: Path) -> None:
-    sd = timm_state_dict()
     path = tmp_path / "vit.pth"
     torch.save(sd, path)
     vit = our_vit()
@@ -111,7 +110,6 @@ def test_timm_vit_matches_real_timm(tmp_path: Path) -> None:
 
 
 def test_nested_checkpoint_and_safetensors(tmp_path: Path) -> None:
-    sd = timm_state_dict()
     torch.save({"model": sd, "epoch": 3}, tmp_path / "deit.pth")  # DeiT / timm training checkpoints
     assert set(read_state_dict(tmp_path / "deit.pth")) == set(sd)
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ddp.pt")
@@ -160,7 +158,6 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path: Path, caplog: pytest
 
 
 def test_wrong_shape_raises_naming_the_key_and_leaves_model_untouched(tmp_path: Path) -> None:
-    sd = timm_state_dict()
     sd["blocks.1.mlp.fc1.weight"] = torch.zeros(2 * MLP, D)
     torch.save(sd, tmp_path / "vit.pth")
     vit = our_vit()
@@ -168,7 +165,6 @@ def test_wrong_shape_raises_naming_the_key_and_leaves_model_untouched(tmp_path: 
     with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc1\.weight"):
         load_timm_vit(vit, tmp_path / "vit.pth")
     assert torch.equal(vit.patch_embed.cls_token, cls_before)  # all checks run before any copy
-    sd = timm_state_dict()
     sd["pos_embed"] = torch.zeros(1, 2 + 16, D)  # a DeiT-distilled table (cls + dist) into a cls-only model
     torch.save(sd, tmp_path / "deit.pth")
     with pytest.raises(ValueError, match="pos_embed"):
@@ -319,3 +315,38 @@ def test_bert_needs_post_ln_and_checks_config(tmp_path: Path) -> None:
         load_hf_bert(bert_text(1), None, tmp_path, text_layers=2)
     with pytest.raises(ValueError, match=r"word_embeddings|token_embed"):
         load_hf_bert(TextTransformer(99, 12, D, 1, HEADS, mlp_ratio=MLP / D, norm_first=False), None, tmp_path)
+
+
+# ---- model.init on a whole model ---------------------------------------------------------------------------
+def test_model_init_loads_albef_towers_and_resyncs_the_teacher(tmp_path: Path) -> None:
+    """`model.init.vision/text` on ALBEF: BERT layers 0-1 -> text encoder, 2-3 -> fusion, timm ViT -> visual;
+    the momentum teacher (deep-copied from the random student at build time) is re-synced to the loaded weights."""
+    cfg = tiny_bert_config(4)
+    from transformers import BertModel
+
+    from mmpt.models.albef import ALBEFConfig, build_albef
+    from mmpt.models.pretrained import InitConfig, apply_init
+
+    torch.manual_seed(0)
+    bert = BertModel(cfg).eval()
+    randomise_norms_(bert)
+    bert.save_pretrained(tmp_path / "bert")
+    torch.save(timm_state_dict(), tmp_path / "vit.pth")
+    model = build_albef(ALBEFConfig(
+        image_size=IMG, patch_size=PATCH, vision_width=D, vision_layers=DEPTH, vision_heads=HEADS, text_width=D,
+        text_layers=2, fusion_layers=2, text_heads=HEADS, vocab_size=100, max_text_len=12, embed_dim=16,
+        mlp_ratio=MLP / D, text_norm_first=False, text_norm_eps=BERT_EPS,
+        momentum={"queue_size": 32},
+    )).eval()  # fmt: skip
+    reports = apply_init(model, InitConfig(vision=str(tmp_path / "vit.pth"), text=str(tmp_path / "bert")))
+    assert len(reports) == 2 and reports[1].unexpected == ["pooler.dense.bias", "pooler.dense.weight"]
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        hidden = bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        ours = model.text.encode(ids, mask)
+    torch.testing.assert_close(ours[mask.bool()], hidden[2][mask.bool()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.visual.state_dict()["transformer.blocks.0.attn.qkv.weight"],
+                               timm_state_dict()["blocks.0.attn.qkv.weight"])
+    student = dict(model.text.named_parameters())
+    for name, p in model.teacher["text"].named_parameters():
+        torch.testing.assert_close(p, student[name])  # teacher == loaded student, not the random init

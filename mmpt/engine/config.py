@@ -270,6 +270,11 @@ def check_paths(cfg: TrainConfig, need_train: bool = True) -> None:
             f"tokenizer.path={tok!r} does not exist; train one with "
             "`mmpt-data tokenizer --shards PATTERN --out tokenizer.json` or give a Hugging Face hub name"
         )
+    init = getattr(cfg.model, "init", None)
+    for key in ("vision", "text"):
+        path = getattr(init, key, None) if init is not None else None
+        if path and not Path(path).expanduser().exists():
+            raise ConfigError(f"model.init.{key}={path!r} does not exist; give a local weights file or directory")
     sources = [("data.train.urls", cfg.data.train.urls)] if need_train else []
     if cfg.data.eval.urls:
         sources.append(("data.eval.urls", cfg.data.eval.urls))

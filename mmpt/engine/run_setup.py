@@ -55,12 +55,25 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
             f"tokenizer {cfg.tokenizer.path} has {tokenizer.vocab_size} tokens but tokenizer.vocab_size="
             f"{cfg.tokenizer.vocab_size} embedding rows; set tokenizer.vocab_size={tokenizer.vocab_size} or more"
         )
+    check_special_tokens(cfg, tokenizer)
     resolved = OmegaConf.to_container(raw, resolve=True)
     assert isinstance(resolved, dict)
     resolved.pop("hydra", None)
     trainable = sum(p.numel() for p in probe.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in probe.parameters() if not p.requires_grad)
     return Prepared(cfg, resolved, env, tokenizer, trainable, frozen)
+
+
+def check_special_tokens(cfg: TrainConfig, tokenizer: TextTokenizer) -> None:
+    """Models that build inputs themselves (MLM masks, captions' BOS/EOS) must agree with the tokenizer."""
+    expected = {"pad_token_id": tokenizer.pad_id, "cls_token_id": tokenizer.cls_id, "sep_token_id": tokenizer.sep_id,
+                "mask_token_id": tokenizer.mask_id, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.cls_id,
+                "eos_id": tokenizer.sep_id}
+    for key, want in expected.items():
+        have = getattr(cfg.model, key, None)
+        if have is not None and want is not None and have != want:
+            raise ConfigError(f"model.{key}={have} but tokenizer {cfg.tokenizer.path} has id {want} there; "
+                              f"set model.{key}={want}")
 
 
 def configure_logging(env: DistEnv) -> None:

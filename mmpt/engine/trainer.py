@@ -29,6 +29,7 @@ from mmpt.engine.optim import build_optimizer, build_scheduler
 from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
 from mmpt.eval.runner import evaluate_model
 from mmpt.models.protocol import ModelOutput
+from mmpt.models.pretrained import apply_init
 from mmpt.models.registry import build_model
 
 log = logging.getLogger("mmpt")
@@ -93,6 +94,8 @@ class Trainer:
         self.ckpt_root = run_dir / "checkpoints"
         torch.manual_seed(cfg.trainer.seed)  # identical init on every rank
         model = build_model(cfg.model)
+        if getattr(cfg.model, "init", None) is not None:
+            apply_init(model, cfg.model.init)  # before the optimizer and DeepSpeed see the weights
         optimizer = build_optimizer(model, cfg.optimizer)
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
         self.ds_config = build_deepspeed_config(cfg, env.world_size)

@@ -56,6 +56,7 @@ class ALBEF(nn.Module):
         self.text = TextFusionEncoder(
             cfg.vocab_size, cfg.max_text_len, cfg.text_width, cfg.text_layers, cfg.fusion_layers, cfg.text_heads,
             context_dim=cfg.vision_width, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
+            norm_first=cfg.text_norm_first, norm_eps=cfg.text_norm_eps,
         )  # fmt: skip
         self.vision_proj = ProjectionHead(cfg.vision_width, cfg.embed_dim)
         self.text_proj = ProjectionHead(cfg.text_width, cfg.embed_dim)
@@ -78,6 +79,10 @@ class ALBEF(nn.Module):
             )
 
     # ---- protocol: embeddings and re-ranking ------------------------------------------------------------
+    def bert_init_targets(self) -> tuple[nn.Module, nn.Module]:
+        """Where `model.init.text` puts BERT: its first text_layers layers, then the fusion layers."""
+        return self.text.encoder, self.text.fusion
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images `b c h w` -> L2-normalised `b e` (projected ViT [CLS])."""
         return l2_normalize(self.vision_proj(self.visual(images)[:, 0]))

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mmpt.models.momentum import MomentumConfig
+from mmpt.models.pretrained import InitConfig
 
 
 def _albef_momentum() -> MomentumConfig:
@@ -43,8 +44,12 @@ class ALBEFConfig:
     cls_token_id: int = 2
     sep_token_id: int = 3
     mask_token_id: int = 4
+    text_norm_first: bool = True  # False: BERT's post-LN layout, required to load BERT weights (model.init.text)
+    text_norm_eps: float = 1e-5  # BERT uses 1e-12
     itm_global_negatives: bool = True  # False: ALBEF's local-batch hard negatives (no gather)
     momentum: MomentumConfig = field(default_factory=_albef_momentum)
+
+    init: InitConfig = field(default_factory=InitConfig)  # pretrained weights from local files
 
     def __post_init__(self) -> None:
         if isinstance(self.momentum, dict):  # ALBEFConfig(momentum={...}) in code: overrides of ALBEF's defaults
@@ -86,6 +91,7 @@ def albef_base_config(**overrides: Any) -> ALBEFConfig:
     base: dict[str, Any] = dict(
         image_size=256, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12, text_width=768,
         text_layers=6, fusion_layers=6, text_heads=12, vocab_size=30522, max_text_len=30, embed_dim=256,
+        text_norm_first=False, text_norm_eps=1e-12,  # BERT's layout, so BERT-base weights load (model.init.text)
         # alpha ramps over ~one epoch of ALBEF-4M (5.1M pairs) at global batch 512, as the paper does
         momentum=MomentumConfig(enabled=True, momentum=0.995, queue_size=65536, alpha=0.4, alpha_warmup_steps=10000),
     )  # fmt: skip

@@ -32,16 +32,20 @@ class TextFusionEncoder(nn.Module):
         context_dim: int,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        norm_first: bool = True,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.encoder = TextTransformer(
-            vocab_size, max_len, width, text_layers, heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=dropout
-        )
+            vocab_size, max_len, width, text_layers, heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=dropout,
+            norm_eps=norm_eps, norm_first=norm_first,
+        )  # fmt: skip
         self.fusion = Transformer(
             width, fusion_layers, heads, mlp_ratio, dropout=dropout, attn_dropout=dropout,
-            cross_attention=True, context_dim=context_dim,
+            cross_attention=True, context_dim=context_dim, norm_eps=norm_eps, norm_first=norm_first,
         )  # fmt: skip
-        self.fusion_norm = nn.LayerNorm(width)
+        # pre-LN stacks end with a LayerNorm; BERT's post-LN layers already end normalised
+        self.fusion_norm = nn.LayerNorm(width, eps=norm_eps) if norm_first else nn.Identity()
         self.mlm_head = MLMHead(width, vocab_size, word_embeddings=self.encoder.embed.token_embed)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

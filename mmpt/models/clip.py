@@ -1,7 +1,7 @@
 """CLIP: a ViT and a text transformer trained with the image-text contrastive loss only."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from mmpt.modules.block import no_weight_decay_names
 from mmpt.modules.encoders import TextTransformer, VisionTransformer
 from mmpt.modules.heads import ProjectionHead, l2_normalize
 from mmpt.objectives.itc import ContrastiveLoss
+from mmpt.models.pretrained import InitConfig
 
 
 @dataclass
@@ -41,6 +42,8 @@ class CLIPConfig:
     temperature_init: float = 0.07
     max_logit_scale: float = 100.0
     text_causal: bool = False
+
+    init: InitConfig = field(default_factory=InitConfig)  # pretrained weights from local files
 
     def __post_init__(self) -> None:
         problems = []

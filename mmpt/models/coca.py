@@ -8,7 +8,7 @@ forward pass serves both losses: the unimodal stack runs once, the caption decod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from mmpt.modules.heads import LMHead, ProjectionHead, l2_normalize
 from mmpt.modules.kv_cache import TransformerCache
 from mmpt.modules.pooler import AttentionalPooler
 from mmpt.objectives.itc import ContrastiveLoss
+from mmpt.models.pretrained import InitConfig
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: padded targets
 
@@ -67,6 +68,8 @@ class CoCaConfig:
     bos_id: int = 2
     eos_id: int = 3
     pad_id: int = 0
+
+    init: InitConfig = field(default_factory=InitConfig)  # pretrained weights from local files
 
     def __post_init__(self) -> None:
         problems = []

@@ -15,6 +15,7 @@ import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -359,3 +360,29 @@ def load_hf_bert(
         logger.warning("pretrained BERT from %s: %s", path, note)
     report.log("HF BERT")
     return report
+
+
+@dataclass
+class InitConfig:
+    """`model.init`: local files whose weights replace the random initialisation before training."""
+
+    vision: Optional[str] = None  # timm-style ViT state dict (file or directory) -> model.visual
+    text: Optional[str] = None  # Hugging Face BERT checkpoint -> the model's text (+ fusion) layers
+
+
+def apply_init(model: nn.Module, init: InitConfig) -> list[LoadReport]:
+    """Load `init.vision` / `init.text` into a freshly built model (each loader logs its key mapping and
+    missing/unexpected keys); re-sync a momentum teacher afterwards (it was deep-copied from the random student)."""
+    reports = []
+    if init.vision:
+        reports.append(load_timm_vit(model.visual, init.vision))
+    if init.text:
+        targets = getattr(model, "bert_init_targets", None)
+        if targets is None:
+            raise ValueError(f"model.init.text: {type(model).__name__} has no BERT-shaped text tower to load into")
+        text_encoder, fusion = targets()
+        reports.append(load_hf_bert(text_encoder, fusion, init.text))
+    teacher = getattr(model, "teacher", None)
+    if reports and teacher is not None:
+        teacher.update(momentum=0.0)
+    return reports
