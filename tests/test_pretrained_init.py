@@ -78,6 +78,7 @@ def our_vit(img: int = IMG) -> VisionTransformer:
 
 
 def test_timm_vit_matches_reference_forward(tmp_path: Path) -> None:
+    sd = timm_state_dict()
     path = tmp_path / "vit.pth"
     torch.save(sd, path)
     vit = our_vit()
@@ -110,6 +111,7 @@ def test_timm_vit_matches_real_timm(tmp_path: Path) -> None:
 
 
 def test_nested_checkpoint_and_safetensors(tmp_path: Path) -> None:
+    sd = timm_state_dict()
     torch.save({"model": sd, "epoch": 3}, tmp_path / "deit.pth")  # DeiT / timm training checkpoints
     assert set(read_state_dict(tmp_path / "deit.pth")) == set(sd)
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ddp.pt")
@@ -158,6 +160,7 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path: Path, caplog: pytest
 
 
 def test_wrong_shape_raises_naming_the_key_and_leaves_model_untouched(tmp_path: Path) -> None:
+    sd = timm_state_dict()
     sd["blocks.1.mlp.fc1.weight"] = torch.zeros(2 * MLP, D)
     torch.save(sd, tmp_path / "vit.pth")
     vit = our_vit()
@@ -165,6 +168,7 @@ def test_wrong_shape_raises_naming_the_key_and_leaves_model_untouched(tmp_path: 
     with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc1\.weight"):
         load_timm_vit(vit, tmp_path / "vit.pth")
     assert torch.equal(vit.patch_embed.cls_token, cls_before)  # all checks run before any copy
+    sd = timm_state_dict()
     sd["pos_embed"] = torch.zeros(1, 2 + 16, D)  # a DeiT-distilled table (cls + dist) into a cls-only model
     torch.save(sd, tmp_path / "deit.pth")
     with pytest.raises(ValueError, match="pos_embed"):
