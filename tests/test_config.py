@@ -103,3 +103,32 @@ def test_cli_missing_shards_exit_nonzero(demo_env, tmp_path):
 def test_cli_override_of_absent_key_is_refused_by_hydra(demo_env, tmp_path):
     proc = run_cli(["trainer.max_stpes=5", f"hydra.run.dir={tmp_path}/run"], demo_env, tmp_path)
     assert proc.returncode != 0 and "max_stpes" in proc.stderr
+
+
+def demo_data_overrides(env: dict[str, str]) -> list[str]:
+    d = env["MMPT_DEMO_DIR"]
+    return [f"data.train.urls='{d}/train/{{00000..00019}}.tar'", f"tokenizer.path={d}/tokenizer.json"]
+
+
+def test_paper_presets_compose_and_validate(demo_env):
+    coca = validate(composed(["experiment=coca_base", *demo_data_overrides(demo_env)]), TWO)
+    assert coca.cfg.model.arch == "coca" and coca.cfg.loss.weights == {"itc": 1.0, "caption": 2.0}
+    assert abs(coca.trainable_params - 388.35e6) / 388.35e6 < 0.001
+    assert coca.cfg.trainer.precision == "bf16" and coca.cfg.deepspeed["zero_optimization"]["stage"] == 2
+    # albef_4m expects BERT's special-token ids: our demo WordPiece tokenizer has others, and that is caught
+    with pytest.raises(ConfigError, match=r"model.cls_token_id=101 but tokenizer .* has id 2"):
+        validate(composed(["experiment=albef_4m", *demo_data_overrides(demo_env)]), TWO)
+    albef = validate(composed(["experiment=albef_4m", *demo_data_overrides(demo_env), "model.mask_token_id=4",
+                               "model.cls_token_id=2", "model.sep_token_id=3"]), TWO)
+    assert albef.cfg.model.momentum.queue_size == 65536 and albef.cfg.loss.weights == {"itc": 1.0, "itm": 1.0, "mlm": 1.0}
+    assert albef.cfg.model.text_norm_first is False and albef.cfg.scheduler.min_lr_ratio == 0.1
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["experiment=albef_tiny", "model.momentum.queue_size=100"], "multiple of the global batch"),
+    (["experiment=albef_tiny", "deepspeed=zero3"], "momentum teachers support ZeRO stages 0-2"),
+    (["experiment=albef_tiny", "model.init.vision=/nonexistent/vit.pth"], "model.init.vision='/nonexistent/vit.pth'"),
+])
+def test_momentum_and_init_checks(demo_env, overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        validate(composed(overrides), TWO)
