@@ -137,3 +137,17 @@ def test_itm_loss_matches_hand_computation() -> None:
     assert metrics["itm_acc_pos"].item() == pytest.approx(1 / 2)
     with pytest.raises(ValueError, match="negative logits"):
         itm_loss(logits_pos, logits_neg[:3])
+
+
+def test_identical_captions_are_never_negatives_of_each_other():
+    from mmpt.objectives.itm import sample_hard_negatives, text_codes
+
+    ids = torch.tensor([[2, 10, 11, 3, 0], [2, 10, 11, 3, 0], [2, 12, 13, 3, 0], [2, 14, 3, 0, 0]])
+    codes = text_codes(ids)
+    assert codes[0] == codes[1] and len(set(codes.tolist())) == 3
+    sims = torch.zeros(4, 4)
+    sims[0, 1] = sims[1, 0] = 20.0  # the twin caption would be by far the "hardest" negative
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        neg_t, neg_i = sample_hard_negatives(sims, sims, None, None, 0, gen, text_codes_local=codes, text_codes_global=codes)
+        assert not (neg_t[:2] < 2).any() and not (neg_i[:2] < 2).any()

@@ -32,7 +32,7 @@ from mmpt.modules.encoders import VisionTransformer
 from mmpt.modules.heads import ITMHead, ProjectionHead, l2_normalize
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.objectives.itc_distill import DistillContrastiveLoss
-from mmpt.objectives.itm import image_id_codes, itm_loss, sample_hard_negatives
+from mmpt.objectives.itm import image_id_codes, itm_loss, sample_hard_negatives, text_codes
 from mmpt.objectives.mlm import mask_tokens, mlm_loss
 
 __all__ = ["ALBEF", "ALBEFConfig", "albef_base_config", "build_albef"]
@@ -135,7 +135,7 @@ class ALBEF(nn.Module):
             metrics["distill_alpha"] = alpha.detach()
         else:
             loss_itc, m_itc = self.itc(image_feats, text_feats)
-        loss_itm, m_itm = self._itm(image_tokens, text_tokens, mask, image_feats, text_feats, batch.image_ids)
+        loss_itm, m_itm = self._itm(image_tokens, text_tokens, ids, mask, image_feats, text_feats, batch.image_ids)
         loss_mlm, m_mlm = self._mlm(ids, mask, image_tokens, image_tokens_m, alpha)
         metrics.update(m_itc | m_itm | m_mlm)
         return ModelOutput(losses={"itc": loss_itc, "itm": loss_itm, "mlm": loss_mlm}, metrics=metrics)
@@ -151,6 +151,7 @@ class ALBEF(nn.Module):
         self,
         image_tokens: torch.Tensor,
         text_tokens: torch.Tensor,
+        ids: torch.Tensor,
         mask: torch.Tensor,
         image_feats: torch.Tensor,
         text_feats: torch.Tensor,
@@ -159,6 +160,7 @@ class ALBEF(nn.Module):
         """One fusion pass over `(3 b)` pairs: [positives ; image + hard negative text ; text + hard negative image]."""
         b = image_tokens.shape[0]
         codes = self._image_codes(image_ids, b, image_tokens.device)
+        captions = text_codes(mask * ids)  # identical captions are never each other's negatives
         glob = self.config.itm_global_negatives
         pick = gather_rows if glob else (lambda local, index: local[index])
         with torch.no_grad():
@@ -168,6 +170,7 @@ class ALBEF(nn.Module):
             neg_text, neg_image = sample_hard_negatives(
                 s * img @ txt_all.T, s * txt @ img_all.T, codes,
                 all_gather_no_grad(codes) if glob else codes, rank() if glob else 0,
+                text_codes_local=captions, text_codes_global=all_gather_no_grad(captions) if glob else captions,
             )  # fmt: skip
         text_in = torch.cat([text_tokens, pick(text_tokens, neg_text), text_tokens])  # `(3 b) l d`
         mask_in = torch.cat([mask, pick(mask, neg_text), mask])  # `(3 b) l`

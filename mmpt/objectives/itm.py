@@ -46,13 +46,17 @@ def sample_hard_negatives(
     image_ids_global: torch.Tensor | None,
     rank: int,
     generator: torch.Generator | None = None,
+    text_codes_local: torch.Tensor | None = None,
+    text_codes_global: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Global indices of one hard negative text per local image and one hard negative image per local text.
 
     sim_i2t: `b (w b)` local images vs all texts; sim_t2i: `b (w b)` local texts vs all images (scaled
     similarities, i.e. ITC logits; detached here). image_ids_local `b` / image_ids_global `(w b)`: int
-    codes (`image_id_codes`); None means every pair is a distinct image. The positive of local row i is
-    column b*rank + i. Returns (neg_text_idx `b`, neg_image_idx `b`), int64 indices into the global batch.
+    codes (`image_id_codes`); None means every pair is a distinct image. text_codes_* (`text_codes`): pairs
+    whose captions are identical are excluded too -- an identical caption is a positive in disguise (web data
+    repeats captions; the synthetic set repeats them by design). The positive of local row i is column
+    b*rank + i. Returns (neg_text_idx `b`, neg_image_idx `b`), int64 indices into the global batch.
     """
     b, n = sim_i2t.shape
     if sim_t2i.shape != (b, n):
@@ -65,12 +69,25 @@ def sample_hard_negatives(
         same_id = positive
     else:
         same_id = (image_ids_local.to(device)[:, None] == image_ids_global.to(device)[None, :]) | positive
+    if text_codes_local is not None and text_codes_global is not None:
+        same_id = same_id | (text_codes_local.to(device)[:, None] == text_codes_global.to(device)[None, :])
     with torch.no_grad():
         # Text i and image i share the image id, so one `same_id` mask serves both directions.
         weights = torch.cat([_negative_weights(sim_i2t, same_id, positive),
                              _negative_weights(sim_t2i, same_id, positive)])  # `(2 b) (w b)`
         drawn = torch.multinomial(weights, 1, generator=generator).squeeze(1)  # `(2 b)`
     return drawn[:b], drawn[b:]
+
+
+_TEXT_HASH_SEED = 20261122
+
+
+def text_codes(input_ids: torch.Tensor) -> torch.Tensor:
+    """`b l` token ids -> `b` int64 codes, equal for identical rows (a fixed random linear hash, on device,
+    no host sync; ids < 2^20 and weights < 2^31 keep every partial sum below 2^63)."""
+    gen = torch.Generator().manual_seed(_TEXT_HASH_SEED)
+    weights = torch.randint(1, 2**31 - 1, (input_ids.shape[1],), generator=gen, dtype=torch.int64)
+    return (input_ids.long() * weights.to(input_ids.device)[None, :]).sum(dim=1)
 
 
 def itm_labels(batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
