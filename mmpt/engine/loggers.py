@@ -69,7 +69,10 @@ class WandbLog:
         self.run.log({"eval/caption_samples": table}, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        wandb.teardown()  # waits for the W&B service to flush the run file (finish alone can return earlier)
 
     @property
     def location(self) -> str:
