@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,6 +26,7 @@ from mmpt.models.registry import build_model
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.objectives.itc_distill import alpha_at
 from mmpt.objectives.queue import FeatureQueue
+from tests.dist_helpers import run_ranks
 
 B, L, VOCAB, QUEUE = 8, 16, 100, 64
 
@@ -307,12 +306,6 @@ def test_flops_per_sample_matches_flop_counter(momentum: bool) -> None:
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def global_image_ids() -> list[str]:
     return [f"img{i % 6}" for i in range(B)]  # rows 6, 7 (rank 1) show the images of rows 0, 1 (rank 0)
 
@@ -359,8 +352,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_forward(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(_worker, tmp_path, WORLD)
     for r in ranks:
         assert all(torch.isfinite(v) for v in r["losses"].values()), r["losses"]
     # Queues: identical on both ranks, and holding the teacher features of the whole global batch in rank order.

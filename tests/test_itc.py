@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from mmpt.objectives.itc import ContrastiveLoss
+from tests.dist_helpers import run_ranks
 
 WORLD = 2
 GLOBAL_BATCH = 8
@@ -87,12 +86,6 @@ def test_logit_scale_init_and_clamp() -> None:
     assert grad_at(10.0, txt.flip(0)) > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _setup() -> tuple[nn.Module, ContrastiveLoss, torch.Tensor, torch.Tensor]:
     """Identical on every process: two linear 'encoders', the loss, and a fixed global batch of inputs."""
     torch.manual_seed(0)
@@ -146,8 +139,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_gather_equals_full_batch(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(_worker, tmp_path, WORLD)
 
     enc, loss_fn, x_img, x_txt = _setup()
     full_loss, _, full_grads, (full_gi, full_gt) = _step(enc, loss_fn, x_img, x_txt, reference=True)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmpt.objectives.itc_distill import DistillContrastiveLoss, alpha_at, distill_itc_loss
+from tests.dist_helpers import run_ranks
 
 B, WORLD, RANK, Q, D = 2, 2, 1, 3, 2  # this "rank" owns rows 2..3 of a global batch of 4
 
@@ -117,12 +116,6 @@ def test_module_uses_the_old_queue_then_enqueues_teacher_features() -> None:
 
 # ---- 2 gloo processes: local rows against the gathered teacher batch == the full-batch loss ---------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _global_inputs() -> tuple[torch.Tensor, ...]:
     """Student and teacher features of a global batch of WORLD * B pairs, identical on every process."""
     return tuple(unit(WORLD * B, D, seed=20 + k) for k in range(4))
@@ -153,8 +146,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_mean_equals_full_batch(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(_worker, tmp_path, WORLD)
 
     torch.manual_seed(0)  # the same initial queues, one process holding the whole batch
     full = DistillContrastiveLoss(embed_dim=D, queue_size=2 * WORLD * B).double()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from torch import nn
 
 from mmpt.engine.optim import param_groups
 from mmpt.models.momentum import MomentumTeacher, assert_supported
+from tests.dist_helpers import free_port
 
 
 class Scaled(nn.Module):
@@ -137,12 +137,6 @@ DS_CONFIG = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _engine(seed: int):
     import deepspeed
 
@@ -217,7 +211,7 @@ def assert_differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
 
 @pytest.mark.slow
 def test_deepspeed_zero2_checkpoint_saves_and_restores_the_teacher(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
     r = torch.load(tmp_path / "result.pt", weights_only=False)
 
     assert r["teacher_dtype"] == torch.bfloat16  # DeepSpeed cast it: the shadow path is the one exercised

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mmpt.objectives.queue import FeatureQueue, validate_queue_size
+from tests.dist_helpers import run_ranks
 
 WORLD, LOCAL_BATCH, DIM, SIZE = 2, 2, 3, 12  # global batch 4: the third enqueue ends at the end, the fourth wraps
 
@@ -56,12 +55,6 @@ def test_single_process_ring_buffer_and_state_dict_round_trip() -> None:
     torch.testing.assert_close(snapshot, torch.cat([batches[2], batches[1]]))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _local_batch(step: int, rank: int) -> torch.Tensor:
     """Value encodes (step, rank, row) so the expected order can be written down exactly."""
     rows = torch.arange(LOCAL_BATCH, dtype=torch.float32)
@@ -88,8 +81,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_enqueue_is_rank_major_and_identical(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(_worker, tmp_path, WORLD)
 
     def global_batch(step: int) -> torch.Tensor:  # rank-major concatenation
         return torch.cat([_local_batch(step, r) for r in range(WORLD)])

@@ -6,6 +6,7 @@ from typing import Any
 
 from mmpt.models.momentum import MomentumConfig
 from mmpt.models.pretrained import InitConfig
+from mmpt.models.config_checks import tower_problems
 
 
 def _albef_momentum() -> MomentumConfig:
@@ -54,17 +55,9 @@ class ALBEFConfig:
     def __post_init__(self) -> None:
         if isinstance(self.momentum, dict):  # ALBEFConfig(momentum={...}) in code: overrides of ALBEF's defaults
             self.momentum = replace(_albef_momentum(), **self.momentum)
-        p: list[str] = []
-        if self.image_size % self.patch_size != 0:
-            p.append(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
-        if self.vision_width % self.vision_heads != 0:
-            p.append(f"vision_width={self.vision_width} must be divisible by vision_heads={self.vision_heads}")
-        if self.text_width % self.text_heads != 0:
-            p.append(f"text_width={self.text_width} must be divisible by text_heads={self.text_heads}")
+        p: list[str] = tower_problems(self)
         if self.text_layers < 0 or self.fusion_layers < 1:
             p.append(f"need text_layers >= 0 and fusion_layers >= 1 (ITM/MLM), got {self.text_layers}, {self.fusion_layers}")
-        if not 0.0 <= self.dropout < 1.0:
-            p.append(f"dropout={self.dropout} must be in [0, 1)")
         if not 0 < self.min_temperature <= self.temperature_init <= self.max_temperature:
             p.append(
                 f"need 0 < min_temperature <= temperature_init <= max_temperature, got "

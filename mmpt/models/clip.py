@@ -14,6 +14,7 @@ from mmpt.modules.encoders import TextTransformer, VisionTransformer
 from mmpt.modules.heads import ProjectionHead, l2_normalize
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.models.pretrained import InitConfig
+from mmpt.models.config_checks import tower_problems
 
 
 @dataclass
@@ -46,15 +47,7 @@ class CLIPConfig:
     init: InitConfig = field(default_factory=InitConfig)  # pretrained weights from local files
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.image_size % self.patch_size != 0:
-            problems.append(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
-        if self.vision_width % self.vision_heads != 0:
-            problems.append(f"vision_width={self.vision_width} must be divisible by vision_heads={self.vision_heads}")
-        if self.text_width % self.text_heads != 0:
-            problems.append(f"text_width={self.text_width} must be divisible by text_heads={self.text_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout} must be in [0, 1)")
+        problems: list[str] = tower_problems(self)
         if self.temperature_init <= 0 or 1.0 / self.temperature_init > self.max_logit_scale:
             problems.append(
                 f"temperature_init={self.temperature_init} must be > 0 and >= 1/max_logit_scale={1.0 / self.max_logit_scale}"

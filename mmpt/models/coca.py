@@ -34,6 +34,7 @@ from mmpt.modules.kv_cache import TransformerCache
 from mmpt.modules.pooler import AttentionalPooler
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.models.pretrained import InitConfig
+from mmpt.models.config_checks import tower_problems
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: padded targets
 
@@ -72,13 +73,7 @@ class CoCaConfig:
     init: InitConfig = field(default_factory=InitConfig)  # pretrained weights from local files
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.image_size % self.patch_size != 0:
-            problems.append(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
-        if self.vision_width % self.vision_heads != 0:
-            problems.append(f"vision_width={self.vision_width} must be divisible by vision_heads={self.vision_heads}")
-        if self.text_width % self.text_heads != 0:
-            problems.append(f"text_width={self.text_width} must be divisible by text_heads={self.text_heads}")
+        problems: list[str] = tower_problems(self)
         for name in ("vision_layers", "unimodal_layers", "multimodal_layers", "num_decoder_queries", "embed_dim"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
@@ -89,8 +84,6 @@ class CoCaConfig:
             problems.append(f"bos_id, eos_id and pad_id must differ, got {ids}")
         v = self.vocab_size
         problems += [f"{k}={i} must be in [0, vocab_size={v})" for k, i in ids.items() if not 0 <= i < v]
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout} must be in [0, 1)")
         if self.temperature_init <= 0 or 1.0 / self.temperature_init > self.max_logit_scale:
             problems.append(
                 f"temperature_init={self.temperature_init} must be > 0 and >= "
