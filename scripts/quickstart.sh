@@ -9,7 +9,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 start=$(date +%s)
 # shellcheck source=scripts/setup_env.sh
-. "$ROOT/scripts/setup_env.sh"
+. "$ROOT/scripts/setup_env.sh" ""   # "" = no extras (a bare `.` would pass this script's arguments on)
 export WANDB_SILENT=true WANDB_DISABLE_GIT=true
 export MMPT_DEMO_DIR="${MMPT_DEMO_DIR:-$ROOT/demo}"
 RUN_DIR="${MMPT_RUN_DIR:-$ROOT/runs/quickstart}"

@@ -25,9 +25,12 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
-stamp="$VENV/.mmpt-install-stamp"
-want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-${EXTRAS}"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+# One stamp per extra; an install with the dev extra also satisfies a plain install.
+hash="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16)"
+stamp="$VENV/.mmpt-install-stamp-${EXTRAS:-base}"
+want="$hash"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] && \
+   { [ -n "$EXTRAS" ] || [ "$(cat "$VENV/.mmpt-install-stamp-dev" 2>/dev/null)" != "$want" ]; }; then
   echo "[setup] installing mmpt${EXTRAS:+[$EXTRAS]} into $VENV"
   if ! python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
