@@ -226,11 +226,12 @@ def test_momentum_disabled_path() -> None:
     model = build(momentum=False)
     assert model.teacher is None and isinstance(model.itc, ContrastiveLoss) and not hasattr(model.itc, "text_queue")
     keys = set(model.state_dict())
-    assert not any(k.startswith("teacher") or "queue" in k for k in keys) and "step" not in keys
+    assert not any(k.startswith("teacher") or "queue" in k for k in keys)
     assert not any(isinstance(m, MomentumTeacher) for m in model.modules())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.after_optimizer_step(5)  # a no-op
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.after_optimizer_step(5)  # only the step counter moves (ITM curriculum)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k != "step")
+    assert int(model.step[0]) == 5
     out = model(make_batch())
     assert "distill_alpha" not in out.metrics
     total(out).backward()
@@ -372,3 +373,15 @@ def test_two_process_forward(tmp_path: Path) -> None:
         torch.testing.assert_close(r["picked"], glob[[0, 5, 3, 6, 1, 5]])
     assert ranks[0]["picked_grad"][:, 0].tolist() == [1, 1, 0, 1]
     assert ranks[1]["picked_grad"][:, 0].tolist() == [0, 2, 1, 0]
+
+
+def test_itm_hardness_ramps_from_uniform_to_albef() -> None:
+    model = build(momentum=False)
+    assert float(model.itm_hardness()) == 1.0  # default: hard from the start, as ALBEF
+    model.config.itm_hardness_warmup_steps = 10
+    model.after_optimizer_step(0)
+    assert float(model.itm_hardness()) == 0.0
+    model.after_optimizer_step(5)
+    assert float(model.itm_hardness()) == pytest.approx(0.5)
+    model.after_optimizer_step(50)
+    assert float(model.itm_hardness()) == 1.0

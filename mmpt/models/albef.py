@@ -64,13 +64,13 @@ class ALBEF(nn.Module):
         m = cfg.momentum
         self.teacher: MomentumTeacher | None = None
         self.itc: ContrastiveLoss
+        # Optimizer steps taken, for the alpha ramp and the hard-negative curriculum: a buffer, so checkpoints
+        # carry it. Shape (1,) like the queue pointer (some backends reject 0-d broadcasts).
+        self.register_buffer("step", torch.zeros(1, dtype=torch.long))
         if m.enabled:
             self.itc = DistillContrastiveLoss(
                 cfg.embed_dim, m.queue_size, cfg.temperature_init, cfg.min_temperature, cfg.max_temperature
             )
-            # Optimizer steps taken, for the alpha ramp: a buffer, so checkpoints carry it. Shape (1,) like
-            # the queue pointer (some backends reject 0-d broadcasts).
-            self.register_buffer("step", torch.zeros(1, dtype=torch.long))
             students = {"visual": self.visual, "vision_proj": self.vision_proj, "text": self.text, "text_proj": self.text_proj}
             self.teacher = MomentumTeacher(students, momentum=m.momentum)  # last: copies the initialised student
         else:
@@ -110,11 +110,19 @@ class ALBEF(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         """Trainer hook after every optimizer step, outside forward: `step` = optimizer steps completed.
-        Stores it (alpha ramp, saved in checkpoints) and moves the teacher one EMA step; no-op without momentum."""
-        if self.teacher is None:
-            return
+        Stores it (alpha ramp, ITM curriculum; saved in checkpoints) and moves the teacher one EMA step."""
         self.step.fill_(step)
-        self.teacher.update()
+        if self.teacher is not None:
+            self.teacher.update()
+
+    def itm_hardness(self) -> torch.Tensor:
+        """0-d device tensor in [0, 1] scaling the ITC logits that hard negatives are sampled from: 0 = uniform
+        negatives, 1 = ALBEF's softmax(sim). A tiny model trained from scratch never bootstraps ITM on fully
+        hard negatives (it sits at the 1/3 prior), so `itm_hardness_warmup_steps` ramps it in."""
+        warmup = self.config.itm_hardness_warmup_steps
+        if warmup <= 0:
+            return torch.ones((), device=self.step.device)
+        return (self.step[0].float() / warmup).clamp(max=1.0)
 
     def forward(self, batch: Batch) -> ModelOutput:
         images, ids, mask = batch.images, batch.input_ids, batch.attention_mask
@@ -166,7 +174,7 @@ class ALBEF(nn.Module):
         with torch.no_grad():
             img, txt = image_feats.detach().float(), text_feats.detach().float()
             img_all, txt_all = (all_gather_no_grad(img), all_gather_no_grad(txt)) if glob else (img, txt)
-            s = self.itc.scale().detach()
+            s = self.itc.scale().detach() * self.itm_hardness()
             neg_text, neg_image = sample_hard_negatives(
                 s * img @ txt_all.T, s * txt @ img_all.T, codes,
                 all_gather_no_grad(codes) if glob else codes, rank() if glob else 0,

@@ -47,6 +47,7 @@ class ALBEFConfig:
     mask_token_id: int = 4
     text_norm_first: bool = True  # False: BERT's post-LN layout, required to load BERT weights (model.init.text)
     text_norm_eps: float = 1e-5  # BERT uses 1e-12
+    itm_hardness_warmup_steps: int = 0  # hard negatives sharpen from uniform to softmax(sim) over these steps
     itm_global_negatives: bool = True  # False: ALBEF's local-batch hard negatives (no gather)
     momentum: MomentumConfig = field(default_factory=_albef_momentum)
 
