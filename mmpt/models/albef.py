@@ -28,7 +28,7 @@ from mmpt.models.momentum import MomentumTeacher
 from mmpt.models.protocol import ModelOutput
 from mmpt.models.registry import register_arch
 from mmpt.modules.block import no_weight_decay_names
-from mmpt.modules.encoders import VisionTransformer
+from mmpt.modules.encoders import vision_tower_from
 from mmpt.modules.heads import ITMHead, ProjectionHead, l2_normalize
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.objectives.itc_distill import DistillContrastiveLoss
@@ -49,10 +49,7 @@ class ALBEF(nn.Module):
     def __init__(self, cfg: ALBEFConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.visual = VisionTransformer(
-            cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads,
-            mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, attn_dropout=cfg.dropout,
-        )  # fmt: skip
+        self.visual = vision_tower_from(cfg)
         self.text = TextFusionEncoder(
             cfg.vocab_size, cfg.max_text_len, cfg.text_width, cfg.text_layers, cfg.fusion_layers, cfg.text_heads,
             context_dim=cfg.vision_width, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,

@@ -10,7 +10,7 @@ from mmpt.data.batch import Batch
 from mmpt.models.protocol import ModelOutput
 from mmpt.models.registry import register_arch
 from mmpt.modules.block import no_weight_decay_names
-from mmpt.modules.encoders import TextTransformer, VisionTransformer
+from mmpt.modules.encoders import TextTransformer, vision_tower_from
 from mmpt.modules.heads import ProjectionHead, l2_normalize
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.models.pretrained import InitConfig
@@ -75,10 +75,7 @@ class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.visual = VisionTransformer(
-            cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads,
-            mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, attn_dropout=cfg.dropout,
-        )  # fmt: skip
+        self.visual = vision_tower_from(cfg)
         self.text = TextTransformer(
             cfg.vocab_size, cfg.max_text_len, cfg.text_width, cfg.text_layers, cfg.text_heads,
             mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, attn_dropout=cfg.dropout, causal=cfg.text_causal,

@@ -28,7 +28,7 @@ from mmpt.models.protocol import ModelOutput
 from mmpt.models.registry import register_arch
 from mmpt.modules.block import Transformer, no_weight_decay_names
 from mmpt.modules.embeddings import TextEmbedding
-from mmpt.modules.encoders import VisionTransformer
+from mmpt.modules.encoders import vision_tower_from
 from mmpt.modules.heads import LMHead, ProjectionHead, l2_normalize
 from mmpt.modules.kv_cache import TransformerCache
 from mmpt.modules.pooler import AttentionalPooler
@@ -104,10 +104,7 @@ class CoCa(nn.Module):
         self.config = cfg
         drop = dict(mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, attn_dropout=cfg.dropout)
         # No ViT [CLS]: both summaries come from attentional pooling over all patch tokens.
-        self.visual = VisionTransformer(
-            cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads,
-            cls_token=False, **drop,
-        )  # fmt: skip
+        self.visual = vision_tower_from(cfg, cls_token=False)
         vw, vh = cfg.vision_width, cfg.vision_heads
         self.contrastive_pooler = AttentionalPooler(vw, vw, 1, vh)
         self.decoder_pooler = AttentionalPooler(vw, vw, cfg.num_decoder_queries, vh)

@@ -5,6 +5,8 @@ They return every token rather than a pooled vector because the architectures po
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -109,3 +111,12 @@ class TextTransformer(nn.Module):
     def flops_per_sample(self, seq_len: int | None = None) -> float:
         """Training FLOPs for one padded sequence (default `max_len`); the embedding lookup is free."""
         return self.transformer.flops(seq_len if seq_len is not None else self.max_len)
+
+
+def vision_tower_from(cfg: Any, cls_token: bool = True) -> VisionTransformer:
+    """The image encoder every architecture config describes the same way (image_size, patch_size,
+    vision_width/layers/heads, mlp_ratio, dropout)."""
+    return VisionTransformer(
+        cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads,
+        mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, attn_dropout=cfg.dropout, cls_token=cls_token,
+    )  # fmt: skip
