@@ -68,3 +68,39 @@ def test_itm_rerank_promotes_true_pairs_inside_top_k_only():
     assert after["retrieval_itm/t2i_r1"] == 1.0 and after["retrieval_itm/i2t_r1"] == 1.0
     t2i_k1, i2t_k1 = itm_rerank_sims(OracleITM(), emb, k=1, device=torch.device("cpu"))  # true pair outside top-1
     assert retrieval_metrics(emb, ks=[1], sims_t2i=t2i_k1, sims_i2t=i2t_k1)["retrieval/t2i_r1"] == 0.0
+
+
+class ConfidentITM(torch.nn.Module):
+    """ITM with fixed probabilities: 0.9 for the true pair, 0.5 for everything else; ITC logit scale 10."""
+
+    def itm_score(self, images, input_ids, attention_mask):
+        return torch.where(images[:, 0, 0, 0].round().long() == input_ids[:, 1], 0.9, 0.5)
+
+    def itc_logit_scale(self):
+        return torch.tensor(10.0)
+
+
+def test_itm_plus_itc_score_is_log_itm_plus_itc_logit():
+    """Hand computation, text 0 over images {0, 1}: cosines 0.5 (true) and 0.6 (wrong).
+    itm+itc: log 0.9 + 10 * 0.5 = 4.895 vs log 0.5 + 10 * 0.6 = 5.307 -> the wrong image stays first (ITC
+    is more confident than ITM); itm alone: 0.9 > 0.5 -> the true image first."""
+    from mmpt.eval.retrieval import EvalInputs, itm_rerank_sims
+
+    images = torch.eye(2)
+    texts = torch.tensor([[0.5, 0.6], [0.0, 1.0]])  # not normalized on purpose: the cosines are the dot products
+    pixels = torch.zeros(2, 3, 2, 2)
+    pixels[:, 0, 0, 0] = torch.arange(2).float()
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    ids[:, 1] = torch.arange(2)
+    keys = ["0", "1"]
+    emb = EvalEmbeddings(images, texts, captions=keys, image_ids=keys, keys=keys,
+                         inputs=EvalInputs(pixels, ids, torch.ones_like(ids)))
+    cpu = torch.device("cpu")
+    t2i_itm, _ = itm_rerank_sims(ConfidentITM(), emb, k=2, device=cpu, score="itm")
+    t2i_sum, _ = itm_rerank_sims(ConfidentITM(), emb, k=2, device=cpu, score="itm+itc")
+    assert t2i_itm[0].argmax() == 0 and t2i_sum[0].argmax() == 1
+    gap = (t2i_sum[0, 1] - t2i_sum[0, 0]).item()  # the per-row shift cancels in differences
+    assert gap == pytest.approx((torch.tensor(0.5).log() + 6.0 - torch.tensor(0.9).log() - 5.0).item(), abs=1e-5)
+    assert (t2i_sum[0] > 1.0).all()  # re-scored candidates sit above every un-scored cosine
+    with pytest.raises(ValueError, match="itm or itm"):
+        itm_rerank_sims(ConfidentITM(), emb, k=2, device=cpu, score="sum")

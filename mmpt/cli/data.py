@@ -1,4 +1,4 @@
-"""`mmpt-data`: make data for mmpt (synthetic shards, a WordPiece tokenizer).
+"""`mmpt-data`: make data for mmpt (synthetic shards, a WordPiece tokenizer, a k-means visual tokenizer).
 
 Every user error prints one `error: ...` line to stderr and exits non-zero (2), never a traceback.
 Add a subcommand by writing `add_X(subparsers)` that sets `handler` and listing it in SUBCOMMANDS.
@@ -145,7 +145,158 @@ def add_tokenizer(subparsers) -> None:
     p.set_defaults(handler=_tokenizer)
 
 
-SUBCOMMANDS: dict[str, Callable] = {"synthetic": add_synthetic, "tokenizer": add_tokenizer}
+def iter_image_bytes(paths: list[str]) -> Iterator[tuple[str, bytes]]:
+    """(where, encoded bytes) of the image members (jpg/jpeg/png/webp) of WebDataset tars, in order."""
+    from mmpt.data.pipeline import IMAGE_EXTS
+
+    for path in paths:
+        try:
+            with tarfile.open(path, "r") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+                        yield f"{path}:{member.name}", tar.extractfile(member).read()  # type: ignore[union-attr]
+        except (tarfile.TarError, OSError) as exc:
+            reason = " ".join(str(exc).split())  # tarfile's message spans lines; the CLI prints one
+            raise UserError(f"cannot read images from {path}: {reason}; is it a WebDataset tar?") from exc
+
+
+def _read_images(paths: list[str], transform: Callable, max_images: int) -> tuple[list, int]:
+    """The first `max_images` decodable images as transformed tensors, and how many were unreadable."""
+    import contextlib
+
+    from tqdm import tqdm
+
+    from mmpt.data.transforms import decode_image
+
+    images, bad = [], 0
+    with contextlib.closing(iter_image_bytes(paths)) as members, \
+            tqdm(total=max_images, unit="img", desc="reading images", dynamic_ncols=True, mininterval=0.5) as bar:
+        for _where, data in members:
+            try:
+                images.append(transform(decode_image(data)))
+            except Exception:  # PIL raises many types for a corrupt image; skip it, as the pipeline does
+                bad += 1
+                continue
+            bar.update(1)
+            if len(images) >= max_images:
+                break
+        bar.total = bar.n  # the shards may hold fewer than max_images
+    return images, bad
+
+
+class _KMeansBars:
+    """tqdm bars for `fit_kmeans`'s progress callback: one per stage (init, lloyd), inertia per patch."""
+
+    def __init__(self, patches: int) -> None:
+        self.patches = patches
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int, inertia: float | None) -> None:
+        from tqdm import tqdm
+
+        if stage not in self.bars:
+            self.close()
+            desc = "k-means++ init" if stage == "init" else "k-means iterations"
+            self.bars[stage] = tqdm(total=total, desc=desc, dynamic_ncols=True, mininterval=0.5)
+        bar = self.bars[stage]
+        bar.update(done - bar.n)
+        if inertia is not None:
+            bar.set_postfix(inertia=f"{inertia / self.patches:.4f}", refresh=False)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"--device {name!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name!r}: no CUDA device here; use --device cpu")
+    return device
+
+
+def _visual_tokenizer(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmpt.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform
+    from mmpt.visual_tokenizer import fit_kmeans_tokenizer
+
+    mean, std = list(args.mean or CLIP_MEAN), list(args.std or CLIP_STD)
+    checks = [
+        (args.codebook_size >= 1, f"--codebook-size must be >= 1, got {args.codebook_size}"),
+        (args.patch_size >= 1 and args.image_size % args.patch_size == 0,
+         f"--image-size {args.image_size} must be a positive multiple of --patch-size {args.patch_size}"),
+        (args.max_images >= 1 and args.iters >= 1,
+         f"--max-images and --iters must be >= 1, got {args.max_images}, {args.iters}"),
+        (args.eps >= 0 and min(std) > 0, f"--eps must be >= 0 and --std positive, got {args.eps}, {std}"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    device = _device(args.device)
+    paths = expand_shards(args.shards)
+    # the eval transform (shorter-side resize + centre crop + normalise): the pipeline's decode and
+    # normalisation without the random crop, so the codebook sees whole images at the training resolution
+    images, bad = _read_images(paths, EvalTransform(args.image_size, mean=mean, std=std), args.max_images)
+    patches = len(images) * (args.image_size // args.patch_size) ** 2
+    if patches < args.codebook_size:
+        raise UserError(
+            f"{len(images)} readable image(s) in {len(paths)} shard(s) give {patches} patches, fewer than "
+            f"--codebook-size {args.codebook_size}; add shards or lower --codebook-size"
+        )
+    bars = _KMeansBars(patches)
+    try:
+        tok, result = fit_kmeans_tokenizer(
+            torch.stack(images).to(device), args.codebook_size, args.patch_size, mean, std,
+            eps=args.eps, iters=args.iters, seed=args.seed, progress=bars,
+        )  # fmt: skip
+    finally:
+        bars.close()
+    try:
+        fmt = tok.save(args.out)
+    except OSError as exc:
+        raise UserError(f"cannot write the codebook to {args.out}: {exc}") from exc
+    print(
+        f"fitted {args.codebook_size} codes on {patches} patches of {len(images)} images ({bad} unreadable skipped) "
+        f"in {result.iterations} iterations, mean squared distance {result.inertia[-1] / patches:.4f}, "
+        f"{result.reseeded} empty clusters re-seeded; wrote {fmt} file {args.out}"
+    )
+    return 0
+
+
+def add_visual_tokenizer(subparsers) -> None:
+    p = subparsers.add_parser(
+        "visual-tokenizer", help="fit a k-means visual tokenizer (patch codebook) on the images of shards",
+        description="Fit a k-means codebook on per-patch normalised pixel patches of images from local shards "
+        "(the first --max-images readable images, in shard order), for masked image modeling targets "
+        "(model visual tokenizer kind: kmeans). Deterministic for a seed on a given device.",
+    )
+    p.add_argument("--shards", required=True,
+                   help="brace pattern (DIR/{00000..00009}.tar), glob (DIR/*.tar) or comma-separated list")
+    p.add_argument("--codebook-size", type=int, required=True, help="number of codes K (the MIM vocabulary)")
+    p.add_argument("--out", required=True, help="output codebook file (safetensors when installed)")
+    p.add_argument("--patch-size", type=int, default=8, help="the model's patch size")
+    p.add_argument("--image-size", type=int, default=64, help="the training resolution (data.image_size)")
+    p.add_argument("--max-images", type=int, default=10000)
+    p.add_argument("--iters", type=int, default=20, help="Lloyd iterations (stops early once converged)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eps", type=float, default=1e-2, help="per-patch normalisation: (x - mean) / (std + eps)")
+    p.add_argument("--mean", type=float, nargs=3, default=None, help="data.mean (default CLIP's; recorded in the file)")
+    p.add_argument("--std", type=float, nargs=3, default=None, help="data.std (default CLIP's; recorded in the file)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.set_defaults(handler=_visual_tokenizer)
+
+
+SUBCOMMANDS: dict[str, Callable] = {
+    "synthetic": add_synthetic, "tokenizer": add_tokenizer, "visual-tokenizer": add_visual_tokenizer,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

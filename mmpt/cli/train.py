@@ -25,8 +25,7 @@ def train(raw: DictConfig) -> None:
 
     device, run_dir = start_distributed(prep, Path(HydraConfig.get().runtime.output_dir))
     if env.is_main:
-        log.info("run dir %s | %d ranks (%s) on %s | params trainable %.2fM frozen %.2fM", run_dir,
-                 env.world_size, env.launcher, device, prep.trainable_params / 1e6, prep.frozen_params / 1e6)
+        log.info("run dir %s | %d ranks (%s) on %s", run_dir, env.world_size, env.launcher, device)
     trainer = Trainer(prep.cfg, prep.resolved, env, device, run_dir, prep.tokenizer)
     result = trainer.fit()
     if env.is_main:

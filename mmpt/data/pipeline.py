@@ -2,6 +2,8 @@
 
 Tar reading uses webdataset's low-level iterators; shard choice, shuffling, decoding, skipping and
 batching are done here so that seeding, skip accounting and rank/worker splitting are explicit.
+`SampleSource` is one stream of decoded samples of one kind (pairs, images or texts); the single-source
+loaders below and the multi-source loader in `mmpt.data.sources` both build on it.
 Workers yield plain dicts (so DataLoader can pin them); the main process wraps them into `Batch`.
 Nothing here imports a model.
 """
@@ -19,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import gopen
 from webdataset.tariterators import tarfile_samples
 
-from mmpt.data.batch import Batch
+from mmpt.data.batch import Batch, MixedBatch
+from mmpt.data.masking import BlockMasker
 from mmpt.data.shards import ShardSpec, check_local_shards, expand_urls, split_shards
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, decode_image
@@ -43,11 +47,18 @@ def derive_seed(*parts: int) -> int:
     return int(state[0])
 
 
-class SkipCounter:
-    """Counts dropped samples by reason for one worker; warns once per reason, tagged with rank/worker."""
+def is_text_file(url: str) -> bool:
+    """A plain text file (one sample per non-empty line) rather than a tar shard: the url ends in .txt."""
+    return url.lower().endswith(".txt")
 
-    def __init__(self, rank: int, worker: int):
+
+class SkipCounter:
+    """Counts dropped samples by reason for one worker (and source); warns once per reason, tagged with
+    rank/worker."""
+
+    def __init__(self, rank: int, worker: int, source: str = ""):
         self.rank, self.worker = rank, worker
+        self.tag = f"data rank {rank} worker {worker}" + (f" source {source!r}" if source else "")
         self.pending: Counter[str] = Counter()
         self.total: Counter[str] = Counter()
         self.shard_index = 0  # which shard this worker is reading (bumped by `track_shards`)
@@ -61,10 +72,8 @@ class SkipCounter:
 
     def add(self, reason: str, detail: str) -> None:
         if reason not in self.total:
-            log.warning(
-                "data rank %d worker %d: skipping %s (%s); later '%s' skips are only counted in Batch.skipped",
-                self.rank, self.worker, detail, reason, reason,
-            )
+            log.warning("%s: skipping %s (%s); later '%s' skips are only counted in Batch.skipped",
+                        self.tag, detail, reason, reason)
         self.pending[reason] += 1
         self.total[reason] += 1
 
@@ -88,38 +97,52 @@ class SkipCounter:
 class _Good:
     key: str
     image_id: str
-    caption: str
-    image: torch.Tensor  # c h w
+    caption: str | None  # None for image-only samples
+    image: torch.Tensor | None  # c h w; None for text-only samples
+    mask: np.ndarray | None = None  # (n,) bool block mask over the image patches
 
 
-def _prepare(raw: dict[str, Any], transform: ImageTransform, rng: random.Random) -> _Good | tuple[str, str]:
-    """Raw tar sample -> decoded sample, or (reason, detail) for why it must be skipped."""
+def _prepare(raw: dict[str, Any], kind: str, transform: ImageTransform | None, masker: BlockMasker | None,
+             rng: random.Random) -> _Good | tuple[str, str]:
+    """Raw sample -> decoded sample of `kind`, or (reason, detail) for why it must be skipped.
+
+    Entries the kind does not use are ignored (an image-only source ignores a .txt, a text-only one images).
+    """
     key = raw.get("__key__", "?")
     where = f"sample {key!r} in {raw.get('__url__', '?')}"
-    ext = next((e for e in IMAGE_EXTS if e in raw), None)
-    if ext is None:
-        return "missing_image", f"{where}: no {'/'.join(IMAGE_EXTS)} entry"
-    if raw.get("txt") is None:
-        return "missing_caption", f"{where}: no txt entry"
-    try:
-        caption = raw["txt"].decode("utf-8").strip()
-    except UnicodeDecodeError as exn:
-        return "bad_caption", f"{where}: {exn}"
-    if not caption:
-        return "missing_caption", f"{where}: empty caption"
+    ext = None
+    if kind != "texts":
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None:
+            return "missing_image", f"{where}: no {'/'.join(IMAGE_EXTS)} entry"
+    caption = None
+    if kind != "images":
+        if raw.get("txt") is None:
+            return "missing_caption", f"{where}: no txt entry"
+        try:
+            caption = raw["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as exn:
+            return "bad_caption", f"{where}: {exn}"
+        if not caption:
+            return "missing_caption", f"{where}: empty caption"
     image_id = key
-    if raw.get("json") is not None:
+    if kind != "texts" and raw.get("json") is not None:
         try:
             meta = json.loads(raw["json"])
         except ValueError as exn:  # JSONDecodeError and UnicodeDecodeError
             return "bad_json", f"{where}: {exn}"
         if isinstance(meta, dict) and meta.get("image_id") is not None:
             image_id = str(meta["image_id"])
-    try:
-        image = transform(decode_image(raw[ext]), rng)
-    except Exception as exn:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ...: all mean "bad image"
-        return "bad_image", f"{where}: {type(exn).__name__}: {exn}"
-    return _Good(key=key, image_id=image_id, caption=caption, image=image)
+    image = mask = None
+    if ext is not None:
+        assert transform is not None
+        try:
+            image = transform(decode_image(raw[ext]), rng)
+        except Exception as exn:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ...: all mean "bad image"
+            return "bad_image", f"{where}: {type(exn).__name__}: {exn}"
+        if masker is not None:
+            mask = masker(rng)
+    return _Good(key=key, image_id=image_id, caption=caption, image=image, mask=mask)
 
 
 def _shuffled(items: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
@@ -135,21 +158,161 @@ def _shuffled(items: Iterable[Any], bufsize: int, rng: random.Random) -> Iterato
     yield from buf
 
 
+def _read_lines(stream: Any, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+    """Lines of a binary stream that only has `read` (webdataset's `pipe:` streams are not iterable)."""
+    tail = b""
+    while chunk := stream.read(chunk_size):
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        yield from lines
+    if tail:
+        yield tail
+
+
+def _text_lines(url: str, counter: SkipCounter, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+    """Raw samples from a plain text file: every `slots`-th non-empty line, starting at `slot`.
+
+    Every (rank, worker) reads the whole file and keeps its own lines, so one corpus file is split
+    without two ranks ever sharing a line.
+    """
+    try:
+        stream = gopen(url, "rb")
+    except Exception as exn:  # gopen raises OSError, ValueError, ... for unreadable urls
+        counter.add("bad_text_file", f"cannot open {url}: {exn!r}"[:500])
+        return
+    name = os.path.basename(url)
+    kept = 0
+    with stream:
+        for number, line in enumerate(_read_lines(stream), start=1):
+            if not line.strip():
+                continue
+            kept += 1
+            if (kept - 1) % slots == slot:
+                yield {"__key__": f"{name}:{number}", "__url__": url, "txt": line}
+
+
+def _raw_samples(urls: Iterable[str], counter: SkipCounter,
+                 text_slot: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
+    """Raw samples from tar shards, and from plain .txt files when `text_slot` = (slot, slots) is given."""
+    for url in urls:
+        if text_slot is not None and is_text_file(url):
+            yield from _text_lines(url, counter, *text_slot)
+        else:
+            yield from tarfile_samples(counter.track_shards([url]), handler=counter.tar_handler)
+
+
+def _resampled(urls: list[str], rng: random.Random, state: dict[str, int], rank: int) -> Iterator[str]:
+    """Urls drawn with replacement, forever; errors out if they keep coming back empty."""
+    while True:
+        if state["empty_shards"] >= MAX_EMPTY_SHARDS_IN_A_ROW:
+            raise RuntimeError(
+                f"rank {rank}: {MAX_EMPTY_SHARDS_IN_A_ROW} shards in a row gave no samples "
+                f"(unreadable or empty tars?); first shard: {urls[0]!r}"
+            )
+        state["empty_shards"] += 1
+        yield urls[rng.randrange(len(urls))]
+
+
+def _mark_nonempty(raw: Iterable[dict[str, Any]], state: dict[str, int]) -> Iterator[dict[str, Any]]:
+    for sample in raw:
+        state["empty_shards"] = 0
+        yield sample
+
+
+@dataclass
+class SampleSource:
+    """One stream of decoded samples of one kind ("pairs", "images" or "texts").
+
+    split=False (the single-source train loader): every (rank, worker) draws from all urls, told apart
+    only by its seed. split=True (multi-source): tar shards are divided among the (rank, worker) slots
+    when there are at least as many shards as slots (else all slots draw from all shards), and the
+    non-empty lines of plain .txt files are always divided, so two ranks never read the same sample then.
+    """
+
+    urls: list[str]
+    kind: str = "pairs"
+    transform: ImageTransform | None = None
+    masker: BlockMasker | None = None
+    shuffle_buffer: int = 1000
+    split: bool = False
+
+    def train_samples(self, counter: SkipCounter, seeds: tuple[int, ...], rank: int, world_size: int,
+                      worker: int, num_workers: int) -> Iterator[_Good]:
+        """Infinite shuffled stream; `seeds` (seed, rank, worker, resume_step, epoch, ...) fix it exactly."""
+        rngs = [random.Random(derive_seed(*seeds, purpose)) for purpose in range(3)]
+        # independent streams for shard choice, shuffle and augmentation
+        slots, slot = world_size * num_workers, rank * num_workers + worker
+        pool, text_slot = self.urls, None
+        if self.kind == "texts":
+            text_slot = (slot, slots) if self.split else (0, 1)
+        if self.split:
+            tars = [u for u in self.urls if text_slot is None or not is_text_file(u)]
+            texts = [u for u in self.urls if text_slot is not None and is_text_file(u)]
+            if len(tars) >= slots:
+                tars = split_shards(tars, rank, world_size, worker, num_workers)
+            pool = tars + texts
+        state = {"empty_shards": 0}
+        raw: Iterable[dict[str, Any]] = _mark_nonempty(
+            _raw_samples(_resampled(pool, rngs[0], state, rank), counter, text_slot), state)
+        if self.shuffle_buffer > 1:
+            raw = _shuffled(raw, self.shuffle_buffer, rngs[1])
+        return self._decode(raw, counter, rngs[2], rank, train=True)
+
+    def pass_samples(self, counter: SkipCounter, rank: int, world_size: int, worker: int,
+                     num_workers: int) -> Iterator[_Good]:
+        """One ordered pass over this (rank, worker)'s disjoint slice of the shards."""
+        mine = split_shards(self.urls, rank, world_size, worker, num_workers)
+        raw = _raw_samples(mine, counter, (0, 1) if self.kind == "texts" else None)
+        return self._decode(raw, counter, random.Random(0), rank, train=False)  # eval transforms ignore the rng
+
+    def _decode(self, raw: Iterable[dict[str, Any]], counter: SkipCounter, aug_rng: random.Random, rank: int,
+                train: bool) -> Iterator[_Good]:
+        skips_in_a_row = 0
+        for sample in raw:
+            # one fresh generator per sample: augmentation does not depend on what other samples consumed
+            result = _prepare(sample, self.kind, self.transform, self.masker, random.Random(aug_rng.getrandbits(64)))
+            if isinstance(result, _Good):
+                skips_in_a_row = 0
+                yield result
+                continue
+            counter.add(*result)
+            skips_in_a_row += 1
+            if train and skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                what = {"pairs": "image-text pairs", "images": "images", "texts": "texts"}[self.kind]
+                raise RuntimeError(
+                    f"rank {rank}: {MAX_SKIPS_IN_A_ROW} samples in a row were skipped ({counter.total}); "
+                    f"the shards do not hold usable {what}"
+                )
+
+
+def collate(items: list[_Good], kind: str, tokenizer: TextTokenizer, skipped: dict[str, int]) -> dict[str, Any]:
+    """Decoded samples of one kind -> the keyword arguments of `Batch` (tokenized here, in the worker)."""
+    out: dict[str, Any] = {"keys": [it.key for it in items], "skipped": skipped}
+    if kind != "texts":
+        out["images"] = torch.stack([it.image for it in items])  # b c h w
+        out["image_ids"] = [it.image_id for it in items]
+        if items[0].mask is not None:
+            out["image_mask"] = torch.from_numpy(np.stack([it.mask for it in items]))  # b n bool
+    if kind != "images":
+        captions = [it.caption for it in items]
+        out["input_ids"], out["attention_mask"] = tokenizer(captions)  # b l, b l
+        out["captions"] = captions
+    return out
+
+
 class _ShardStream(IterableDataset):
     """Per-worker generator of collated batch dicts; see `build_train_loader` / `build_eval_loader`."""
 
     def __init__(
         self,
-        urls: list[str],
+        source: SampleSource,
         tokenizer: TextTokenizer,
-        transform: ImageTransform,
         *,
         batch_size: int,
         train: bool,
         seed: int,
         rank: int,
         world_size: int,
-        shuffle_buffer: int,
         resume_step: int,
     ):
         super().__init__()
@@ -157,10 +320,9 @@ class _ShardStream(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.urls, self.tokenizer, self.transform = urls, tokenizer, transform
+        self.source, self.tokenizer = source, tokenizer
         self.batch_size, self.train = batch_size, train
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shuffle_buffer, self.resume_step = shuffle_buffer, resume_step
+        self.seed, self.rank, self.world_size, self.resume_step = seed, rank, world_size, resume_step
         self.epoch = -1  # bumped per __iter__, so re-iterating a loader does not replay the stream
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -169,59 +331,11 @@ class _ShardStream(IterableDataset):
         self.epoch += 1
         counter = SkipCounter(self.rank, worker)
         if self.train:
-            rngs = [
-                random.Random(derive_seed(self.seed, self.rank, worker, self.resume_step, self.epoch, purpose))
-                for purpose in range(3)
-            ]  # independent streams for shard choice, shuffle and augmentation
-            state = {"empty_shards": 0}
-            shards = counter.track_shards(self._resampled(rngs[0], state))
-            samples = tarfile_samples(shards, handler=counter.tar_handler)
-            raw: Iterable[dict[str, Any]] = self._mark_nonempty(samples, state)
-            if self.shuffle_buffer > 1:
-                raw = _shuffled(raw, self.shuffle_buffer, rngs[1])
-            aug_rng = rngs[2]
+            seeds = (self.seed, self.rank, worker, self.resume_step, self.epoch)
+            good = self.source.train_samples(counter, seeds, self.rank, self.world_size, worker, num_workers)
         else:
-            mine = split_shards(self.urls, self.rank, self.world_size, worker, num_workers)
-            if not mine:
-                return
-            raw = tarfile_samples(counter.track_shards(mine), handler=counter.tar_handler)
-            aug_rng = random.Random(0)  # unused by the eval transform
-        good = self._decode(raw, counter, aug_rng)
+            good = self.source.pass_samples(counter, self.rank, self.world_size, worker, num_workers)
         yield from self._batches(good, counter)
-
-    def _resampled(self, rng: random.Random, state: dict[str, int]) -> Iterator[str]:
-        """Shards drawn with replacement, forever; errors out if shards keep coming back empty."""
-        while True:
-            if state["empty_shards"] >= MAX_EMPTY_SHARDS_IN_A_ROW:
-                raise RuntimeError(
-                    f"rank {self.rank}: {MAX_EMPTY_SHARDS_IN_A_ROW} shards in a row gave no samples "
-                    f"(unreadable or empty tars?); first shard: {self.urls[0]!r}"
-                )
-            state["empty_shards"] += 1
-            yield self.urls[rng.randrange(len(self.urls))]
-
-    @staticmethod
-    def _mark_nonempty(raw: Iterable[dict[str, Any]], state: dict[str, int]) -> Iterator[dict[str, Any]]:
-        for sample in raw:
-            state["empty_shards"] = 0
-            yield sample
-
-    def _decode(self, raw: Iterable[dict[str, Any]], counter: SkipCounter, aug_rng: random.Random) -> Iterator[_Good]:
-        skips_in_a_row = 0
-        for sample in raw:
-            # one fresh generator per sample: augmentation does not depend on what other samples consumed
-            result = _prepare(sample, self.transform, random.Random(aug_rng.getrandbits(64)))
-            if isinstance(result, _Good):
-                skips_in_a_row = 0
-                yield result
-                continue
-            counter.add(*result)
-            skips_in_a_row += 1
-            if self.train and skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
-                raise RuntimeError(
-                    f"rank {self.rank}: {MAX_SKIPS_IN_A_ROW} samples in a row were skipped ({counter.total}); "
-                    "the shards do not hold usable image-text pairs"
-                )
 
     def _batches(self, good: Iterable[_Good], counter: SkipCounter) -> Iterator[dict[str, Any]]:
         """Full batches (train) or full + one smaller last batch (eval).
@@ -229,44 +343,37 @@ class _ShardStream(IterableDataset):
         A full batch is emitted only when the next good sample arrives (or the stream ends), so skips
         that happen after its last sample still travel with it instead of being lost at the end.
         """
+        kind = self.source.kind
         buf: list[_Good] = []
         for item in good:
             if len(buf) == self.batch_size:
-                yield self._collate(buf, counter.pop())
+                yield collate(buf, kind, self.tokenizer, counter.pop())
                 buf = []
             buf.append(item)
         if buf and (not self.train or len(buf) == self.batch_size):
-            yield self._collate(buf, counter.pop())
+            yield collate(buf, kind, self.tokenizer, counter.pop())
         leftover = counter.pop()
         if leftover:
-            log.warning("data rank %d worker %d: %s skipped after the last batch (not in any Batch.skipped)",
-                        counter.rank, counter.worker, leftover)
-
-    def _collate(self, items: list[_Good], skipped: dict[str, int]) -> dict[str, Any]:
-        captions = [it.caption for it in items]
-        input_ids, attention_mask = self.tokenizer(captions)
-        return {
-            "images": torch.stack([it.image for it in items]),  # b c h w
-            "input_ids": input_ids,  # b l
-            "attention_mask": attention_mask,  # b l
-            "keys": [it.key for it in items],
-            "image_ids": [it.image_id for it in items],
-            "captions": captions,
-            "skipped": skipped,
-        }
+            log.warning("%s: %s skipped after the last batch (not in any Batch.skipped)", counter.tag, leftover)
 
 
 class BatchLoader:
-    """Iterable of `Batch` over a DataLoader of batch dicts; `.skipped_total` sums `Batch.skipped` seen."""
+    """Iterable of `Batch` (or `MixedBatch` for multi-source data) over a DataLoader of batch dicts;
+    `.skipped_total` sums the `skipped` counts seen."""
 
     def __init__(self, dataloader: DataLoader):
         self.dataloader = dataloader
         self.skipped_total: Counter[str] = Counter()
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | MixedBatch]:
         for item in self.dataloader:
-            self.skipped_total.update(item["skipped"])
-            yield Batch(**item)
+            batch: Batch | MixedBatch
+            if "parts" in item:
+                batch = MixedBatch({kind: Batch(**part) for kind, part in item["parts"].items()})
+            else:
+                batch = Batch(**item)
+            self.skipped_total.update(batch.skipped)
+            yield batch
 
 
 def _worker_init(_: int) -> None:
@@ -274,7 +381,8 @@ def _worker_init(_: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _make_loader(dataset: _ShardStream, num_workers: int, pin_memory: bool | None) -> BatchLoader:
+def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None) -> BatchLoader:
+    """A DataLoader whose workers build whole batches (batch_size=None), wrapped into a `BatchLoader`."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     loader = DataLoader(
@@ -305,22 +413,23 @@ def build_train_loader(
     hflip: bool = False,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    image_mask: BlockMasker | None = None,
     pin_memory: bool | None = None,
 ) -> BatchLoader:
-    """Infinite stream of `Batch` (images `b c h w`, ids/mask `b l`), each exactly `batch_size`.
+    """Infinite stream of pair `Batch` (images `b c h w`, ids/mask `b l`), each exactly `batch_size`.
 
     Every (rank, worker) samples shards with replacement from its own RNG seeded by
     (seed, rank, worker, resume_step), so ranks see different data and a resumed run draws fresh
-    samples rather than replaying the start. Same arguments -> same batches.
+    samples rather than replaying the start. Same arguments -> same batches. With `image_mask`, each
+    batch also carries a block mask `b n` per image.
     """
     expanded = expand_urls(urls)
     check_local_shards(urls)
     transform = TrainTransform(image_size, scale=scale, ratio=ratio, hflip=hflip, mean=mean, std=std)
-    dataset = _ShardStream(
-        expanded, tokenizer, transform, batch_size=batch_size, train=True, seed=seed, rank=rank,
-        world_size=world_size, shuffle_buffer=shuffle_buffer, resume_step=resume_step,
-    )
-    return _make_loader(dataset, num_workers, pin_memory)
+    source = SampleSource(expanded, "pairs", transform, image_mask, shuffle_buffer)
+    dataset = _ShardStream(source, tokenizer, batch_size=batch_size, train=True, seed=seed, rank=rank,
+                           world_size=world_size, resume_step=resume_step)
+    return make_loader(dataset, num_workers, pin_memory)
 
 
 def build_eval_loader(
@@ -342,9 +451,7 @@ def build_eval_loader(
     """
     expanded = expand_urls(urls)
     check_local_shards(urls)
-    transform = EvalTransform(image_size, mean=mean, std=std)
-    dataset = _ShardStream(
-        expanded, tokenizer, transform, batch_size=batch_size, train=False, seed=0, rank=rank,
-        world_size=world_size, shuffle_buffer=0, resume_step=0,
-    )
-    return _make_loader(dataset, num_workers, pin_memory)
+    source = SampleSource(expanded, "pairs", EvalTransform(image_size, mean=mean, std=std), shuffle_buffer=0)
+    dataset = _ShardStream(source, tokenizer, batch_size=batch_size, train=False, seed=0, rank=rank,
+                           world_size=world_size, resume_step=0)
+    return make_loader(dataset, num_workers, pin_memory)

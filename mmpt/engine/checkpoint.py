@@ -60,7 +60,9 @@ def save(engine: Any, ckpt_root: Path, step: int, client_state: dict[str, Any], 
          extra_files: dict[str, str] | None = None) -> Path:
     """Collective: every rank must call it. Writes the tag, per-rank RNG, the marker, then prunes."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state)
+    # Frozen parameters (model.freeze, momentum teachers) are not in the optimizer: only the module state dict
+    # carries them, so they must never be excluded from it.
+    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, exclude_frozen_parameters=False)
     tag_dir = ckpt_root / tag
     torch.save(rng_state(), tag_dir / f"rng_rank{mdist.rank():05d}.pt")
     mdist.barrier()
@@ -104,11 +106,44 @@ def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Consolidated fp32 model state dict from a DeepSpeed tag (any ZeRO stage), without an engine.
 
     ZeRO partitions (and bf16 runs' fp32 masters) live in the *zero_pp_rank_*optim_states.pt files; stage 0
-    in fp32 keeps the full module in mp_rank_00_model_states.pt.
+    in fp32 keeps the full module in mp_rank_00_model_states.pt. Frozen parameters (model.freeze, momentum
+    teachers) are in no optimizer: zero_to_fp32 rebuilds them under ZeRO-2/3 but drops them under ZeRO-1, so
+    they are taken from the module state dict (full replicas under stages 0-2), as fp32.
     """
-    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in state["module"].items()}
+    module = {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+    if not any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        return module
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {**{k: v for k, v in module.items() if k not in weights}, **weights}
+
+
+# Plain state-dict files `model.init.checkpoint` accepts (read by mmpt.models.pretrained.read_state_dict).
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def init_checkpoint_source(path: str | Path) -> Path:
+    """`model.init.checkpoint` -> the newest complete tag dir of a run dir / checkpoints dir / tag dir, or a
+    plain state-dict file. Checked before launch, so a typo fails in a second instead of after start-up."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"model.init.checkpoint={str(path)!r} does not exist; give an mmpt run dir, one of its "
+            f"checkpoints/{TAG_PREFIX}* dirs, or a state-dict file ({', '.join(WEIGHT_SUFFIXES)})"
+        )
+    if p.is_dir():
+        return resolve_checkpoint_dir(p)
+    if p.suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"model.init.checkpoint={str(path)!r} is not a state-dict file ({', '.join(WEIGHT_SUFFIXES)})")
+    return p
+
+
+def read_init_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The whole-model state dict `model.init.checkpoint` names: consolidated fp32 weights of a DeepSpeed tag
+    (frozen parameters and buffers included), or the tensors of a plain file."""
+    from mmpt.models.pretrained import read_state_dict
+
+    source = init_checkpoint_source(path)
+    return load_model_weights(source) if source.is_dir() else read_state_dict(source)

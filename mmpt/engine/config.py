@@ -32,9 +32,34 @@ class EvalDataConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One entry of `data.sources`: a weighted stream of one kind of sample (pairs, images or texts)."""
+
+    name: str = ""
+    kind: str = "pairs"
+    urls: Any = MISSING  # tar shard spec; kind=texts also takes plain .txt files (one sample per line)
+    weight: float = 1.0
+
+
+@dataclass
+class ImageMaskConfig:
+    """BEiT v2 block-wise patch masks, made in the data workers for every image (`Batch.image_mask`)."""
+
+    enabled: bool = False
+    ratio: float = 0.4  # masked patches = round(ratio * patches), half up: 0.4 of 14x14 -> 78
+    num_masked: Optional[int] = None  # overrides ratio (BEiT v2's preset: 75 of 196)
+    min_patches: int = 16
+    min_aspect: float = 0.3
+    max_aspect: Optional[float] = None  # None = 1 / min_aspect
+    patch_size: int = 16  # must be the model's patch size
+
+
+@dataclass
 class DataConfig:
     train: TrainDataConfig = field(default_factory=TrainDataConfig)
     eval: EvalDataConfig = field(default_factory=EvalDataConfig)
+    sources: list[SourceConfig] = field(default_factory=list)  # empty = data.train as the one pairs source
+    image_mask: ImageMaskConfig = field(default_factory=ImageMaskConfig)
     batch_size: int = 64
     eval_batch_size: int = 256
     image_size: int = 64
@@ -106,6 +131,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     output: Optional[str] = None
     rerank_k: int = 16  # ITM re-ranks each query's ITC top-k (models with itm_score); 0 = off
+    rerank_score: str = "itm"  # itm: ITM alone (ALBEF); itm+itc: log ITM probability + ITC logit (BLIP/LAVIS-style sum)
     caption_max_images: int = 256  # captioning eval (models with generate); 0 = off
     caption_max_len: int = 20
     caption_beams: int = 3
@@ -175,6 +201,33 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def _check_source_items(body: dict[str, Any]) -> None:
+    """OmegaConf's errors about list items lose the index: name `data.sources[i]` here instead."""
+    data = body.get("data")
+    sources = data.get("sources") if isinstance(data, dict) else None
+    if sources is None:
+        return
+    example = "{name: cc, kind: pairs, urls: '/data/{00000..00099}.tar', weight: 1.0}"
+    if not isinstance(sources, list):
+        raise ConfigError(f"data.sources must be a list of sources like [{example}], got {sources!r}")
+    train = data.get("train")
+    if sources and isinstance(train, dict) and train.get("urls") == "???":
+        train["urls"] = None  # data.sources replaces data.train.urls: a preset's required ??? must not block it
+    valid = list(SourceConfig.__dataclass_fields__)
+    for i, item in enumerate(sources):
+        if not isinstance(item, dict):
+            raise ConfigError(f"data.sources[{i}] must be a mapping like {example}, got {item!r}")
+        for key in item:
+            if key not in valid:
+                raise ConfigError(f"unknown config key 'data.sources[{i}].{key}'.{_suggest(key, valid)} "
+                                  f"Valid keys here: {', '.join(valid)}")
+        if item.get("urls") in (None, "???", "", []):
+            raise ConfigError(f"data.sources[{i}].urls is not set; give a shard pattern or .txt files (kind=texts)")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"data.sources[{i}].weight={weight!r} must be a number (its share of data.batch_size)")
+
+
 def typed_config(cfg: DictConfig) -> TrainConfig:
     """Merge the composed config onto the schema: unknown keys and wrong types become ConfigError."""
     body = OmegaConf.to_container(cfg, resolve=True)
@@ -191,6 +244,7 @@ def typed_config(cfg: DictConfig) -> TrainConfig:
         raise ConfigError(str(exc.args[0])) from None
     except ValueError as exc:  # the arch config's own consistency checks (__post_init__)
         raise ConfigError(f"model: {exc}") from None
+    _check_source_items(body)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in body.items() if k != "model"})
         typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -211,6 +265,7 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
     _check_choice("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
     _check_choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _check_choice("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
+    _check_choice("eval.rerank_score", cfg.eval.rerank_score, ("itm", "itm+itc"))
     if t.precision == "fp16" and not has_gpu:
         raise ConfigError("trainer.precision=fp16 needs a GPU (loss scaling on CPU is unsupported); use bf16 or fp32")
     for key, value in (("trainer.max_steps", t.max_steps), ("data.batch_size", d.batch_size),
@@ -228,8 +283,9 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
                 f"= {d.batch_size} x {world_size} = {per_step}; choose a multiple of {per_step} or change data.batch_size"
             )
         t.grad_accum = t.global_batch_size // per_step
-    if not d.train.urls:
-        raise ConfigError("data.train.urls is empty; set a shard pattern, e.g. data.train.urls='/data/{00000..00099}.tar'")
+    if not d.train.urls and not d.sources:
+        raise ConfigError("data.train.urls is empty; set a shard pattern, e.g. data.train.urls='/data/{00000..00099}.tar' "
+                          "(or list data.sources)")
     unknown = sorted(set(cfg.loss.weights) - set(model_objectives))
     if unknown:
         raise ConfigError(
@@ -275,7 +331,7 @@ def check_paths(cfg: TrainConfig, need_train: bool = True) -> None:
         path = getattr(init, key, None) if init is not None else None
         if path and not Path(path).expanduser().exists():
             raise ConfigError(f"model.init.{key}={path!r} does not exist; give a local weights file or directory")
-    sources = [("data.train.urls", cfg.data.train.urls)] if need_train else []
+    sources = [("data.train.urls", cfg.data.train.urls)] if need_train and not cfg.data.sources else []
     if cfg.data.eval.urls:
         sources.append(("data.eval.urls", cfg.data.eval.urls))
     for key, urls in sources:
@@ -283,3 +339,62 @@ def check_paths(cfg: TrainConfig, need_train: bool = True) -> None:
             check_local_shards(urls)
         except FileNotFoundError as exc:
             raise ConfigError(f"{key}: {exc}") from None
+
+
+def image_masker(cfg: TrainConfig) -> Any:
+    """The `BlockMasker` for `data.image_mask` (None when disabled); bad settings -> ConfigError."""
+    from mmpt.data.masking import BlockMasker
+
+    m, image_size = cfg.data.image_mask, cfg.data.image_size
+    if not m.enabled:
+        return None
+    if m.patch_size < 1 or image_size % m.patch_size:
+        raise ConfigError(f"data.image_mask.patch_size={m.patch_size} does not divide data.image_size={image_size}; "
+                          "set it to the model's patch size")
+    model_patch = getattr(cfg.model, "patch_size", None)
+    if model_patch is not None and model_patch != m.patch_size:
+        raise ConfigError(f"data.image_mask.patch_size={m.patch_size} but model.patch_size={model_patch}: the masks "
+                          f"would not line up with the model's patches; set data.image_mask.patch_size={model_patch}")
+    try:
+        masker = BlockMasker.for_image(image_size, m.patch_size, m.ratio, m.num_masked, m.min_patches,
+                                       m.min_aspect, m.max_aspect)
+    except ValueError as exc:
+        raise ConfigError(f"data.image_mask: {exc}") from None
+    if 0 < masker.num_masked < m.min_patches:
+        raise ConfigError(
+            f"data.image_mask.min_patches={m.min_patches} exceeds the {masker.num_masked} masked patches "
+            f"({masker.grid_h}x{masker.grid_w} grid), so no block ever fits and masking would be random; "
+            f"lower data.image_mask.min_patches to {masker.num_masked} or less"
+        )
+    return masker
+
+
+def source_specs(cfg: TrainConfig) -> list[Any]:
+    """`data.sources` as the data layer's `SourceSpec`s (empty list: train on data.train)."""
+    from mmpt.data.sources import SourceSpec
+
+    return [SourceSpec(s.name, s.kind, s.urls, s.weight) for s in cfg.data.sources]
+
+
+def check_data(cfg: TrainConfig, data_kinds: tuple[str, ...], need_train: bool = True) -> None:
+    """data.sources (kinds, weights, per-source counts, files), the kinds the model can use, data.image_mask."""
+    from mmpt.data.sources import check_sources
+
+    image_masker(cfg)
+    if not need_train:
+        return
+    d = cfg.data
+    specs = source_specs(cfg)
+    if specs:
+        try:
+            check_sources(specs, d.batch_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    kinds = sorted({s.kind for s in specs} or {"pairs"})
+    unusable = [k for k in kinds if k not in data_kinds]
+    if unusable:
+        raise ConfigError(
+            f"model.arch={cfg.model.arch} trains on {list(data_kinds)} data but the config feeds it {unusable} "
+            f"({'data.sources' if specs else 'data.train (pairs)'}); remove those sources or pick a model that "
+            "uses them"
+        )

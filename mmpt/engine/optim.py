@@ -11,16 +11,18 @@ from mmpt.modules.block import no_weight_decay_names
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay shrinks matrices; norms (1-d), biases, position/cls tokens and the temperature stay free
-    (the rule lives in mmpt.modules.block.no_weight_decay_names)."""
+    (the rule lives in mmpt.modules.block.no_weight_decay_names). Only `requires_grad` parameters: frozen ones
+    (model.freeze, momentum teachers) must not reach ZeRO's partitions; an emptied group is dropped."""
     free = no_weight_decay_names(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if name in free else decay).append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:

@@ -16,9 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmpt import distributed as mdist
 from mmpt.data.pipeline import BatchLoader, build_eval_loader, build_train_loader
+from mmpt.data.sources import build_mixed_train_loader
 from mmpt.data.tokenizer import TextTokenizer, load_tokenizer
-from mmpt.engine.config import ConfigError, TrainConfig, check_combinations, check_paths, resolve, typed_config
+from mmpt.engine.checkpoint import init_checkpoint_source
+from mmpt.engine.config import (ConfigError, TrainConfig, check_combinations, check_data, check_paths, image_masker,
+                                resolve, source_specs, typed_config)
 from mmpt.engine.dist_env import DistEnv, detect_env, device_for, init_process_group
+from mmpt.models.freezing import ParamCounts, apply_freeze
 from mmpt.models.registry import build_model
 
 log = logging.getLogger("mmpt")
@@ -41,6 +45,7 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
     with torch.device("meta"):
         probe = build_model(cfg.model)
     check_combinations(cfg, env.world_size, torch.cuda.is_available(), tuple(probe.objectives))
+    check_data(cfg, tuple(getattr(type(probe), "data_kinds", ("pairs",))), need_train)
     cfg.loss.weights = {**dict(getattr(probe, "default_loss_weights", {})), **cfg.loss.weights}
     missing = sorted(set(probe.objectives) - set(cfg.loss.weights))
     if missing:
@@ -59,9 +64,23 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
     resolved = OmegaConf.to_container(raw, resolve=True)
     assert isinstance(resolved, dict)
     resolved.pop("hydra", None)
-    trainable = sum(p.numel() for p in probe.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in probe.parameters() if not p.requires_grad)
-    return Prepared(cfg, resolved, env, tokenizer, trainable, frozen)
+    counts = check_model_setup(cfg, probe, need_train)
+    return Prepared(cfg, resolved, env, tokenizer, counts.trainable, counts.frozen)
+
+
+def check_model_setup(cfg: TrainConfig, probe: torch.nn.Module, need_train: bool = True) -> ParamCounts:
+    """model.freeze / model.train patterns against the (meta) model's real names, and model.init.checkpoint
+    (only when training: evaluation reads its weights from the checkpoint it evaluates)."""
+    source = getattr(getattr(cfg.model, "init", None), "checkpoint", None)
+    if need_train and source:
+        try:
+            init_checkpoint_source(source)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+    try:
+        return apply_freeze(probe, getattr(cfg.model, "train", ()), getattr(cfg.model, "freeze", ()))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_special_tokens(cfg: TrainConfig, tokenizer: TextTokenizer) -> None:
@@ -102,12 +121,16 @@ def start_distributed(prep: Prepared, run_dir: Path) -> tuple[torch.device, Path
 
 
 def build_train_loader_for(cfg: TrainConfig, tokenizer: TextTokenizer, env: DistEnv, step: int) -> BatchLoader:
+    """`Batch`es from data.train, or `MixedBatch`es (parts keyed by kind) when data.sources is set."""
     d = cfg.data
-    return build_train_loader(
-        d.train.urls, tokenizer, batch_size=d.batch_size, image_size=d.image_size, num_workers=d.num_workers,
-        seed=cfg.trainer.seed, rank=env.rank, world_size=env.world_size, shuffle_buffer=d.train.shuffle_buffer,
-        resume_step=step, scale=tuple(d.rrc_scale), hflip=d.hflip, mean=d.mean, std=d.std,
+    common = dict(
+        batch_size=d.batch_size, image_size=d.image_size, num_workers=d.num_workers, seed=cfg.trainer.seed,
+        rank=env.rank, world_size=env.world_size, shuffle_buffer=d.train.shuffle_buffer, resume_step=step,
+        scale=tuple(d.rrc_scale), hflip=d.hflip, mean=d.mean, std=d.std, image_mask=image_masker(cfg),
     )
+    if d.sources:
+        return build_mixed_train_loader(source_specs(cfg), tokenizer, **common)
+    return build_train_loader(d.train.urls, tokenizer, **common)
 
 
 def build_eval_loader_for(cfg: TrainConfig, tokenizer: TextTokenizer, env: DistEnv) -> BatchLoader:

@@ -10,7 +10,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,17 @@ import torch
 from omegaconf import OmegaConf
 
 from mmpt import distributed as mdist
-from mmpt.data.batch import Batch
+from mmpt.data.batch import Batch, MixedBatch
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.engine import checkpoint
-from mmpt.engine.config import TrainConfig
+from mmpt.engine.config import ConfigError, TrainConfig
 from mmpt.engine.dist_env import DistEnv
 from mmpt.engine.ds_config import build_deepspeed_config, global_batch_size
 from mmpt.engine.loggers import RunLogger
 from mmpt.engine.optim import build_optimizer, build_scheduler
 from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
 from mmpt.eval.runner import evaluate_model
+from mmpt.models.freezing import apply_freeze
 from mmpt.models.protocol import ModelOutput
 from mmpt.models.pretrained import apply_init
 from mmpt.models.registry import build_model
@@ -37,7 +38,7 @@ log = logging.getLogger("mmpt")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def micro_step(engine: Any, batch: Batch, weights: dict[str, float]) -> tuple[ModelOutput, torch.Tensor]:
+def micro_step(engine: Any, batch: Batch | MixedBatch, weights: dict[str, float]) -> tuple[ModelOutput, torch.Tensor]:
     """forward -> one weighted sum of the objectives -> ONE backward (ZeRO-2 drops grads of a second) -> step.
 
     engine.step() is called every micro-batch; DeepSpeed only updates at accumulation boundaries.
@@ -93,10 +94,8 @@ class Trainer:
         self.cfg, self.env, self.device, self.run_dir, self.tokenizer = cfg, env, device, run_dir, tokenizer
         self.ckpt_root = run_dir / "checkpoints"
         torch.manual_seed(cfg.trainer.seed)  # identical init on every rank
-        model = build_model(cfg.model)
-        if getattr(cfg.model, "init", None) is not None:
-            apply_init(model, cfg.model.init)  # before the optimizer and DeepSpeed see the weights
-        optimizer = build_optimizer(model, cfg.optimizer)
+        model = self._build_model()
+        optimizer = build_optimizer(model, cfg.optimizer)  # from requires_grad parameters only
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
         self.ds_config = build_deepspeed_config(cfg, env.world_size)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -111,9 +110,27 @@ class Trainer:
         self.resolved = resolved
         self._resume()
         torch.manual_seed(cfg.trainer.seed * 1000 + env.rank + self.step)  # per-rank masks/dropout
-        self.logger = RunLogger(cfg.logger, run_dir, self.wandb_run_id, resolved, env.is_main, cfg.trainer.max_steps)
+        wandb_config = {**resolved, "params": asdict(self.param_counts)}  # not in config.yaml: not a config key
+        self.logger = RunLogger(cfg.logger, run_dir, self.wandb_run_id, wandb_config, env.is_main,
+                                cfg.trainer.max_steps)
         self.last_checkpoint: Path | None = None
         self.eval_metrics: dict[str, float] = {}
+
+    def _build_model(self) -> torch.nn.Module:
+        """The model with its starting weights (model.init) and trainable set (model.freeze / model.train),
+        before the optimizer and DeepSpeed see it; logs the trainable / frozen counts."""
+        mcfg = self.cfg.model
+        model = build_model(mcfg)
+        init = getattr(mcfg, "init", None)
+        if init is not None:
+            try:
+                apply_init(model, init, checkpoint.read_init_checkpoint)
+            except ValueError as exc:  # a shape mismatch or a tower the model lacks: the config's fault
+                raise ConfigError(f"model.init: {exc}") from None
+        self.param_counts = apply_freeze(model, getattr(mcfg, "train", ()), getattr(mcfg, "freeze", ()))
+        if self.env.is_main:
+            log.info("%s", self.param_counts.summary())
+        return model
 
     # ---- resume -----------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -153,7 +170,7 @@ class Trainer:
             log.info("saved checkpoint %s", self.last_checkpoint)
 
     # ---- one optimizer step -------------------------------------------------------------------------------
-    def _micro_step(self, batch: Batch, stats: IntervalStats) -> None:
+    def _micro_step(self, batch: Batch | MixedBatch, stats: IntervalStats) -> None:
         out, total = micro_step(self.engine, batch.to(self.device, self.input_dtype), self.weights)
         stats.add({"loss": total, **out.losses, **out.metrics})
 
@@ -190,7 +207,8 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         t = self.cfg.trainer
-        batches: Iterator[Batch] = iter(build_train_loader_for(self.cfg, self.tokenizer, self.env, self.step))
+        loader = build_train_loader_for(self.cfg, self.tokenizer, self.env, self.step)
+        batches: Iterator[Batch | MixedBatch] = iter(loader)
         stats = IntervalStats()
         if self.env.is_main:
             log.info("training from step %d to %d, global batch %d", self.step, t.max_steps,

@@ -117,12 +117,19 @@ def retrieval_metrics(emb: EvalEmbeddings, ks: list[int], sims_t2i: torch.Tensor
 
 @torch.no_grad()
 def itm_rerank_sims(model: torch.nn.Module, emb: EvalEmbeddings, k: int, device: torch.device,
-                    dtype: torch.dtype | None = None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Second stage (ALBEF protocol): for each query, its ITC top-k candidates are re-scored by ITM alone
-    and ranked above all others. Collective: queries are split across ranks, results all-gathered.
+                    dtype: torch.dtype | None = None, batch_size: int = 256,
+                    score: str = "itm") -> tuple[torch.Tensor, torch.Tensor]:
+    """Second stage: for each query, its ITC top-k candidates are re-scored and ranked above all others.
+    Collective: queries are split across ranks, results all-gathered.
 
+    score "itm": the ITM match probability alone (ALBEF's protocol). "itm+itc": log p(match) + the ITC logit
+    (cosine x the model's `itc_logit_scale()`), i.e. the product of the two models' evidence, in the spirit
+    of BLIP/LAVIS's ITM + ITC sum: a weak ITM head then only breaks ties that ITC is unsure about.
     Returns (`texts images`, `images texts`) scores whose row order is the re-ranked order.
     """
+    if score not in ("itm", "itm+itc"):
+        raise ValueError(f"re-rank score {score!r}: choose itm or itm+itc")
+    itc_scale = float(model.itc_logit_scale()) if score == "itm+itc" else 0.0
     assert emb.inputs is not None, "embed_eval_set(..., keep_inputs=True) is needed for re-ranking"
     itc = emb.texts @ emb.images.T
     n_txt, n_img = itc.shape
@@ -142,12 +149,16 @@ def itm_rerank_sims(model: torch.nn.Module, emb: EvalEmbeddings, k: int, device:
             pixels = emb.inputs.pixels[img_idx[sl]].to(device, dtype)
             scores.append(model.itm_score(pixels, emb.inputs.input_ids[txt_idx[sl]].to(device),
                                           emb.inputs.attention_mask[txt_idx[sl]].to(device)).float().cpu())
-        local = (direction, queries, top, torch.cat(scores).view(-1, k) if scores else torch.empty(0, k))
+        itm = torch.cat(scores).view(-1, k) if scores else torch.empty(0, k)
+        if score == "itm+itc":
+            itm = itm.clamp_min(1e-12).log() + itc_scale * sims[queries[:, None].expand_as(top), top]
+        local = (direction, queries, top, itm)
         parts += mdist.all_gather_objects(local)
     model.train(was_training)
-    # ITC scores lie in [-1, 1]; ITM probabilities + 2 put every re-scored candidate above the rest
+    # Re-scored candidates go above the rest: shift each query's k scores so their minimum sits above 1,
+    # the largest ITC cosine (a per-row shift keeps their order and never loses float precision).
     reranked = {"t2i": itc.clone(), "i2t": itc.T.clone()}
     for direction, queries, top, scores in parts:  # type: ignore[misc]
         rows = reranked[direction]
-        rows[queries[:, None].expand_as(top), top] = scores + 2.0
+        rows[queries[:, None].expand_as(top), top] = scores - scores.amin(dim=1, keepdim=True) + 2.0
     return reranked["t2i"], reranked["i2t"]

@@ -86,7 +86,7 @@ def evaluate_model(model: torch.nn.Module, loader: Iterable[Batch], tokenizer: T
     metrics = retrieval_metrics(emb, eval_cfg.ks)
     result = EvalResult(metrics)
     if can_rerank:
-        t2i, i2t = itm_rerank_sims(model, emb, eval_cfg.rerank_k, device, dtype)
+        t2i, i2t = itm_rerank_sims(model, emb, eval_cfg.rerank_k, device, dtype, score=eval_cfg.rerank_score)
         metrics.update(retrieval_metrics(emb, eval_cfg.ks, t2i, i2t, prefix="retrieval_itm"))
     if can_caption:
         captions = caption_eval(model, emb, tokenizer, device, dtype, eval_cfg.caption_max_images,

@@ -93,6 +93,10 @@ class ALBEF(nn.Module):
         fused = self.text.fuse(self.text.encode(input_ids, attention_mask), attention_mask, self.visual(images))
         return self.itm_head(fused[:, 0]).float().softmax(dim=-1)[:, 1]
 
+    def itc_logit_scale(self) -> torch.Tensor:
+        """The learned ITC inverse temperature (0-d): `eval.rerank_score=itm+itc` turns cosines into logits."""
+        return self.itc.scale().detach()
+
     # ---- training ---------------------------------------------------------------------------------------
     def distill_alpha(self) -> torch.Tensor:
         """0-d device tensor equal to `alpha_at(step, alpha, alpha_warmup_steps)`, read from the step buffer

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mmpt.models.momentum import MomentumConfig
-from mmpt.models.pretrained import InitConfig
+from mmpt.models.config_base import ModelConfigBase
 from mmpt.models.config_checks import tower_problems
 
 
@@ -14,7 +14,7 @@ def _albef_momentum() -> MomentumConfig:
 
 
 @dataclass
-class ALBEFConfig:
+class ALBEFConfig(ModelConfigBase):
     """Defaults are a tiny CPU size with ALBEF's objective settings; `albef_base_config` is the paper's.
 
     text_layers are text-only (ITC reads their [CLS]); fusion_layers add cross-attention to the image tokens
@@ -50,8 +50,6 @@ class ALBEFConfig:
     itm_hardness_warmup_steps: int = 0  # hard negatives sharpen from uniform to softmax(sim) over these steps
     itm_global_negatives: bool = True  # False: ALBEF's local-batch hard negatives (no gather)
     momentum: MomentumConfig = field(default_factory=_albef_momentum)
-
-    init: InitConfig = field(default_factory=InitConfig)  # pretrained weights from local files
 
     def __post_init__(self) -> None:
         if isinstance(self.momentum, dict):  # ALBEFConfig(momentum={...}) in code: overrides of ALBEF's defaults

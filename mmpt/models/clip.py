@@ -1,7 +1,7 @@
 """CLIP: a ViT and a text transformer trained with the image-text contrastive loss only."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,12 +13,12 @@ from mmpt.modules.block import no_weight_decay_names
 from mmpt.modules.encoders import TextTransformer, vision_tower_from
 from mmpt.modules.heads import ProjectionHead, l2_normalize
 from mmpt.objectives.itc import ContrastiveLoss
-from mmpt.models.pretrained import InitConfig
+from mmpt.models.config_base import ModelConfigBase
 from mmpt.models.config_checks import tower_problems
 
 
 @dataclass
-class CLIPConfig:
+class CLIPConfig(ModelConfigBase):
     """Defaults are the tiny CPU test size; see `vit_b16_config` / conf/model/clip/base.yaml for ViT-B/16.
 
     text_causal: False = bidirectional text tower pooled at [CLS] (position 0; our tokenizer writes
@@ -43,8 +43,6 @@ class CLIPConfig:
     temperature_init: float = 0.07
     max_logit_scale: float = 100.0
     text_causal: bool = False
-
-    init: InitConfig = field(default_factory=InitConfig)  # pretrained weights from local files
 
     def __post_init__(self) -> None:
         problems: list[str] = tower_problems(self)

@@ -8,7 +8,7 @@ forward pass serves both losses: the unimodal stack runs once, the caption decod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +33,14 @@ from mmpt.modules.heads import LMHead, ProjectionHead, l2_normalize
 from mmpt.modules.kv_cache import TransformerCache
 from mmpt.modules.pooler import AttentionalPooler
 from mmpt.objectives.itc import ContrastiveLoss
-from mmpt.models.pretrained import InitConfig
+from mmpt.models.config_base import ModelConfigBase
 from mmpt.models.config_checks import tower_problems
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: padded targets
 
 
 @dataclass
-class CoCaConfig:
+class CoCaConfig(ModelConfigBase):
     """Defaults are the tiny CPU test size; conf/model/coca/base.yaml is the paper's CoCa-Base (383M).
 
     Token ids follow mmpt's tokenizer: every caption is `[CLS] tokens [SEP] [PAD]...`, so [CLS] (2) is the
@@ -69,8 +69,6 @@ class CoCaConfig:
     bos_id: int = 2
     eos_id: int = 3
     pad_id: int = 0
-
-    init: InitConfig = field(default_factory=InitConfig)  # pretrained weights from local files
 
     def __post_init__(self) -> None:
         problems: list[str] = tower_problems(self)

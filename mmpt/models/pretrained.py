@@ -1,5 +1,6 @@
 """Pretrained initialisation from local files: timm ViT weights into `VisionTransformer`, Hugging Face BERT
-weights into a post-LN `TextTransformer` (+ an ALBEF-style fusion `Transformer`).
+weights into a post-LN `TextTransformer` (+ an ALBEF-style fusion `Transformer`), and a whole mmpt model
+(an earlier run or training stage) by name (`model.init.checkpoint`).
 
 Each loader builds a list of name rules (checkpoint key(s) -> model key), checks every shape before it
 writes anything (so a failed load leaves the model untouched), copies the tensors, and logs the whole
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpt.models.momentum import MomentumTeacher
 from mmpt.modules.block import Transformer
 from mmpt.modules.encoders import TextTransformer, VisionTransformer
 
@@ -47,11 +49,12 @@ class LoadReport:
     resized: list[str] = field(default_factory=list)  # "model key: what was done" (interpolated, cropped)
     notes: list[str] = field(default_factory=list)  # config mismatches that do not stop the load
 
-    def log(self, what: str) -> None:
-        """The full mapping table, then every missing / unexpected key, at INFO."""
+    def log(self, what: str, table: bool = True) -> None:
+        """The mapping table (table=False: only its size, for same-name loads), then every missing /
+        unexpected key, at INFO."""
         logger.info("pretrained %s from %s: %d tensors mapped", what, self.source, len(self.mapped))
         width = min(max((len(src) for src, _ in self.mapped), default=0), 64)
-        for src, dst in self.mapped:
+        for src, dst in self.mapped if table else ():
             logger.info("  %s -> %s", src.ljust(width), dst)
         for key in self.resized:
             logger.info("  resized: %s", key)
@@ -362,27 +365,63 @@ def load_hf_bert(
     return report
 
 
+# ---- an mmpt model (an earlier run or stage) -------------------------------------------------------------
+def load_model_state(model: nn.Module, sd: StateDict, source: str) -> LoadReport:
+    """Same-name, non-strict load of a whole-model state dict (parameters and persistent buffers).
+
+    For stage chaining: the next stage may add modules (missing: left at initialisation) or drop some
+    (unexpected: ignored), but a tensor whose shape differs means a different architecture size, so every
+    shape is checked first and any mismatch raises before anything is written.
+    """
+    targets = dict(model.state_dict())
+    report = LoadReport(source=source)
+    _apply_rules(targets, [_Rule(name, (name,)) for name in targets], sd, report)
+    report.log("model", table=False)
+    return report
+
+
 @dataclass
 class InitConfig:
-    """`model.init`: local files whose weights replace the random initialisation before training."""
+    """`model.init`: weights that replace the random initialisation before training.
 
+    Order: `checkpoint` first (the previous stage's whole model), then `vision` / `text`, which override the
+    towers they load, so a later stage can restart one tower from a released checkpoint on purpose.
+    """
+
+    checkpoint: Optional[str] = None  # mmpt run dir, checkpoints/step_* tag dir, or a .pt/.safetensors state dict
     vision: Optional[str] = None  # timm-style ViT state dict (file or directory) -> model.visual
     text: Optional[str] = None  # Hugging Face BERT checkpoint -> the model's text (+ fusion) layers
 
 
-def apply_init(model: nn.Module, init: InitConfig) -> list[LoadReport]:
-    """Load `init.vision` / `init.text` into a freshly built model (each loader logs its key mapping and
-    missing/unexpected keys); re-sync a momentum teacher afterwards (it was deep-copied from the random student)."""
+def apply_init(
+    model: nn.Module, init: InitConfig, read_checkpoint: Callable[[str], StateDict] = read_state_dict
+) -> list[LoadReport]:
+    """Load `init.checkpoint`, then `init.vision` / `init.text`, into a freshly built model (each load logs its
+    count and every missing/unexpected key).
+
+    `read_checkpoint` turns `init.checkpoint` into a state dict; the default reads plain files, the trainer
+    passes one that also resolves DeepSpeed run/tag dirs (that lives in mmpt.engine, which models must not
+    import). A momentum teacher is re-synced to the student afterwards unless the checkpoint provided every
+    teacher tensor and no tower init changed the student since.
+    """
     reports = []
+    teachers = {name: m for name, m in model.named_modules() if isinstance(m, MomentumTeacher)}
+    teacher_loaded = False
+    if init.checkpoint:
+        report = load_model_state(model, read_checkpoint(init.checkpoint), init.checkpoint)
+        reports.append(report)
+        teacher_loaded = not any(key.startswith(f"{name}.") for key in report.missing for name in teachers)
     if init.vision:
+        teacher_loaded = False
         reports.append(load_timm_vit(model.visual, init.vision))
     if init.text:
+        teacher_loaded = False
         targets = getattr(model, "bert_init_targets", None)
         if targets is None:
             raise ValueError(f"model.init.text: {type(model).__name__} has no BERT-shaped text tower to load into")
         text_encoder, fusion = targets()
         reports.append(load_hf_bert(text_encoder, fusion, init.text))
-    teacher = getattr(model, "teacher", None)
-    if reports and teacher is not None:
-        teacher.update(momentum=0.0)
+    if reports and not teacher_loaded:
+        for teacher in teachers.values():
+            teacher.update(momentum=0.0)  # teacher = student: it was deep-copied from the random weights
     return reports

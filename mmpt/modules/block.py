@@ -10,7 +10,7 @@ from mmpt.modules.kv_cache import LayerCache, TransformerCache
 from mmpt.modules.mlp import Mlp
 
 # Parameters that are not weights of a Linear/Conv/Embedding but are still initialised trunc-normal.
-TOKEN_PARAM_NAMES = ("pos_embed", "cls_token")
+TOKEN_PARAM_NAMES = ("pos_embed", "cls_token", "mask_token")
 
 
 def init_weights_(module: nn.Module, std: float = 0.02) -> None:
@@ -228,7 +228,7 @@ class Transformer(nn.Module):
 
 # Name parts of parameters that must not be weight-decayed even when they are matrices. Everything with
 # ndim < 2 (LayerNorm weights, all biases, the 0-d `logit_scale`) is excluded by shape already.
-NO_WEIGHT_DECAY_NAME_PARTS = ("logit_scale", "pos_embed", "cls_token", "bias")
+NO_WEIGHT_DECAY_NAME_PARTS = ("logit_scale", "pos_embed", "cls_token", "mask_token", "bias")
 
 
 def no_weight_decay_names(module: nn.Module) -> set[str]:
@@ -236,7 +236,8 @@ def no_weight_decay_names(module: nn.Module) -> set[str]:
 
     The rule is shape + naming convention: ndim < 2, or a name containing one of
     NO_WEIGHT_DECAY_NAME_PARTS. So a new module only has to name its position embeddings `pos_embed`,
-    its [CLS]-like tokens `cls_token` and a temperature `logit_scale` to be handled correctly.
+    its [CLS]-like tokens `cls_token`, a learned [MASK] input `mask_token` and a temperature `logit_scale`
+    to be handled correctly.
     `AttentionalPooler.cls_token` (its `q d` learned queries) follows this: learned input tokens, not decayed.
     Tied weights (`MLMHead` sharing the word embedding) appear once, under their first name, and are decayed
     like any matrix. mmpt/engine/optim.py builds the optimizer groups from this function.

@@ -6,10 +6,12 @@ from torch import nn
 
 
 class Mlp(nn.Module):
-    """`b n d -> b n d`: Linear(d, r*d) -> GELU -> dropout -> Linear(r*d, d) -> dropout.
+    """`b n d -> b n d`: Linear(d, r*d) -> GELU -> dropout -> [LayerNorm(r*d)] -> Linear(r*d, d) -> dropout.
 
-    Kept free of normalisation so that a block decides where the norm goes (pre-LN here; VLMo experts
-    carry their own LayerNorm and wrap this). Weights are initialised by the owning `Block`.
+    Kept free of the input normalisation so that a block decides where the norm goes (pre-LN here; VLMo
+    experts carry their own LayerNorm and wrap this). `inner_norm=True` adds the Sub-LN (MAGNETO) LayerNorm
+    on the hidden activations that the released BEiT-3 (torchscale, `subln=True`) uses; it keeps the
+    activation scale in check in deep stacks. Weights are initialised by the owning `Block`.
     """
 
     def __init__(
@@ -20,14 +22,20 @@ class Mlp(nn.Module):
         dropout: float = 0.0,
         act_layer: type[nn.Module] = nn.GELU,
         bias: bool = True,
+        inner_norm: bool = False,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         hidden = hidden_dim if hidden_dim is not None else int(dim * mlp_ratio)
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.act = act_layer()
         self.drop1 = nn.Dropout(dropout)
+        self.norm: nn.LayerNorm | None = nn.LayerNorm(hidden, eps=norm_eps) if inner_norm else None
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        h = self.drop1(self.act(self.fc1(x)))
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.drop2(self.fc2(h))
