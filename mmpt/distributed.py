@@ -52,6 +52,28 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def _broadcastable(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`r` -> `r 1 ... 1` with like.ndim dims."""
+    return mask.reshape(mask.shape[0], *([1] * (like.ndim - 1)))
+
+
+def gather_rows(local: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of the rank-major global batch `(w b) ...` whose rank-`r` block is `local` `b ...`.
+
+    Rows owned by this rank are taken from `local` itself and keep its gradient; rows of other ranks come
+    from a no-grad all-gather and are constants here. Collective whenever world_size > 1: every rank calls
+    it with the same `local` shape. Returns `k ...` for `index` `k` (int64 global indices).
+    """
+    if world_size() == 1:
+        return local[index]
+    b = local.shape[0]
+    start = rank() * b
+    gathered = all_gather_no_grad(local.detach())  # `(w b) ...`, transient
+    own = (index >= start) & (index < start + b)  # `k`
+    from_local = local[(index - start).clamp(0, b - 1)]  # `k ...`, garbage (masked below) where not own
+    return torch.where(_broadcastable(own, from_local), from_local, gathered[index])
+
+
 def all_gather_objects(obj: object) -> list[object]:
     """Gather any picklable object from all ranks (variable-size eval shards, strings)."""
     if world_size() == 1:

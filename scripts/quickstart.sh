@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to a trained, evaluated model:
 #   .venv -> synthetic demo shards + tokenizer -> DeepSpeed pretraining (2 CPU processes, or all GPUs)
-#   -> retrieval eval on 1,000 held-out pairs -> metrics, checkpoint and W&B run location.
-# Knobs (env): MMPT_DEMO_DIR (demo), MMPT_RUN_DIR (runs/quickstart), MMPT_NPROC, MMPT_EXPERIMENT (clip_tiny),
+#   -> retrieval eval on 1,000 held-out pairs (ITC, then ITM re-ranking) -> metrics, checkpoint, W&B run.
+# Knobs (env): MMPT_DEMO_DIR (demo), MMPT_RUN_DIR (runs/quickstart), MMPT_NPROC, MMPT_EXPERIMENT (albef_tiny),
 #   MMPT_TRAIN_SAMPLES (10000), MMPT_EVAL_SAMPLES (1000); extra args are Hydra overrides for mmpt-train.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,7 +13,7 @@ start=$(date +%s)
 export WANDB_SILENT=true WANDB_DISABLE_GIT=true
 export MMPT_DEMO_DIR="${MMPT_DEMO_DIR:-$ROOT/demo}"
 RUN_DIR="${MMPT_RUN_DIR:-$ROOT/runs/quickstart}"
-EXPERIMENT="${MMPT_EXPERIMENT:-clip_tiny}"
+EXPERIMENT="${MMPT_EXPERIMENT:-albef_tiny}"
 TRAIN_N="${MMPT_TRAIN_SAMPLES:-10000}"
 EVAL_N="${MMPT_EVAL_SAMPLES:-1000}"
 
@@ -44,8 +44,11 @@ run = pathlib.Path(sys.argv[1])
 m = json.loads((run / "eval.json").read_text())
 s = json.loads((run / "summary.json").read_text())
 print("\n== mmpt quickstart ==")
-for k in ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "mean"):
-    print(f"  retrieval/{k:8s} pair {m[f'retrieval/{k}']:.3f}   caption-identity {m[f'retrieval/{k}_caption']:.3f}")
+stages = [("retrieval", "ITC")] + ([("retrieval_itm", "ITC top-k re-ranked by ITM")] if "retrieval_itm/t2i_r1" in m else [])
+for prefix, title in stages:
+    print(f"  {prefix}: {title}")
+    for k in ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "mean"):
+        print(f"    {k:8s} pair {m[f'{prefix}/{k}']:.3f}   caption-identity {m[f'{prefix}/{k}_caption']:.3f}")
 print(f"  pairs evaluated : {int(m['retrieval/num_pairs'])}")
 print(f"  checkpoint      : {m['checkpoint']}")
 print(f"  W&B run         : {s['wandb_dir']} (id {s['wandb_run_id']}; upload with `wandb sync`)")

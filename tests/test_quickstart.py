@@ -26,6 +26,9 @@ def test_reduced_quickstart_through_the_real_cli(tmp_path):
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["retrieval/num_pairs"] == 100
     assert f"caption-identity {result['retrieval/t2i_r1_caption']:.3f}" in report
+    # the default experiment is tiny ALBEF: its ITM re-ranking stage is evaluated and reported too
+    assert "retrieval_itm: ITC top-k re-ranked by ITM" in report
+    assert f"caption-identity {result['retrieval_itm/t2i_r1_caption']:.3f}" in report
     assert "checkpoints/step_00000012" in report and "offline-run-" in report
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps[:3] == [4, 8, 12]

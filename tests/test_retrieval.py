@@ -1,6 +1,8 @@
 """Retrieval recall against hand-computed rankings, by pair and by caption identity."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -70,24 +72,21 @@ def test_itm_rerank_promotes_true_pairs_inside_top_k_only():
     assert retrieval_metrics(emb, ks=[1], sims_t2i=t2i_k1, sims_i2t=i2t_k1)["retrieval/t2i_r1"] == 0.0
 
 
-class ConfidentITM(torch.nn.Module):
-    """ITM with fixed probabilities: 0.9 for the true pair, 0.5 for everything else; ITC logit scale 10."""
+class UnsureITM(torch.nn.Module):
+    """ITM that slightly prefers a wrong pair: p = 0.6 for the true pair, 0.62 for every other."""
 
     def itm_score(self, images, input_ids, attention_mask):
-        return torch.where(images[:, 0, 0, 0].round().long() == input_ids[:, 1], 0.9, 0.5)
-
-    def itc_logit_scale(self):
-        return torch.tensor(10.0)
+        return torch.where(images[:, 0, 0, 0].round().long() == input_ids[:, 1], 0.6, 0.62)
 
 
-def test_itm_plus_itc_score_is_log_itm_plus_itc_logit():
-    """Hand computation, text 0 over images {0, 1}: cosines 0.5 (true) and 0.6 (wrong).
-    itm+itc: log 0.9 + 10 * 0.5 = 4.895 vs log 0.5 + 10 * 0.6 = 5.307 -> the wrong image stays first (ITC
-    is more confident than ITM); itm alone: 0.9 > 0.5 -> the true image first."""
+def test_itm_plus_itc_score_is_log_itm_plus_cosine():
+    """Hand computation, text 0 over images {0 (true), 1}: cosines 0.5 and 0.2.
+    itm alone: 0.62 > 0.6 -> the wrong image first. itm+itc: log 0.6 + 0.5 = -0.0108 vs
+    log 0.62 + 0.2 = -0.2780 -> the true image first (ITM is unsure, the cosine decides)."""
     from mmpt.eval.retrieval import EvalInputs, itm_rerank_sims
 
     images = torch.eye(2)
-    texts = torch.tensor([[0.5, 0.6], [0.0, 1.0]])  # not normalized on purpose: the cosines are the dot products
+    texts = torch.tensor([[0.5, 0.2], [0.0, 1.0]])  # not normalized on purpose: the cosines are the dot products
     pixels = torch.zeros(2, 3, 2, 2)
     pixels[:, 0, 0, 0] = torch.arange(2).float()
     ids = torch.zeros(2, 3, dtype=torch.long)
@@ -96,11 +95,11 @@ def test_itm_plus_itc_score_is_log_itm_plus_itc_logit():
     emb = EvalEmbeddings(images, texts, captions=keys, image_ids=keys, keys=keys,
                          inputs=EvalInputs(pixels, ids, torch.ones_like(ids)))
     cpu = torch.device("cpu")
-    t2i_itm, _ = itm_rerank_sims(ConfidentITM(), emb, k=2, device=cpu, score="itm")
-    t2i_sum, _ = itm_rerank_sims(ConfidentITM(), emb, k=2, device=cpu, score="itm+itc")
-    assert t2i_itm[0].argmax() == 0 and t2i_sum[0].argmax() == 1
-    gap = (t2i_sum[0, 1] - t2i_sum[0, 0]).item()  # the per-row shift cancels in differences
-    assert gap == pytest.approx((torch.tensor(0.5).log() + 6.0 - torch.tensor(0.9).log() - 5.0).item(), abs=1e-5)
+    t2i_itm, _ = itm_rerank_sims(UnsureITM(), emb, k=2, device=cpu, score="itm")
+    t2i_sum, _ = itm_rerank_sims(UnsureITM(), emb, k=2, device=cpu, score="itm+itc")
+    assert t2i_itm[0].argmax() == 1 and t2i_sum[0].argmax() == 0
+    gap = (t2i_sum[0, 0] - t2i_sum[0, 1]).item()  # the per-row shift cancels in differences
+    assert gap == pytest.approx(math.log(0.6) + 0.5 - math.log(0.62) - 0.2, abs=1e-5)
     assert (t2i_sum[0] > 1.0).all()  # re-scored candidates sit above every un-scored cosine
     with pytest.raises(ValueError, match="itm or itm"):
-        itm_rerank_sims(ConfidentITM(), emb, k=2, device=cpu, score="sum")
+        itm_rerank_sims(UnsureITM(), emb, k=2, device=cpu, score="sum")

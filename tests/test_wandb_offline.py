@@ -119,17 +119,20 @@ def test_truncated_file_reads_complete_prefix(wandb_root: Path, tmp_path: Path, 
     stride = 1 if len(data) < 8192 else 97
     cuts = sorted({*range(8, len(data), stride), 32 * 1024, 32 * 1024 + 1, len(data) // 2, len(data) - 1})
     boundaries: set[int] = set()  # cuts that fall exactly between chunks
+    partial_prefixes = 0  # cuts that keep some but not all history rows
     for cut in (c for c in cuts if c < len(data)):
         cut_file.write_bytes(data[:cut])
         run = read_offline_run(cut_file)  # must not raise
         assert run.history == full[: len(run.history)], cut
+        partial_prefixes += 0 < len(run.history) < len(full)
         if not run.truncated:
             boundaries.add(cut)
     assert len(boundaries) < len(cuts) // 2  # most cuts land inside a chunk
     cut_file.write_bytes(data[:-1])
     assert read_offline_run(cut_file).truncated
-    cut_file.write_bytes(data[: len(data) // 2])
-    assert len(read_offline_run(cut_file).history) > 0  # the middle cut keeps early rows
+    # a cut after the first rows keeps them (where the rows sit in the file depends on how much system/config
+    # data wandb wrote first, so no fixed offset is asserted)
+    assert partial_prefixes > 0
 
 
 def test_header_only_and_garbage(tmp_path: Path, wandb_root: Path) -> None:

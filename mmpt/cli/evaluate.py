@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from mmpt import distributed as mdist
 from mmpt.cli.common import fail, strip_launcher_args, user_errors_exit
 from mmpt.engine.checkpoint import load_model_weights, resolve_checkpoint_dir
-from mmpt.engine.config import ConfigError
+from mmpt.engine.config import ConfigError, EvalConfig
 from mmpt.engine.dist_env import detect_env, device_for, init_process_group
 from mmpt.engine.run_setup import build_eval_loader_for, configure_logging, validate
 from mmpt.eval.runner import evaluate_model
@@ -48,6 +48,8 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     saved = OmegaConf.load(tag_dir / "config.yaml")
     if (tag_dir / "tokenizer.json").is_file():
         saved.tokenizer.path = str(tag_dir / "tokenizer.json")
+    # eval settings added after the checkpoint was written take their defaults (and can be overridden)
+    saved.eval = OmegaConf.merge(OmegaConf.structured(EvalConfig), saved.get("eval") or {})
     OmegaConf.set_struct(saved, True)
     try:
         cfg_raw = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))

@@ -131,7 +131,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     output: Optional[str] = None
     rerank_k: int = 16  # ITM re-ranks each query's ITC top-k (models with itm_score); 0 = off
-    rerank_score: str = "itm"  # itm: ITM alone (ALBEF); itm+itc: log ITM probability + ITC logit (BLIP/LAVIS-style sum)
+    rerank_score: str = "itm"  # itm: ITM alone (ALBEF); itm+itc: log ITM probability + ITC cosine (BLIP/LAVIS-style sum)
     caption_max_images: int = 256  # captioning eval (models with generate); 0 = off
     caption_max_len: int = 20
     caption_beams: int = 3
@@ -230,6 +230,12 @@ def _check_source_items(body: dict[str, Any]) -> None:
 
 def typed_config(cfg: DictConfig) -> TrainConfig:
     """Merge the composed config onto the schema: unknown keys and wrong types become ConfigError."""
+    # A required model key (???) that has a dataclass default would otherwise silently take that default
+    # (OmegaConf.to_object skips missing fields): e.g. a later training stage's model.init.checkpoint.
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if k.startswith("model."))
+    if missing:
+        raise ConfigError(f"config key '{missing[0]}' is required but not set (???). Set it on the command line: "
+                          f"{missing[0]}=...")
     body = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(body, dict)
     body.pop("hydra", None)

@@ -45,7 +45,8 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
     with torch.device("meta"):
         probe = build_model(cfg.model)
     check_combinations(cfg, env.world_size, torch.cuda.is_available(), tuple(probe.objectives))
-    check_data(cfg, tuple(getattr(type(probe), "data_kinds", ("pairs",))), need_train)
+    # the instance's kinds: a model may narrow them to what its configured objectives read (BEiT-3)
+    check_data(cfg, tuple(getattr(probe, "data_kinds", ("pairs",))), need_train)
     cfg.loss.weights = {**dict(getattr(probe, "default_loss_weights", {})), **cfg.loss.weights}
     missing = sorted(set(probe.objectives) - set(cfg.loss.weights))
     if missing:

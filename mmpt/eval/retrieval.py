@@ -122,14 +122,13 @@ def itm_rerank_sims(model: torch.nn.Module, emb: EvalEmbeddings, k: int, device:
     """Second stage: for each query, its ITC top-k candidates are re-scored and ranked above all others.
     Collective: queries are split across ranks, results all-gathered.
 
-    score "itm": the ITM match probability alone (ALBEF's protocol). "itm+itc": log p(match) + the ITC logit
-    (cosine x the model's `itc_logit_scale()`), i.e. the product of the two models' evidence, in the spirit
-    of BLIP/LAVIS's ITM + ITC sum: a weak ITM head then only breaks ties that ITC is unsure about.
+    score "itm": the ITM match probability alone (ALBEF's protocol). "itm+itc": log p(match) + the ITC
+    cosine, BLIP/LAVIS's ITM + ITC sum with the ITM term as a log-probability: ITM decides, and the cosine
+    (within [-1, 1]) breaks near-ties that ITM is unsure about (measured on tiny ALBEF: docs/RESULTS.md).
     Returns (`texts images`, `images texts`) scores whose row order is the re-ranked order.
     """
     if score not in ("itm", "itm+itc"):
         raise ValueError(f"re-rank score {score!r}: choose itm or itm+itc")
-    itc_scale = float(model.itc_logit_scale()) if score == "itm+itc" else 0.0
     assert emb.inputs is not None, "embed_eval_set(..., keep_inputs=True) is needed for re-ranking"
     itc = emb.texts @ emb.images.T
     n_txt, n_img = itc.shape
@@ -151,7 +150,7 @@ def itm_rerank_sims(model: torch.nn.Module, emb: EvalEmbeddings, k: int, device:
                                           emb.inputs.attention_mask[txt_idx[sl]].to(device)).float().cpu())
         itm = torch.cat(scores).view(-1, k) if scores else torch.empty(0, k)
         if score == "itm+itc":
-            itm = itm.clamp_min(1e-12).log() + itc_scale * sims[queries[:, None].expand_as(top), top]
+            itm = itm.clamp_min(1e-12).log() + sims[queries[:, None].expand_as(top), top]
         local = (direction, queries, top, itm)
         parts += mdist.all_gather_objects(local)
     model.train(was_training)

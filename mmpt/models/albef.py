@@ -2,9 +2,9 @@
 optionally distilled from a momentum (EMA) teacher with feature queues.
 
 ITM hard negatives across ranks (the design choice): negatives are sampled from the all-gathered global
-batch with the student's ITC similarities (`sample_hard_negatives`). The fusion pass of a negative pair
-needs the partner's token sequence, so the image tokens `b n c`, text tokens `b l d` and text masks are
-all-gathered WITHOUT gradient (`gather_rows`): a negative owned by this rank is taken from the local
+batch with the student's ITC similarities (`hard_negative_rows`, shared with VLMo). The fusion pass of a
+negative pair needs the partner's token sequence, so the image tokens `b n c`, text tokens `b l d` and text
+masks are all-gathered WITHOUT gradient (`gather_rows`): a negative owned by this rank is taken from the local
 tensor and keeps its gradient (with one process this is exactly ALBEF's local-batch ITM, gradients
 included); a negative owned by another rank is a constant, so the ITM loss does not train that rank's
 encoders through it. The ITM head, the fusion layers and the local side of every pair are still trained
@@ -21,9 +21,8 @@ import torch
 from torch import nn
 
 from mmpt.data.batch import Batch
-from mmpt.distributed import all_gather_no_grad, rank
 from mmpt.models.albef_config import ALBEFConfig, albef_base_config
-from mmpt.models.albef_parts import TextFusionEncoder, gather_rows
+from mmpt.models.albef_parts import TextFusionEncoder
 from mmpt.models.momentum import MomentumTeacher
 from mmpt.models.protocol import ModelOutput
 from mmpt.models.registry import register_arch
@@ -32,7 +31,7 @@ from mmpt.modules.encoders import vision_tower_from
 from mmpt.modules.heads import ITMHead, ProjectionHead, l2_normalize
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.objectives.itc_distill import DistillContrastiveLoss
-from mmpt.objectives.itm import image_id_codes, itm_loss, sample_hard_negatives, text_codes
+from mmpt.objectives.itm import hard_negative_rows, hardness_ramp, itm_loss
 from mmpt.objectives.mlm import mask_tokens, mlm_loss
 
 __all__ = ["ALBEF", "ALBEFConfig", "albef_base_config", "build_albef"]
@@ -93,10 +92,6 @@ class ALBEF(nn.Module):
         fused = self.text.fuse(self.text.encode(input_ids, attention_mask), attention_mask, self.visual(images))
         return self.itm_head(fused[:, 0]).float().softmax(dim=-1)[:, 1]
 
-    def itc_logit_scale(self) -> torch.Tensor:
-        """The learned ITC inverse temperature (0-d): `eval.rerank_score=itm+itc` turns cosines into logits."""
-        return self.itc.scale().detach()
-
     # ---- training ---------------------------------------------------------------------------------------
     def distill_alpha(self) -> torch.Tensor:
         """0-d device tensor equal to `alpha_at(step, alpha, alpha_warmup_steps)`, read from the step buffer
@@ -120,10 +115,7 @@ class ALBEF(nn.Module):
         """0-d device tensor in [0, 1] scaling the ITC logits that hard negatives are sampled from: 0 = uniform
         negatives, 1 = ALBEF's softmax(sim). A tiny model trained from scratch never bootstraps ITM on fully
         hard negatives (it sits at the 1/3 prior), so `itm_hardness_warmup_steps` ramps it in."""
-        warmup = self.config.itm_hardness_warmup_steps
-        if warmup <= 0:
-            return torch.ones((), device=self.step.device)
-        return (self.step[0].float() / warmup).clamp(max=1.0)
+        return hardness_ramp(self.step, self.config.itm_hardness_warmup_steps)
 
     def forward(self, batch: Batch) -> ModelOutput:
         images, ids, mask = batch.images, batch.input_ids, batch.attention_mask
@@ -149,13 +141,6 @@ class ALBEF(nn.Module):
         metrics.update(m_itc | m_itm | m_mlm)
         return ModelOutput(losses={"itc": loss_itc, "itm": loss_itm, "mlm": loss_mlm}, metrics=metrics)
 
-    def _image_codes(self, image_ids: list[str], b: int, device: torch.device) -> torch.Tensor:
-        """`b` int64 image-id codes; without ids, distinct negative codes per global row (never a collision
-        in practice with the 64-bit hashes), so every rank takes the same collective path either way."""
-        if len(image_ids) == b:
-            return image_id_codes(image_ids, device=device)
-        return -1 - (torch.arange(b, device=device) + b * rank())
-
     def _itm(
         self,
         image_tokens: torch.Tensor,
@@ -168,22 +153,15 @@ class ALBEF(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One fusion pass over `(3 b)` pairs: [positives ; image + hard negative text ; text + hard negative image]."""
         b = image_tokens.shape[0]
-        codes = self._image_codes(image_ids, b, image_tokens.device)
-        captions = text_codes(mask * ids)  # identical captions are never each other's negatives
-        glob = self.config.itm_global_negatives
-        pick = gather_rows if glob else (lambda local, index: local[index])
-        with torch.no_grad():
-            img, txt = image_feats.detach().float(), text_feats.detach().float()
-            img_all, txt_all = (all_gather_no_grad(img), all_gather_no_grad(txt)) if glob else (img, txt)
-            s = self.itc.scale().detach() * self.itm_hardness()
-            neg_text, neg_image = sample_hard_negatives(
-                s * img @ txt_all.T, s * txt @ img_all.T, codes,
-                all_gather_no_grad(codes) if glob else codes, rank() if glob else 0,
-                text_codes_local=captions, text_codes_global=all_gather_no_grad(captions) if glob else captions,
-            )  # fmt: skip
-        text_in = torch.cat([text_tokens, pick(text_tokens, neg_text), text_tokens])  # `(3 b) l d`
-        mask_in = torch.cat([mask, pick(mask, neg_text), mask])  # `(3 b) l`
-        image_in = torch.cat([image_tokens, image_tokens, pick(image_tokens, neg_image)])  # `(3 b) n c`
+        neg = hard_negative_rows(
+            image_feats, text_feats, self.itc.scale().detach() * self.itm_hardness(), ids, mask, image_ids,
+            image_rows=[image_tokens], text_rows=[text_tokens, mask],
+            global_negatives=self.config.itm_global_negatives,
+        )  # fmt: skip
+        (neg_image_tokens,), (neg_text_tokens, neg_mask) = neg
+        text_in = torch.cat([text_tokens, neg_text_tokens, text_tokens])  # `(3 b) l d`
+        mask_in = torch.cat([mask, neg_mask, mask])  # `(3 b) l`
+        image_in = torch.cat([image_tokens, image_tokens, neg_image_tokens])  # `(3 b) n c`
         logits = self.itm_head(self.text.fuse(text_in, mask_in, image_in)[:, 0])  # `(3 b) 2`
         return itm_loss(logits[:b], logits[b:])
 

@@ -1,4 +1,5 @@
-"""ALBEF building blocks: the BERT-like text+fusion tower and the cross-rank row gather for ITM negatives.
+"""ALBEF building blocks: the BERT-like text+fusion tower (`gather_rows`, the cross-rank row gather for ITM
+negatives, now lives in mmpt/distributed.py and is re-exported here).
 
 Kept apart from mmpt/models/albef.py so the model file reads as the training step and nothing else.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmpt.distributed import all_gather_no_grad, rank, world_size
+from mmpt.distributed import gather_rows  # noqa: F401  (re-exported: its old home)
 from mmpt.modules.block import Transformer
 from mmpt.modules.encoders import TextTransformer
 from mmpt.modules.heads import MLMHead
@@ -70,25 +71,3 @@ class TextFusionEncoder(nn.Module):
             + fusion_passes * self.fusion.flops(text_tokens, image_tokens)
             + mlm_passes * self.mlm_head.flops(text_tokens)
         )
-
-
-def _broadcastable(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`r` -> `r 1 ... 1` with like.ndim dims."""
-    return mask.reshape(mask.shape[0], *([1] * (like.ndim - 1)))
-
-
-def gather_rows(local: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows `index` of the rank-major global batch `(w b) ...` whose rank-`r` block is `local` `b ...`.
-
-    Rows owned by this rank are taken from `local` itself and keep its gradient; rows of other ranks come
-    from a no-grad all-gather and are constants here. Collective whenever world_size > 1: every rank calls
-    it with the same `local` shape. Returns `k ...` for `index` `k` (int64 global indices).
-    """
-    if world_size() == 1:
-        return local[index]
-    b = local.shape[0]
-    start = rank() * b
-    gathered = all_gather_no_grad(local.detach())  # `(w b) ...`, transient
-    own = (index >= start) & (index < start + b)  # `k`
-    from_local = local[(index - start).clamp(0, b - 1)]  # `k ...`, garbage (masked below) where not own
-    return torch.where(_broadcastable(own, from_local), from_local, gathered[index])

@@ -413,7 +413,10 @@ def apply_init(
         teacher_loaded = not any(key.startswith(f"{name}.") for key in report.missing for name in teachers)
     if init.vision:
         teacher_loaded = False
-        reports.append(load_timm_vit(model.visual, init.vision))
+        visual = getattr(model, "visual", None)
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(f"model.init.vision: {type(model).__name__} has no ViT tower (`visual`) to load into")
+        reports.append(load_timm_vit(visual, init.vision))
     if init.text:
         teacher_loaded = False
         targets = getattr(model, "bert_init_targets", None)

@@ -35,6 +35,8 @@ def _load_builtin_archs() -> None:
     from mmpt.models import clip  # noqa: F401  (registers itself)
     from mmpt.models import albef  # noqa: F401
     from mmpt.models import coca  # noqa: F401
+    from mmpt.models import vlmo  # noqa: F401
+    from mmpt.models import beit3  # noqa: F401
 
 
 def arch_names() -> list[str]:

@@ -4,14 +4,21 @@ For every local image one negative text, and for every local text one negative i
 probability softmax(similarity) over the all-gathered batch, never the positive nor any pair that shares
 the image id (two captions of one image are not a mismatch). Both draws are one torch.multinomial over a
 `(2 b) (w b)` matrix: no Python loop over the batch and no host sync.
+
+`hard_negative_rows` is the whole model-independent step that ALBEF and VLMo share: codes for the
+exclusion rules, the no-grad draw over all-gathered ITC features, and the rows of whatever each model
+feeds its fused pass (ALBEF: tower tokens; VLMo: raw images and token ids), picked locally or across ranks.
 """
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from mmpt.distributed import all_gather_no_grad, gather_rows, rank
 
 
 def image_id_codes(image_ids: Sequence[str | int], device: torch.device | str | None = None) -> torch.Tensor:
@@ -112,3 +119,74 @@ def itm_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> tuple[torch.
         pred = logits.argmax(dim=1)
         metrics = {"itm_acc": (pred == labels).float().mean(), "itm_acc_pos": (pred[:b] == 1).float().mean()}
     return loss, metrics
+
+
+def hardness_ramp(step: torch.Tensor, warmup_steps: int) -> torch.Tensor:
+    """0-d device tensor in [0, 1] scaling the ITC logits that hard negatives are drawn from: step / warmup,
+    clamped (0 = uniform negatives, 1 = softmax(sim) as ALBEF/VLMo); 1 when warmup_steps <= 0. `step` is a
+    `(1,)` buffer of optimizer steps, read on device (no host sync). A tiny model trained from scratch never
+    bootstraps ITM on fully hard negatives (it sits at the 1/3 prior), hence the ramp."""
+    if warmup_steps <= 0:
+        return torch.ones((), device=step.device)
+    return (step[0].float() / warmup_steps).clamp(max=1.0)
+
+
+def pair_image_codes(image_ids: Sequence[str], b: int, device: torch.device) -> torch.Tensor:
+    """`b` int64 image-id codes of the local pairs; without ids, distinct negative codes per global row (no
+    collision with the 64-bit hashes in practice), so every rank takes the same collective path either way."""
+    if len(image_ids) == b:
+        return image_id_codes(image_ids, device=device)
+    return -1 - (torch.arange(b, device=device) + b * rank())
+
+
+class HardNegatives(NamedTuple):
+    """Rows of the negative partners, one tensor per input given to `hard_negative_rows`, in that order.
+
+    images[k]: row i holds `image_rows[k]` of the hard negative image of local text i, `b ...`;
+    texts[k]: row i holds `text_rows[k]` of the hard negative text of local image i, `b ...`.
+    """
+
+    images: tuple[torch.Tensor, ...]
+    texts: tuple[torch.Tensor, ...]
+
+
+def hard_negative_rows(
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    logit_scale: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_ids: Sequence[str],
+    image_rows: Sequence[torch.Tensor],
+    text_rows: Sequence[torch.Tensor],
+    global_negatives: bool = True,
+) -> HardNegatives:
+    """Draw one hard negative text per local image and one hard negative image per local text, then pick
+    the rows the model's fused pass needs for them.
+
+    image_feats / text_feats: the local L2-normalised ITC features `b e` (detached here); logit_scale: 0-d,
+    the ITC scale times any hardness ramp (`hardness_ramp`). input_ids / attention_mask `b l` give the
+    caption codes (identical captions are never each other's negatives), image_ids the image codes (two
+    captions of one image are not a mismatch). image_rows / text_rows: tensors `b ...` whose rows belong to
+    the local images / texts (e.g. `[images]`, `[input_ids, attention_mask]`).
+
+    global_negatives=True draws from the all-gathered batch; a partner owned by this rank keeps its gradient,
+    one owned by another rank arrives through a no-grad gather (`gather_rows`). False draws from the local
+    batch only (no collective). Collective when global: every rank calls it with the same shapes.
+    """
+    b = image_feats.shape[0]
+    codes = pair_image_codes(image_ids, b, image_feats.device)
+    captions = text_codes(attention_mask * input_ids)
+    with torch.no_grad():
+        img, txt = image_feats.detach().float(), text_feats.detach().float()
+        gather = all_gather_no_grad if global_negatives else (lambda t: t)
+        img_all, txt_all = gather(img), gather(txt)
+        s = logit_scale.detach()
+        neg_text, neg_image = sample_hard_negatives(
+            s * img @ txt_all.T, s * txt @ img_all.T, codes, gather(codes), rank() if global_negatives else 0,
+            text_codes_local=captions, text_codes_global=gather(captions),
+        )  # fmt: skip
+    pick = gather_rows if global_negatives else (lambda local, index: local[index])
+    texts = tuple(pick(t, neg_text) for t in text_rows)
+    images = tuple(pick(t, neg_image) for t in image_rows)
+    return HardNegatives(images=images, texts=texts)
