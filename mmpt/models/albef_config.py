@@ -6,7 +6,7 @@ from typing import Any
 
 from mmpt.models.momentum import MomentumConfig
 from mmpt.models.config_base import ModelConfigBase
-from mmpt.models.config_checks import tower_problems
+from mmpt.models.config_checks import itc_mlm_problems, tower_problems
 
 
 def _albef_momentum() -> MomentumConfig:
@@ -57,16 +57,7 @@ class ALBEFConfig(ModelConfigBase):
         p: list[str] = tower_problems(self)
         if self.text_layers < 0 or self.fusion_layers < 1:
             p.append(f"need text_layers >= 0 and fusion_layers >= 1 (ITM/MLM), got {self.text_layers}, {self.fusion_layers}")
-        if not 0 < self.min_temperature <= self.temperature_init <= self.max_temperature:
-            p.append(
-                f"need 0 < min_temperature <= temperature_init <= max_temperature, got "
-                f"{self.min_temperature}, {self.temperature_init}, {self.max_temperature}"
-            )
-        if not 0.0 < self.mlm_prob < 1.0:
-            p.append(f"mlm_prob={self.mlm_prob} must be in (0, 1)")
-        special = (self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id)
-        if len(set(special)) != 4 or not all(0 <= i < self.vocab_size for i in special):
-            p.append(f"pad/cls/sep/mask token ids {special} must be distinct and < vocab_size={self.vocab_size}")
+        p += itc_mlm_problems(self)
         m = self.momentum
         if not 0.0 <= m.momentum <= 1.0:
             p.append(f"momentum.momentum={m.momentum} must be in [0, 1]")

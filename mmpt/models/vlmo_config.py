@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Optional
 
 from mmpt.models.config_base import ModelConfigBase
+from mmpt.models.config_checks import itc_mlm_problems
 from mmpt.modules.multiway_presets import vlmo_base_dims, vlmo_large_dims
 from mmpt.visual_tokenizer import KINDS as TOKENIZER_KINDS
 from mmpt.visual_tokenizer import VisualTokenizerConfig
@@ -70,16 +71,7 @@ class VLMoConfig(ModelConfigBase):
             p.append(f"vl_layers={self.vl_layers} must be in [1, layers={self.layers}] (ITM/MLM need a VL-FFN)")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout={self.dropout} must be in [0, 1)")
-        if not 0 < self.min_temperature <= self.temperature_init <= self.max_temperature:
-            p.append(
-                f"need 0 < min_temperature <= temperature_init <= max_temperature, got "
-                f"{self.min_temperature}, {self.temperature_init}, {self.max_temperature}"
-            )
-        if not 0.0 < self.mlm_prob < 1.0:
-            p.append(f"mlm_prob={self.mlm_prob} must be in (0, 1)")
-        special = (self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id)
-        if len(set(special)) != 4 or not all(0 <= i < self.vocab_size for i in special):
-            p.append(f"pad/cls/sep/mask token ids {special} must be distinct and < vocab_size={self.vocab_size}")
+        p += itc_mlm_problems(self)
         tok = self.mim_tokenizer
         if tok is not None:
             if tok.kind not in TOKENIZER_KINDS:
