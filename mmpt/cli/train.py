@@ -1,16 +1,19 @@
 """`mmpt-train`: Hydra-composed pretraining on DeepSpeed. Any launcher: single process, torchrun, deepspeed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mmpt.cli.common import CONF_DIR, strip_launcher_args, user_errors_exit
+from mmpt.engine.dry_run import dry_run_report, format_report
 from mmpt.engine.run_setup import configure_logging, current_env, start_distributed, validate
 
 log = logging.getLogger("mmpt")
@@ -20,7 +23,16 @@ log = logging.getLogger("mmpt")
 def train(raw: DictConfig) -> None:
     env = current_env()
     configure_logging(env)
+    dry_run = bool(OmegaConf.select(raw, "trainer.dry_run", default=False))
+    expected = OmegaConf.select(raw, "trainer.expected_world_size", default=None)
+    if dry_run and expected:  # a login node checks the config against the job's world, not its own
+        env = dataclasses.replace(env, world_size=int(expected))
     prep = validate(raw, env)  # user errors stop here, before any process group
+    if dry_run:
+        if env.is_main:
+            report = dry_run_report(prep.cfg, env.world_size, prep.trainable_params, prep.frozen_params, os.environ)
+            print(format_report(report), flush=True)
+        return
     from mmpt.engine.trainer import Trainer
 
     device, run_dir = start_distributed(prep, Path(HydraConfig.get().runtime.output_dir))
@@ -32,7 +44,7 @@ def train(raw: DictConfig) -> None:
         summary = {"step": result.step, "run_dir": str(result.run_dir),
                    "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
                    "wandb_run_id": result.wandb_run_id, "wandb_dir": result.wandb_location,
-                   **result.eval_metrics}
+                   "preempted_by": result.preempted_by, **result.eval_metrics}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("done: %s", json.dumps(summary))
 

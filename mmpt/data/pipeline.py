@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -379,6 +380,11 @@ class BatchLoader:
 def _worker_init(_: int) -> None:
     # each worker tokenizes its own batches; rayon threads per worker would only oversubscribe the CPUs
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # SLURM signals every process of a task: USR1's default action would kill a worker, and a dead worker
+    # makes PyTorch raise in the trainer mid-step. Preemption belongs to the trainer (mmpt.engine.preemption);
+    # workers end with it.
+    for number in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None) -> BatchLoader:

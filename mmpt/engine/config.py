@@ -13,6 +13,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from mmpt.engine.preemption import signal_number
 from mmpt.models.registry import arch_names, model_config
 
 
@@ -90,6 +91,10 @@ class TrainerConfig:
     resume: str = "auto"
     seed: int = 0
     dist_timeout_s: int = 1800
+    preempt_signals: list[str] = field(default_factory=lambda: ["USR1", "TERM"])
+    preempt_check_every: int = 1
+    dry_run: bool = False
+    expected_world_size: Optional[int] = None
 
 
 @dataclass
@@ -276,9 +281,15 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
         raise ConfigError("trainer.precision=fp16 needs a GPU (loss scaling on CPU is unsupported); use bf16 or fp32")
     for key, value in (("trainer.max_steps", t.max_steps), ("data.batch_size", d.batch_size),
                        ("trainer.grad_accum", t.grad_accum), ("trainer.log_every", t.log_every),
-                       ("trainer.save_every", t.save_every), ("data.eval_batch_size", d.eval_batch_size)):
+                       ("trainer.save_every", t.save_every), ("data.eval_batch_size", d.eval_batch_size),
+                       ("trainer.preempt_check_every", t.preempt_check_every)):
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")
+    for name in t.preempt_signals:
+        try:
+            signal_number(name)
+        except ValueError as exc:
+            raise ConfigError(f"trainer.preempt_signals: {exc}") from None
     if t.keep_last < 1:
         raise ConfigError(f"trainer.keep_last={t.keep_last} must be >= 1 (resuming needs a checkpoint)")
     if t.global_batch_size is not None:

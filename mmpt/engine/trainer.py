@@ -5,8 +5,10 @@ architecture or objective never edits this file.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ from mmpt.engine.dist_env import DistEnv
 from mmpt.engine.ds_config import build_deepspeed_config, global_batch_size
 from mmpt.engine.loggers import RunLogger
 from mmpt.engine.optim import build_optimizer, build_scheduler
+from mmpt.engine.preemption import PreemptionWatch
 from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
 from mmpt.eval.runner import evaluate_model
 from mmpt.models.freezing import apply_freeze
@@ -59,6 +62,19 @@ class IntervalStats:
     data_wait_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
     skipped: dict[str, int] = field(default_factory=dict)
+    grad_norms: list[float | torch.Tensor] = field(default_factory=list)
+
+    def add_grad_norm(self, norm: float | torch.Tensor | None) -> None:
+        """The engine's pre-clipping global gradient norm of one optimizer step (None when it has none)."""
+        if norm is not None:
+            self.grad_norms.append(norm.detach().float() if isinstance(norm, torch.Tensor) else float(norm))
+
+    def grad_norm_summary(self) -> dict[str, float]:
+        """Mean and max over the interval: a mean above `trainer.grad_clip` means clipping shrinks most steps."""
+        if not self.grad_norms:
+            return {}
+        norms = [float(n) for n in self.grad_norms]
+        return {"grad_norm": sum(norms) / len(norms), "grad_norm_max": max(norms)}
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for key, value in values.items():
@@ -84,6 +100,7 @@ class TrainResult:
     eval_metrics: dict[str, float]
     wandb_location: str | None
     wandb_run_id: str
+    preempted_by: str | None = None  # the signal's name when the run stopped early to be requeued
 
 
 class Trainer:
@@ -114,7 +131,10 @@ class Trainer:
         self.logger = RunLogger(cfg.logger, run_dir, self.wandb_run_id, wandb_config, env.is_main,
                                 cfg.trainer.max_steps)
         self.last_checkpoint: Path | None = None
+        self.saved_step = -1
         self.eval_metrics: dict[str, float] = {}
+        self.preempted_by = 0
+        self.preemption = PreemptionWatch(cfg.trainer.preempt_signals, device)
 
     def _build_model(self) -> torch.nn.Module:
         """The model with its starting weights (model.init) and trainable set (model.freeze / model.train),
@@ -166,6 +186,7 @@ class Trainer:
         self.last_checkpoint = checkpoint.save(
             self.engine, self.ckpt_root, self.step, self.client_state(), self.cfg.trainer.keep_last, extra
         )
+        self.saved_step = self.step
         if self.env.is_main:
             log.info("saved checkpoint %s", self.last_checkpoint)
 
@@ -190,6 +211,7 @@ class Trainer:
         record["train/samples_per_s"] = samples / max(elapsed, 1e-9)
         record["train/data_wait"] = stats.data_wait_s / max(elapsed, 1e-9)
         record["train/skipped"] = skipped
+        record.update({f"train/{k}": v for k, v in stats.grad_norm_summary().items()})
         return record
 
     # ---- evaluation ---------------------------------------------------------------------------------------
@@ -222,6 +244,7 @@ class Trainer:
                     stats.skipped[reason] = stats.skipped.get(reason, 0) + count
                 self._micro_step(batch, stats)
             self.step += 1
+            stats.add_grad_norm(self.engine.get_global_grad_norm())
             if self.after_step is not None:
                 self.after_step(self.step)  # e.g. momentum teacher EMA: after the update, outside forward
             if self.step % t.log_every == 0 or self.step == t.max_steps:
@@ -229,12 +252,34 @@ class Trainer:
                 stats = IntervalStats(skipped=stats.skipped)
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 self.save()
+            if self.step % t.preempt_check_every == 0 and (signum := self.preemption.agreed()):
+                self._checkpoint_for_preemption(signum, stats)
+                break
             every = self.cfg.eval.every
             if self.cfg.data.eval.urls and every and self.step % every == 0 and self.step != t.max_steps:
                 self.evaluate()
-        if self.cfg.data.eval.urls and self.cfg.eval.at_end:
-            self.evaluate()
+        else:
+            if self.cfg.data.eval.urls and self.cfg.eval.at_end:
+                self.evaluate()
+        preempted = self.preempted_by
         result = TrainResult(self.step, self.run_dir, self.last_checkpoint or checkpoint.latest_checkpoint(self.ckpt_root),
-                             self.eval_metrics, self.logger.wandb_location, self.wandb_run_id)
+                             self.eval_metrics, self.logger.wandb_location, self.wandb_run_id,
+                             signal.Signals(preempted).name if preempted else None)
         self.logger.close()
+        self.preemption.restore()
+        if preempted:
+            self.preemption.chain_previous(preempted)  # e.g. submitit: requeue this job, then exit
         return result
+
+    def _checkpoint_for_preemption(self, signum: int, stats: IntervalStats) -> None:
+        """All ranks, same step: log the partial interval, checkpoint this step, leave a `preempted.json` marker."""
+        self.preempted_by = signum
+        if stats.micro_steps:
+            self.logger.log(self._record(stats))
+        if self.saved_step != self.step:
+            self.save()
+        if self.env.is_main:
+            marker = {"step": self.step, "signal": signal.Signals(signum).name, "checkpoint": str(self.last_checkpoint)}
+            (self.run_dir / "preempted.json").write_text(json.dumps(marker, indent=2))
+            log.warning("preempted by %s at step %d: checkpoint %s; rerun the same command (same hydra.run.dir) "
+                        "to resume", signal.Signals(signum).name, self.step, self.last_checkpoint)

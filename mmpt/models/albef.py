@@ -33,6 +33,7 @@ from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.objectives.itc_distill import DistillContrastiveLoss
 from mmpt.objectives.itm import hard_negative_rows, hardness_ramp, itm_loss
 from mmpt.objectives.mlm import mask_tokens, mlm_loss
+from mmpt.objectives.pair_codes import itc_codes
 
 __all__ = ["ALBEF", "ALBEFConfig", "albef_base_config", "build_albef"]
 
@@ -65,7 +66,8 @@ class ALBEF(nn.Module):
         self.register_buffer("step", torch.zeros(1, dtype=torch.long))
         if m.enabled:
             self.itc = DistillContrastiveLoss(
-                cfg.embed_dim, m.queue_size, cfg.temperature_init, cfg.min_temperature, cfg.max_temperature
+                cfg.embed_dim, m.queue_size, cfg.temperature_init, cfg.min_temperature, cfg.max_temperature,
+                duplicate_positives=cfg.itc_duplicate_positives,
             )
             students = {"visual": self.visual, "vision_proj": self.vision_proj, "text": self.text, "text_proj": self.text_proj}
             self.teacher = MomentumTeacher(students, momentum=m.momentum)  # last: copies the initialised student
@@ -126,16 +128,17 @@ class ALBEF(nn.Module):
         metrics: dict[str, torch.Tensor] = {}
         image_tokens_m: torch.Tensor | None = None
         alpha = self.distill_alpha()
+        codes = itc_codes(self.config.itc_duplicate_positives, batch.image_ids, ids, mask)  # `b 2` or None
         if self.teacher is not None:
             t = self.teacher
             with torch.no_grad():
                 image_tokens_m = t["visual"](images)
                 image_feats_m = l2_normalize(t["vision_proj"](image_tokens_m[:, 0]))
                 text_feats_m = l2_normalize(t["text_proj"](t["text"].encode(ids, mask)[:, 0]))
-            loss_itc, m_itc = self.itc(image_feats, text_feats, image_feats_m, text_feats_m, alpha)
+            loss_itc, m_itc = self.itc(image_feats, text_feats, image_feats_m, text_feats_m, alpha, codes)
             metrics["distill_alpha"] = alpha.detach()
         else:
-            loss_itc, m_itc = self.itc(image_feats, text_feats)
+            loss_itc, m_itc = self.itc(image_feats, text_feats, codes)
         loss_itm, m_itm = self._itm(image_tokens, text_tokens, ids, mask, image_feats, text_feats, batch.image_ids)
         loss_mlm, m_mlm = self._mlm(ids, mask, image_tokens, image_tokens_m, alpha)
         metrics.update(m_itc | m_itm | m_mlm)

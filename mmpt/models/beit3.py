@@ -31,6 +31,7 @@ from mmpt.modules.multiway_encoder import MultiwayEncoder
 from mmpt.modules.multiway_presets import param_counts_by_part
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.objectives.mlm import mask_tokens, mlm_loss
+from mmpt.objectives.pair_codes import itc_codes
 
 
 class BEiT3(nn.Module):
@@ -77,7 +78,8 @@ class BEiT3(nn.Module):
         pairs = parts.get("pairs")
         if "itc" in self.objectives and pairs is not None:
             assert pairs.images is not None and pairs.input_ids is not None and pairs.attention_mask is not None
-            loss, m = self.itc(self.encode_image(pairs.images), self.encode_text(pairs.input_ids, pairs.attention_mask))
+            codes = itc_codes(self.config.itc_duplicate_positives, pairs.image_ids, pairs.input_ids, pairs.attention_mask)
+            loss, m = self.itc(self.encode_image(pairs.images), self.encode_text(pairs.input_ids, pairs.attention_mask), codes)
             losses["itc"] = loss
             metrics.update(m)
         if not losses:

@@ -15,6 +15,7 @@ from mmpt.modules.heads import ProjectionHead, l2_normalize
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.models.config_base import ModelConfigBase
 from mmpt.models.config_checks import tower_problems
+from mmpt.objectives.pair_codes import itc_codes
 
 
 @dataclass
@@ -99,7 +100,8 @@ class CLIP(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         image_features = self.encode_image(batch.images)
         text_features = self.encode_text(batch.input_ids, batch.attention_mask)
-        loss, metrics = self.itc(image_features, text_features)
+        loss, metrics = self.itc(image_features, text_features, itc_codes(
+            self.config.itc_duplicate_positives, batch.image_ids, batch.input_ids, batch.attention_mask))
         return ModelOutput(losses={"itc": loss}, metrics=metrics)
 
     def flops_per_sample(self) -> float:

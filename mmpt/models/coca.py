@@ -35,6 +35,7 @@ from mmpt.modules.pooler import AttentionalPooler
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.models.config_base import ModelConfigBase
 from mmpt.models.config_checks import tower_problems
+from mmpt.objectives.pair_codes import itc_codes
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: padded targets
 
@@ -182,7 +183,8 @@ class CoCa(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         image_features, context = self._image(batch.images)
         tokens, text_features = self._unimodal(batch.input_ids, batch.attention_mask)
-        itc_loss, metrics = self.itc(image_features, text_features)
+        itc_loss, metrics = self.itc(image_features, text_features, itc_codes(
+            self.config.itc_duplicate_positives, batch.image_ids, batch.input_ids, batch.attention_mask))
         # Caption: input ids[:, :-1] (their unimodal outputs; the [CLS] column is not among them) predict ids[:, 1:].
         logits = self._decode(tokens[:, :-1], context)  # `b (l-1) v`
         targets = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, IGNORE_INDEX)

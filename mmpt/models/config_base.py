@@ -1,5 +1,5 @@
 """Keys every architecture's `model.*` config shares: which arch, where its starting weights come from, and
-which parameters train.
+which parameters train, and how ITC treats duplicate pairs.
 
 They live in one base class so that every architecture (CLIP, ALBEF, CoCa, VLMo, BEiT-3, ...) accepts the
 same `model.init` / `model.freeze` / `model.train` overrides and the trainer applies them the same way;
@@ -26,3 +26,6 @@ class ModelConfigBase:
     init: InitConfig = field(default_factory=InitConfig)  # starting weights from local files / earlier runs
     freeze: list[str] = field(default_factory=list)  # e.g. ["visual.*", "text.embed.*"]
     train: list[str] = field(default_factory=list)  # empty = everything not frozen; e.g. ["*.mlp_text.*"]
+    # ITC: pairs that share an image id or have an identical caption are positives (the target spread over
+    # them), not negatives -- as ALBEF's retrieval fine-tuning does with image ids. Off = the papers' loss.
+    itc_duplicate_positives: bool = False

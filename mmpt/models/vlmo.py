@@ -44,6 +44,7 @@ from mmpt.modules.multiway_encoder import MultiwayEncoder
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.objectives.itm import hard_negative_rows, hardness_ramp, itm_loss
 from mmpt.objectives.mlm import mask_tokens, mlm_loss
+from mmpt.objectives.pair_codes import itc_codes
 
 __all__ = ["VLMo", "VLMoConfig", "build_vlmo", "vlmo_base_config", "vlmo_large_config"]
 
@@ -147,7 +148,8 @@ class VLMo(nn.Module):
         b = images.shape[0]
         image_feats = l2_normalize(self.image_proj(self.encoder.encode_image(images)[:, 0]))  # `b e`
         text_feats = l2_normalize(self.text_proj(self.encoder.encode_text(ids, mask)[:, 0]))
-        loss_itc, metrics = self.itc(image_feats, text_feats)
+        loss_itc, metrics = self.itc(image_feats, text_feats,
+                                     itc_codes(self.config.itc_duplicate_positives, batch.image_ids, ids, mask))
         (neg_images,), (neg_ids, neg_mask) = hard_negative_rows(
             image_feats, text_feats, self.itc.scale().detach() * self.itm_hardness(), ids, mask, batch.image_ids,
             image_rows=[images], text_rows=[ids, mask], global_negatives=self.config.itm_global_negatives,

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpt.distributed import all_gather_with_grad, rank
+from mmpt.distributed import all_gather_no_grad, all_gather_with_grad, rank
+from mmpt.objectives.pair_codes import duplicate_mask
 
 
 class _ClampRestoring(torch.autograd.Function):
@@ -46,6 +47,25 @@ class _ClampRestoring(torch.autograd.Function):
         # Gradient descent moves x by -grad: allow it above hi only if grad > 0, below lo only if grad < 0.
         blocked = ((x > ctx.hi) & (grad < 0)) | ((x < ctx.lo) & (grad > 0))
         return grad.masked_fill(blocked, 0.0), None, None
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum_k targets[k] * log_softmax(logits)[k]; `n k` each."""
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def positive_targets(positives: torch.Tensor) -> torch.Tensor:
+    """`b k` bool positives -> targets spread evenly over each row's positives (every row has its own pair)."""
+    weights = positives.float()
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def top1_hits(logits: torch.Tensor, labels: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
+    """`b` float hits of the arg-max column: the pair itself, or any duplicate when `positives` is given."""
+    best = logits.argmax(dim=1)
+    if positives is None:
+        return (best == labels).float()
+    return positives.gather(1, best[:, None]).squeeze(1).float()
 
 
 class ContrastiveLoss(nn.Module):
@@ -77,10 +97,12 @@ class ContrastiveLoss(nn.Module):
         return _ClampRestoring.apply(self.logit_scale.to(dtype), self.log_min, self.log_max).exp().squeeze(0)
 
     def forward(
-        self, image_features: torch.Tensor, text_features: torch.Tensor
+        self, image_features: torch.Tensor, text_features: torch.Tensor, codes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """image_features, text_features: local, L2-normalised `b e`, row i of one paired with row i of
-        the other. Returns (loss, metrics); metrics are detached 0-d tensors (no host sync here)."""
+        the other. codes: optional `b 2` pair codes (`pair_codes`): duplicates of a pair (same image id or
+        identical caption) are then positives, the target spread evenly over them, instead of negatives.
+        Returns (loss, metrics); metrics are detached 0-d tensors (no host sync here)."""
         b = image_features.shape[0]
         # Logits in at least fp32: in bf16 the softmax over tens of thousands of columns loses precision.
         dtype = torch.promote_types(image_features.dtype, torch.float32)
@@ -92,10 +114,15 @@ class ContrastiveLoss(nn.Module):
         logits_i2t = s * img @ txt_all.T  # `b (w b)`
         logits_t2i = s * txt @ img_all.T  # `b (w b)`
         labels = torch.arange(b, device=img.device) + b * rank()
-        loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+        positives = None if codes is None else duplicate_mask(codes, all_gather_no_grad(codes))  # `b (w b)`
+        if positives is None:
+            loss = 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+        else:  # the relation is symmetric: one target matrix serves both directions
+            targets = positive_targets(positives)
+            loss = 0.5 * (soft_cross_entropy(logits_i2t, targets) + soft_cross_entropy(logits_t2i, targets))
         with torch.no_grad():
-            acc_i2t = (logits_i2t.argmax(dim=1) == labels).float().mean()
-            acc_t2i = (logits_t2i.argmax(dim=1) == labels).float().mean()
+            acc_i2t = top1_hits(logits_i2t, labels, positives).mean()
+            acc_t2i = top1_hits(logits_t2i, labels, positives).mean()
             metrics = {
                 "itc_acc": 0.5 * (acc_i2t + acc_t2i),
                 "itc_acc_i2t": acc_i2t,

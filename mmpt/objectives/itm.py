@@ -11,7 +11,6 @@ feeds its fused pass (ALBEF: tower tokens; VLMo: raw images and token ids), pick
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -19,16 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from mmpt.distributed import all_gather_no_grad, gather_rows, rank
+from mmpt.objectives.pair_codes import image_id_codes, pair_image_codes, text_codes
 
-
-def image_id_codes(image_ids: Sequence[str | int], device: torch.device | str | None = None) -> torch.Tensor:
-    """Stable int64 codes for image ids: equal on every rank and every run (Python's hash() is salted).
-
-    64-bit blake2b digests: a collision (two images treated as one) has probability ~n^2 / 2^64.
-    """
-    codes = [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little", signed=True)
-             for i in image_ids]
-    return torch.tensor(codes, dtype=torch.long, device=device)
+__all__ = ["HardNegatives", "hard_negative_rows", "hardness_ramp", "image_id_codes", "itm_labels", "itm_loss",
+           "pair_image_codes", "sample_hard_negatives", "text_codes"]  # codes: re-exported from pair_codes
 
 
 def _negative_weights(sim: torch.Tensor, same_id: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -86,17 +79,6 @@ def sample_hard_negatives(
     return drawn[:b], drawn[b:]
 
 
-_TEXT_HASH_SEED = 20261122
-
-
-def text_codes(input_ids: torch.Tensor) -> torch.Tensor:
-    """`b l` token ids -> `b` int64 codes, equal for identical rows (a fixed random linear hash, on device,
-    no host sync; ids < 2^20 and weights < 2^31 keep every partial sum below 2^63)."""
-    gen = torch.Generator().manual_seed(_TEXT_HASH_SEED)
-    weights = torch.randint(1, 2**31 - 1, (input_ids.shape[1],), generator=gen, dtype=torch.int64)
-    return (input_ids.long() * weights.to(input_ids.device)[None, :]).sum(dim=1)
-
-
 def itm_labels(batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """`(3 b)` labels for logits ordered [positives ; image-with-negative-text ; text-with-negative-image]."""
     return torch.cat([torch.ones(batch_size, dtype=torch.long, device=device),
@@ -129,14 +111,6 @@ def hardness_ramp(step: torch.Tensor, warmup_steps: int) -> torch.Tensor:
     if warmup_steps <= 0:
         return torch.ones((), device=step.device)
     return (step[0].float() / warmup_steps).clamp(max=1.0)
-
-
-def pair_image_codes(image_ids: Sequence[str], b: int, device: torch.device) -> torch.Tensor:
-    """`b` int64 image-id codes of the local pairs; without ids, distinct negative codes per global row (no
-    collision with the 64-bit hashes in practice), so every rank takes the same collective path either way."""
-    if len(image_ids) == b:
-        return image_id_codes(image_ids, device=device)
-    return -1 - (torch.arange(b, device=device) + b * rank())
 
 
 class HardNegatives(NamedTuple):

@@ -37,16 +37,20 @@ class FeatureQueue(nn.Module):
 
     Initialised with random unit vectors (as ALBEF does), so the queue is usable from step 0 and no
     valid-count masking is needed. Seed identically on every rank before construction (the trainer does).
+    `initial` (`size d`, any dtype) replaces that start, e.g. int64 pair codes that match nothing
+    (`objectives.pair_codes.unmatched_codes`) for a code queue written in step with a feature queue.
     """
 
     feats: torch.Tensor
     ptr: torch.Tensor
 
-    def __init__(self, dim: int, size: int) -> None:
+    def __init__(self, dim: int, size: int, initial: torch.Tensor | None = None) -> None:
         super().__init__()
         if dim <= 0 or size <= 0:
             raise ValueError(f"FeatureQueue needs dim > 0 and size > 0, got dim={dim}, size={size}")
-        self.register_buffer("feats", F.normalize(torch.randn(size, dim), dim=-1))
+        if initial is not None and tuple(initial.shape) != (size, dim):
+            raise ValueError(f"initial queue content must be ({size}, {dim}), got {tuple(initial.shape)}")
+        self.register_buffer("feats", F.normalize(torch.randn(size, dim), dim=-1) if initial is None else initial)
         # Shape (1,), not 0-d: collective broadcasts of buffers reject 0-d tensors in some backends.
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
 
