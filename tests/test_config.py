@@ -68,7 +68,7 @@ def test_global_batch_size_derives_accumulation(demo_env):
         (["data.batch_size=8", "trainer.global_batch_size=20"], "not divisible by data.batch_size x world size"),
         (["trainer.precision=fp16"], "needs a GPU"),
         (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid"),
-        (["eval.rerank_score=sum"], "eval.rerank_score='sum' is not valid; choose one of itm, itm+itc"),
+        (["eval.rerank_score=sum"], "eval.rerank_score='sum' is not valid; choose one of itm, itm+itc, itm+itc_logit"),
         (["+deepspeed.train_batch_size=64"], "deepspeed.train_batch_size is derived by mmpt"),
         (["+loss.weights.mlm=1.0"], "trains only ['itc']"),
         (["data.image_size=60"], "image_size=60 must be a multiple of patch_size=8"),

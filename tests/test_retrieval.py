@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmpt.eval.retrieval import EvalEmbeddings, recall_at_k, retrieval_metrics
+from mmpt.objectives.itc import ContrastiveLoss
 
 
 def test_recall_at_k_hand_computed():
@@ -101,5 +102,36 @@ def test_itm_plus_itc_score_is_log_itm_plus_cosine():
     gap = (t2i_sum[0, 0] - t2i_sum[0, 1]).item()  # the per-row shift cancels in differences
     assert gap == pytest.approx(math.log(0.6) + 0.5 - math.log(0.62) - 0.2, abs=1e-5)
     assert (t2i_sum[0] > 1.0).all()  # re-scored candidates sit above every un-scored cosine
-    with pytest.raises(ValueError, match="itm or itm"):
+    with pytest.raises(ValueError, match="choose one of itm, itm\\+itc, itm\\+itc_logit"):
         itm_rerank_sims(UnsureITM(), emb, k=2, device=cpu, score="sum")
+
+
+class ConfidentWrongITM(UnsureITM):
+    """p = 0.3 for the true pair, 0.9 for the other; ITC temperature 0.1 (scale 10)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.itc = ContrastiveLoss(temperature_init=0.1)
+
+    def itm_score(self, images, input_ids, attention_mask):
+        return torch.where(images[:, 0, 0, 0].round().long() == input_ids[:, 1], 0.3, 0.9)
+
+
+def test_itm_plus_itc_logit_weighs_the_cosine_by_the_itc_scale():
+    """Text 0 over images {0 (true, cos 0.5), 1 (cos 0.2)}. itm+itc: log 0.3 + 0.5 = -0.704 vs log 0.9 + 0.2 =
+    0.095 -> wrong first. itm+itc_logit: log 0.3 + 10 * 0.5 = 3.796 vs log 0.9 + 10 * 0.2 = 1.895 -> true first."""
+    from mmpt.eval.retrieval import EvalInputs, itm_rerank_sims
+
+    pixels = torch.zeros(2, 3, 2, 2)
+    pixels[:, 0, 0, 0] = torch.arange(2).float()
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    ids[:, 1] = torch.arange(2)
+    keys = ["0", "1"]
+    emb = EvalEmbeddings(torch.eye(2), torch.tensor([[0.5, 0.2], [0.0, 1.0]]), captions=keys, image_ids=keys, keys=keys,
+                         inputs=EvalInputs(pixels, ids, torch.ones_like(ids)))
+    cpu = torch.device("cpu")
+    t2i_sum, _ = itm_rerank_sims(ConfidentWrongITM(), emb, k=2, device=cpu, score="itm+itc")
+    t2i_logit, _ = itm_rerank_sims(ConfidentWrongITM(), emb, k=2, device=cpu, score="itm+itc_logit")
+    assert t2i_sum[0].argmax() == 1 and t2i_logit[0].argmax() == 0
+    gap = (t2i_logit[0, 0] - t2i_logit[0, 1]).item()
+    assert gap == pytest.approx(math.log(0.3) + 5.0 - math.log(0.9) - 2.0, abs=1e-4)

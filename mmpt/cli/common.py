@@ -1,7 +1,9 @@
-"""Shared CLI plumbing: where conf/ lives, and turning user errors into one line + exit code 2."""
+"""Shared CLI plumbing: where conf/ lives, argv as Hydra wants it, and turning user errors into one line +
+exit code 2."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -33,7 +35,8 @@ def user_errors_exit(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
-    """The deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK); Hydra must not see it."""
+    """argv as Hydra wants it: drop the deepspeed launcher's --local_rank=N (it also sets LOCAL_RANK) and
+    turn `--key=value` overrides (what a W&B sweep agent passes with ${args}) into `key=value`."""
     out, skip = [], False
     for arg in argv:
         if skip:
@@ -45,4 +48,43 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
             skip = True
             continue
         out.append(arg)
+    return normalize_override_args(out)
+
+
+# Hydra's own command-line flags (hydra/_internal/utils.py get_args_parser): never rewritten.
+HYDRA_FLAGS = frozenset({
+    "--help", "--hydra-help", "--version", "--cfg", "--resolve", "--package", "--run", "--multirun",
+    "--shell-completion", "--config-path", "--config-name", "--config-dir", "--experimental-rerun", "--info",
+})
+# An override key in Hydra's grammar: optional +, ++ or ~, then a dotted key or a config group path,
+# optionally @package (e.g. trainer.max_steps, +loss.weights.mlm, hydra/launcher, model@foo).
+_OVERRIDE_KEY = re.compile(r"(~|\+\+|\+)?[A-Za-z_$][\w$-]*([./][\w$-]+)*(@[\w$.-]*)?")
+_VALUE_ARG = re.compile(r"[^-]|-\d|-\.\d|$")  # a value, not a flag (negative numbers are values)
+
+
+def normalize_override_args(argv: list[str]) -> list[str]:
+    """`--key=value` -> `key=value`, `--key value` -> `key=value`, `--~key` -> `~key`; Hydra's own flags
+    (`--multirun`, `--config-name X`, `--cfg job`, ...), short flags (`-m`) and anything that is not an
+    override key stay as they are, so Hydra still reports them. Only exact flag names count: argparse would
+    read `--experiment=x` as an abbreviation of `--experimental-rerun`, so an override key wins."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("--") or arg == "--":
+            out.append(arg)
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if f"--{name}" in HYDRA_FLAGS or not _OVERRIDE_KEY.fullmatch(name):
+            out.append(arg)
+        elif eq:
+            out.append(f"{name}={value}")
+        elif name.startswith("~"):
+            out.append(name)  # deletion: no value
+        elif i < len(argv) and "=" not in argv[i] and _VALUE_ARG.match(argv[i]) and argv[i] not in HYDRA_FLAGS:
+            out.append(f"{name}={argv[i]}")
+            i += 1
+        else:
+            out.append(arg)  # a bare --flag: leave it for Hydra to reject by name
     return out

@@ -276,7 +276,7 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
     _check_choice("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
     _check_choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _check_choice("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
-    _check_choice("eval.rerank_score", cfg.eval.rerank_score, ("itm", "itm+itc"))
+    _check_choice("eval.rerank_score", cfg.eval.rerank_score, ("itm", "itm+itc", "itm+itc_logit"))
     if t.precision == "fp16" and not has_gpu:
         raise ConfigError("trainer.precision=fp16 needs a GPU (loss scaling on CPU is unsupported); use bf16 or fp32")
     for key, value in (("trainer.max_steps", t.max_steps), ("data.batch_size", d.batch_size),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,11 +25,23 @@ class DistEnv:
         return self.rank == 0
 
 
+def _node_addr(node: str) -> str:
+    """The address SLURM itself reaches `node` at (its NodeAddr, the node name on most clusters); the name
+    when scontrol is unavailable. Node names need not resolve (a test cluster's node1/node2 do not)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return node
+    match = re.search(r"\bNodeAddr=(\S+)", out.stdout)
+    return match.group(1) if match else node
+
+
 def _first_slurm_host(nodelist: str) -> str:
-    """First hostname of a SLURM node list such as `gpu[01-04,07],cpu3` (scontrol when available)."""
+    """Rendezvous address: the first node of a SLURM node list such as `gpu[01-04,07],cpu3` (scontrol when
+    available), as its NodeAddr."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
+        return _node_addr(out.stdout.split()[0])
     except (OSError, subprocess.CalledProcessError, IndexError):
         head = nodelist.split(",")[0]
         if "[" in head:

@@ -46,15 +46,19 @@ class JsonlLog:
 
 
 class WandbLog:
-    """A W&B run whose config is the resolved Hydra config; resumes the same id after a restart."""
+    """A W&B run whose config is the resolved Hydra config plus the job's `overrides`; resumes the same id
+    after a restart. In a sweep (Hydra multirun, W&B agent) its runs share a group (mmpt.engine.sweep_info)."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, run_id: str, config: dict[str, Any]):
         import wandb
 
+        from mmpt.engine.sweep_info import current_sweep_info, wandb_identity
+
         os.environ.setdefault("WANDB_SILENT", "true")
+        ident = wandb_identity(cfg, current_sweep_info())
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name, tags=list(cfg.tags),
-            mode=cfg.mode, dir=str(run_dir), id=run_id, resume="allow", config=config,
+            project=cfg.project, entity=cfg.entity, group=ident.group, name=ident.name, tags=ident.tags,
+            mode=cfg.mode, dir=str(run_dir), id=run_id, resume="allow", config={**config, **ident.config},
         )
 
     def write(self, record: dict[str, Any]) -> None:

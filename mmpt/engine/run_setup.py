@@ -4,8 +4,11 @@ Order matters: every check that can fail on user input runs before the process g
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,7 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
     """All user-input checks; raises ConfigError. Builds the model on the meta device (no memory)."""
     raw = resolve(raw.copy())
     cfg = typed_config(raw)
+    add_submitit_preempt_signal(cfg)
     with torch.device("meta"):
         probe = build_model(cfg.model)
     check_combinations(cfg, env.world_size, torch.cuda.is_available(), tuple(probe.objectives))
@@ -67,6 +71,25 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
     resolved.pop("hydra", None)
     counts = check_model_setup(cfg, probe, need_train)
     return Prepared(cfg, resolved, env, tokenizer, counts.trainable, counts.frozen)
+
+
+def add_submitit_preempt_signal(cfg: TrainConfig, environ: dict[str, str] | None = None) -> None:
+    """Inside a job of Hydra's submitit launcher (hydra/launcher=slurm|local) submitit requeues on its own
+    signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL names another): the trainer must checkpoint on it too, then
+    hand it to submitit's handler. Added to trainer.preempt_signals unless that is empty (handling off)."""
+    env = os.environ if environ is None else environ
+    signals = list(getattr(cfg.trainer, "preempt_signals", None) or [])
+    if not env.get("SUBMITIT_EXECUTOR") or not signals:
+        return
+    name = env.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    from mmpt.engine.preemption import signal_number
+
+    try:
+        if signal_number(name) in {signal_number(s) for s in signals}:
+            return
+    except ValueError:
+        return  # submitit itself refuses an unknown signal name
+    cfg.trainer.preempt_signals = [*signals, name]
 
 
 def check_model_setup(cfg: TrainConfig, probe: torch.nn.Module, need_train: bool = True) -> ParamCounts:
@@ -143,4 +166,16 @@ def build_eval_loader_for(cfg: TrainConfig, tokenizer: TextTokenizer, env: DistE
 
 
 def current_env() -> DistEnv:
-    return detect_env()
+    """The launch's ranks; a lone process without MASTER_PORT takes a free port for its (1-rank) process
+    group, so that several single-process runs on one machine (a Hydra multirun's jobs on hydra/launcher=local,
+    single-task SLURM array jobs sharing a node) do not all bind 29500."""
+    env = detect_env()
+    if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+        env = dataclasses.replace(env, master_port=_free_port())
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

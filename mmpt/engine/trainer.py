@@ -252,7 +252,8 @@ class Trainer:
                 stats = IntervalStats(skipped=stats.skipped)
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 self.save()
-            if self.step % t.preempt_check_every == 0 and (signum := self.preemption.agreed()):
+            # at max_steps the run is complete anyway: finishing beats a requeue that would have nothing to do
+            if self.step < t.max_steps and self.step % t.preempt_check_every == 0 and (signum := self.preemption.agreed()):
                 self._checkpoint_for_preemption(signum, stats)
                 break
             every = self.cfg.eval.every

@@ -115,6 +115,9 @@ def retrieval_metrics(emb: EvalEmbeddings, ks: list[int], sims_t2i: torch.Tensor
     return out
 
 
+RERANK_SCORES = ("itm", "itm+itc", "itm+itc_logit")
+
+
 @torch.no_grad()
 def itm_rerank_sims(model: torch.nn.Module, emb: EvalEmbeddings, k: int, device: torch.device,
                     dtype: torch.dtype | None = None, batch_size: int = 256,
@@ -125,10 +128,13 @@ def itm_rerank_sims(model: torch.nn.Module, emb: EvalEmbeddings, k: int, device:
     score "itm": the ITM match probability alone (ALBEF's protocol). "itm+itc": log p(match) + the ITC
     cosine, BLIP/LAVIS's ITM + ITC sum with the ITM term as a log-probability: ITM decides, and the cosine
     (within [-1, 1]) breaks near-ties that ITM is unsure about (measured on tiny ALBEF: docs/RESULTS.md).
+    "itm+itc_logit": log p(match) + the ITC logit (cosine / temperature, the model's `itc.scale()`): a product
+    of the two models' likelihoods, so a weak ITM cannot overrule a confident ITC ranking.
     Returns (`texts images`, `images texts`) scores whose row order is the re-ranked order.
     """
-    if score not in ("itm", "itm+itc"):
-        raise ValueError(f"re-rank score {score!r}: choose itm or itm+itc")
+    if score not in RERANK_SCORES:
+        raise ValueError(f"re-rank score {score!r}: choose one of {', '.join(RERANK_SCORES)}")
+    itc_weight = float(model.itc.scale()) if score == "itm+itc_logit" else 1.0
     assert emb.inputs is not None, "embed_eval_set(..., keep_inputs=True) is needed for re-ranking"
     itc = emb.texts @ emb.images.T
     n_txt, n_img = itc.shape
@@ -149,8 +155,8 @@ def itm_rerank_sims(model: torch.nn.Module, emb: EvalEmbeddings, k: int, device:
             scores.append(model.itm_score(pixels, emb.inputs.input_ids[txt_idx[sl]].to(device),
                                           emb.inputs.attention_mask[txt_idx[sl]].to(device)).float().cpu())
         itm = torch.cat(scores).view(-1, k) if scores else torch.empty(0, k)
-        if score == "itm+itc":
-            itm = itm.clamp_min(1e-12).log() + sims[queries[:, None].expand_as(top), top]
+        if score != "itm":
+            itm = itm.clamp_min(1e-12).log() + itc_weight * sims[queries[:, None].expand_as(top), top]
         local = (direction, queries, top, itm)
         parts += mdist.all_gather_objects(local)
     model.train(was_training)

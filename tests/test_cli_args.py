@@ -1,0 +1,81 @@
+"""`mmpt-train` argv: `key=value` and `--key=value` (what a W&B sweep agent passes with ${args}) both work;
+Hydra's own flags and the deepspeed launcher's --local_rank are handled as before."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmpt.cli.common import normalize_override_args, strip_launcher_args
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["trainer.max_steps=2"], ["trainer.max_steps=2"]),
+    (["--trainer.max_steps=2"], ["trainer.max_steps=2"]),
+    (["--trainer.max_steps", "2"], ["trainer.max_steps=2"]),
+    (["--trainer.seed", "-1"], ["trainer.seed=-1"]),
+    (["--optimizer.lr=1e-4,3e-4"], ["optimizer.lr=1e-4,3e-4"]),
+    (["--+loss.weights.mlm=0.5", "--++loss.weights.itm=1"], ["+loss.weights.mlm=0.5", "++loss.weights.itm=1"]),
+    (["--~logger.tags"], ["~logger.tags"]),
+    (["--model=clip/tiny", "--hydra/launcher=local"], ["model=clip/tiny", "hydra/launcher=local"]),
+    (["--hydra.run.dir=runs/x", "--data.train.urls='/d/{0..9}.tar'"],
+     ["hydra.run.dir=runs/x", "data.train.urls='/d/{0..9}.tar'"]),
+    (["--logger.tags=[a,b]", "--data.sources=[{name: a, urls: x}]"],
+     ["logger.tags=[a,b]", "data.sources=[{name: a, urls: x}]"]),
+    (["--logger.name="], ["logger.name="]),
+    # an override key that argparse would take for an abbreviation of --experimental-rerun / --cfg / --run
+    (["--experiment=clip_tiny", "--c=1", "--run.x=2"], ["experiment=clip_tiny", "c=1", "run.x=2"]),
+])
+def test_hyphenated_overrides_become_hydra_overrides(argv, expected):
+    assert normalize_override_args(argv) == expected
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "a=1,2"],
+    ["--multirun", "a=1,2"],
+    ["--config-name", "train", "--config-path", "conf", "--config-dir", "extra"],
+    ["--config-name=train", "--cfg=job", "--package=trainer"],
+    ["--cfg", "job", "--resolve", "-p", "trainer"],
+    ["-c", "all", "--info", "defaults"],
+    ["--info", "--help", "--hydra-help", "--version", "--run", "--shell-completion"],
+    ["-cn", "train", "-cp", "conf", "-cd", "x", "-sc", "install=bash"],
+    ["--experimental-rerun", "outputs/.hydra/config.pickle"],
+    ["--", "a=1"],
+    ["--bad flag", "--"],
+])
+def test_hydra_flags_and_their_values_stay(argv):
+    assert normalize_override_args(argv) == argv
+
+
+def test_a_bare_unknown_flag_is_left_for_hydra_to_reject():
+    assert normalize_override_args(["--dry", "a=1"]) == ["--dry", "a=1"]
+    assert normalize_override_args(["--dry"]) == ["--dry"]
+
+
+def test_local_rank_is_still_stripped_and_the_rest_normalised():
+    argv = ["mmpt-train", "--local_rank=1", "--trainer.max_steps=3", "--local_rank", "0", "-m", "--model=clip/tiny",
+            "--local-rank=2"]
+    assert strip_launcher_args(argv) == ["mmpt-train", "trainer.max_steps=3", "-m", "model=clip/tiny"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_hyphenated_overrides_train_end_to_end(demo_env, tmp_path):
+    """A W&B agent's `${args}` form: every override as --key=value (and one as --key value)."""
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "mmpt-train"), "--experiment=clip_tiny", "--data.image_size=32", "--data.batch_size=8",
+           "--data.num_workers=0", "--trainer.max_steps=2", "--trainer.log_every", "1", "--deepspeed=zero0",
+           "--eval.at_end=false", "--logger=none", "--optimizer.lr=0.0003", f"--hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, env=demo_env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 2
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    saved = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "trainer.max_steps=2" in saved and "optimizer.lr=0.0003" in saved and "--" not in saved
