@@ -112,6 +112,12 @@ class SlurmCluster:
         rows = [r for r in self.sacct(job_id, "JobID,State") if r["JobID"] == job_id]
         return rows[-1]["State"].split()[0] if rows else ""
 
+    def release_requeued(self, job_id: str) -> None:
+        """Start a requeued job soon instead of after its ~120 s BeginTime hold. Not at once: slurmd revokes
+        the old run's credential with one-second resolution, and a relaunch in that same second is killed
+        ("Job credential revoked") and the job ends FAILED."""
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3")
+
     def wait(self, job_id: str, states: frozenset[str] | set[str] = TERMINAL, timeout: float = 600,
              log: Path | str | None = None, poll: float = 0.5) -> str:
         """Poll until the job is in one of `states`; fails (with the job log) after `timeout` seconds."""

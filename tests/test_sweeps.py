@@ -313,7 +313,7 @@ def test_submitit_requeues_a_preempted_job_which_resumes(slurm_cluster, demo_env
         released = False
         while time.monotonic() < deadline and not released:  # requeued: held ~2 min (BeginTime); release it
             if cluster.state(job) == "PENDING":
-                cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+                cluster.release_requeued(job)
                 released = True
             assert driver.poll() is None or released, driver.communicate()[0][-3000:]
             time.sleep(0.5)
