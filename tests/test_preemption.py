@@ -67,39 +67,51 @@ def _train_pids(launcher_pid: int) -> list[int]:
     return out
 
 
-@pytest.mark.slow
-def test_usr1_to_one_rank_checkpoints_both_and_resume_finishes(demo_env, tmp_path):
-    run_dir, max_steps = tmp_path / "run", 40
-    cmd = torchrun(run_dir, [f"trainer.max_steps={max_steps}", "trainer.save_every=1000", "deepspeed=zero2",
-                             "data.num_workers=1", "eval.at_end=false"])
-    log = tmp_path / "first.log"
+def _preempt_after(cmd: list[str], env: dict, run_dir: Path, logged_step: int, log: Path, sig: int) -> dict:
+    """Start (or resume) the run; once metrics.jsonl has a record past `logged_step`, send `sig` to ONE rank
+    only (the ranks must still agree on the step). Returns the preempted.json marker."""
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=demo_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 240
-        while not (run_dir / "metrics.jsonl").exists() or not metrics(run_dir):  # first log line: step 5
+        while not (run_dir / "metrics.jsonl").exists() or max((r["step"] for r in metrics(run_dir)), default=0) <= logged_step:
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, "no progress in time"
             time.sleep(0.05)
         workers = _train_pids(proc.pid)
         assert len(workers) == 2, workers
-        os.kill(max(workers), signal.SIGUSR1)  # one rank only: the ranks must still agree on the step
+        os.kill(max(workers), sig)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-    marker = json.loads((run_dir / "preempted.json").read_text())
-    stopped = marker["step"]
-    assert marker["signal"] == "SIGUSR1" and 5 <= stopped < max_steps
-    assert marker["checkpoint"].endswith(f"step_{stopped:08d}")
+    assert f"preempted by {signal.Signals(sig).name}" in log.read_text()
+    return json.loads((run_dir / "preempted.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_preemptions_of_one_rank_then_resume_finishes_exactly(demo_env, tmp_path):
+    run_dir, max_steps = tmp_path / "run", 40
+    cmd = torchrun(run_dir, [f"trainer.max_steps={max_steps}", "trainer.save_every=1000", "deepspeed=zero2",
+                             "data.num_workers=1", "eval.at_end=false"])
+    first = _preempt_after(cmd, demo_env, run_dir, 0, tmp_path / "first.log", signal.SIGUSR1)
+    stopped = first["step"]
+    assert first["signal"] == "SIGUSR1" and 5 <= stopped < max_steps
+    assert first["checkpoint"].endswith(f"step_{stopped:08d}")
     assert (run_dir / "checkpoints" / f"step_{stopped:08d}" / "complete").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["preempted_by"] == "SIGUSR1" and summary["step"] == stopped
-    assert "preempted by SIGUSR1" in log.read_text()
-    first_ids = {read_offline_run(p).run_id for p in find_offline_runs(run_dir)}
+    run_ids = {read_offline_run(p).run_id for p in find_offline_runs(run_dir)}
+
+    # second preemption, by SIGTERM this time, after the resumed run has logged more steps
+    second = _preempt_after(cmd, demo_env, run_dir, stopped, tmp_path / "second.log", signal.SIGTERM)
+    assert f"at step {stopped}" in (tmp_path / "second.log").read_text()  # resumed from the first checkpoint
+    assert second["signal"] == "SIGTERM" and stopped < second["step"] < max_steps
+    stopped_again = second["step"]
 
     again = subprocess.run(cmd, env=demo_env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"at step {stopped}" in again.stdout + again.stderr  # resumed from the preemption checkpoint
+    assert f"at step {stopped_again}" in again.stdout + again.stderr
     steps = [r["step"] for r in metrics(run_dir) if "train/loss" in r]
-    assert steps[-1] == max_steps and stopped in steps  # the partial interval was logged before stopping
-    assert steps == sorted(set(steps)), steps  # no step logged twice: the count continued
+    assert steps[-1] == max_steps and {stopped, stopped_again} <= set(steps)  # partial intervals were logged
+    assert steps == sorted(set(steps)), steps  # no step logged twice: the count continued each time
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == max_steps and summary["preempted_by"] is None
-    assert {read_offline_run(p).run_id for p in find_offline_runs(run_dir)} == first_ids == {summary["wandb_run_id"]}
+    runs = [read_offline_run(p) for p in find_offline_runs(run_dir)]
+    assert len(runs) == 3 and {r.run_id for r in runs} == run_ids == {summary["wandb_run_id"]}
