@@ -23,7 +23,7 @@ def test_reduced_quickstart_through_the_real_cli(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert json.loads((tmp_path / "demo" / "train" / "sizes.json").read_text()) == {f"{i:05d}.tar": 20 for i in range(20)}
     report = proc.stdout[proc.stdout.index("== mmpt quickstart =="):]
-    result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    result = json.loads((tmp_path / "run" / "summary.json").read_text())  # the trainer's final evaluation
     assert result["retrieval/num_pairs"] == 100
     assert f"caption-identity {result['retrieval/t2i_r1_caption']:.3f}" in report
     # the default experiment is tiny ALBEF: its ITM re-ranking stage is evaluated and reported too
