@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from mmpt.engine.preemption import PreemptionWatch, signal_number
 from mmpt.engine.wandb_offline import find_offline_runs, read_offline_run
@@ -32,7 +31,7 @@ def test_watch_sets_flag_restores_and_chains_previous_handler():
     seen: list[int] = []
     before = signal.signal(signal.SIGUSR1, lambda n, _f: seen.append(n))  # e.g. submitit's requeue handler
     try:
-        watch = PreemptionWatch(["USR1"], torch.device("cpu"))
+        watch = PreemptionWatch(["USR1"])
         assert watch.agreed() == 0
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.05)

@@ -41,10 +41,14 @@ def signal_number(name: str) -> int:
 class PreemptionWatch:
     """Installs flag-setting handlers for `signals` (main thread only) and answers "stop now?" collectively."""
 
-    def __init__(self, signals: Sequence[str], device: torch.device) -> None:
-        self.device = device
+    def __init__(self, signals: Sequence[str]) -> None:
         self.received: int = 0  # the first signal number seen on this rank, 0 = none
         self.previous: dict[int, Handler] = {}
+        # The per-step agreement runs on a CPU (gloo) group: on nccl a device flag read back with .item() would
+        # sync the host with the GPU every step. Collective: every rank builds the watch at the same point.
+        self.group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")
         if threading.current_thread() is not threading.main_thread():
             if signals:
                 log.warning("not in the main thread: preemption signals %s are not handled", list(signals))
@@ -64,8 +68,8 @@ class PreemptionWatch:
         One tiny all-reduce (MAX); call it at the same steps on every rank."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.received
-        flag = torch.tensor([self.received], dtype=torch.int64, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([self.received], dtype=torch.int64)  # CPU: no device sync
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return int(flag.item())
 
     def restore(self) -> None:

@@ -134,7 +134,7 @@ class Trainer:
         self.saved_step = -1
         self.eval_metrics: dict[str, float] = {}
         self.preempted_by = 0
-        self.preemption = PreemptionWatch(cfg.trainer.preempt_signals, device)
+        self.preemption = PreemptionWatch(cfg.trainer.preempt_signals)
 
     def _build_model(self) -> torch.nn.Module:
         """The model with its starting weights (model.init) and trainable set (model.freeze / model.train),
