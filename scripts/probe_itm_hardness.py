@@ -13,7 +13,7 @@ and prints the losses and ITM accuracy on positives every --every steps. `--unif
 hardness to 0, so negatives are drawn uniformly from the allowed rows (the exclusion rules of
 `hard_negative_rows` still apply: never the same image id or an identical caption). `--diag` adds the
 pre-clipping gradient norms of the ITM head and the fusion side (VLMo `encoder.*`, ALBEF `text.*`), the norm
-and batch spread of the ITM head's input, the hardness (ITC logit scale x ramp) and the perplexity of the
+and batch spread of the ITM head's input, the hardness (softmax share of the draw) and ITC logit scale and the perplexity of the
 image->text negative distribution (b - 1 = uniform, 1 = one certain partner). Measured numbers are in
 docs/RESULTS.md. Positional `key=value` arguments override the model preset (e.g. `vl_layers=2`).
 """
@@ -61,7 +61,7 @@ def negative_perplexity(model: torch.nn.Module, batch) -> float:
     caps = text_codes(batch.attention_mask * batch.input_ids)
     positive = torch.eye(b, dtype=torch.bool)
     same = (codes[:, None] == codes[None]) | (caps[:, None] == caps[None]) | positive
-    w = _negative_weights(model.itc.scale() * model.itm_hardness() * img @ txt.T, same, positive)
+    w = _negative_weights(model.itc.scale() * img @ txt.T, same, positive, model.itm_hardness())
     return float((-(w * w.clamp_min(1e-30).log()).sum(1)).exp().mean())
 
 
@@ -122,7 +122,7 @@ def main() -> None:
                 x = pooled[-1].float()  # `(3 b) d`: the ITM head's input
                 line += (f" | {grads} total {total:.2e}"
                          f" | itm-in norm {x.norm(dim=1).mean():.2f} batch-std {x.std(dim=0).mean():.3f}"
-                         f" | hardness x scale {float(model.itc.scale() * model.itm_hardness()):.2f}"
+                         f" | hardness {float(model.itm_hardness()):.2f} scale {float(model.itc.scale()):.2f}"
                          f" neg perplexity {negative_perplexity(model, batch):.1f}/{batch.images.shape[0] - 1}")
             print(line, flush=True)
 

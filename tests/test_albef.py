@@ -299,7 +299,7 @@ def test_flops_per_sample_matches_flop_counter(momentum: bool) -> None:
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):  # the math backend's bmm's are what the counter sees
         total(model(make_batch(b=4))).backward()
-    assert counter.get_total_flops() / 4 == pytest.approx(model.flops_per_sample(), rel=0.01)
+    assert counter.get_total_flops() / 4 == pytest.approx(model.flops_per_sample(batch_size=4), rel=0.01)
 
 
 # ---- two processes ------------------------------------------------------------------------------------

@@ -151,3 +151,24 @@ def test_identical_captions_are_never_negatives_of_each_other():
     for _ in range(200):
         neg_t, neg_i = sample_hard_negatives(sims, sims, None, None, 0, gen, text_codes_local=codes, text_codes_global=codes)
         assert not (neg_t[:2] < 2).any() and not (neg_i[:2] < 2).any()
+
+
+def test_hardness_mixes_softmax_with_uniform_over_allowed_columns() -> None:
+    """hardness h: weights = h softmax(sim) + (1 - h) uniform, both over the allowed columns only."""
+    from mmpt.objectives.itm import _negative_weights
+
+    sim, _, _, _ = setup_example()
+    codes = image_id_codes(GLOBAL_IDS)
+    same = codes[RANK * B:(RANK + 1) * B, None] == codes[None, :]
+    positive = torch.zeros(B, WORLD * B, dtype=torch.bool)
+    positive[torch.arange(B), torch.arange(B) + RANK * B] = True
+    hard = expected_weights(sim)
+    uniform = (hard > 0) / (hard > 0).sum(axis=1, keepdims=True)  # allowed = where the softmax has mass
+    for h in (0.0, 0.3, 1.0):
+        got = _negative_weights(sim, same | positive, positive, torch.tensor(h)).double().numpy()
+        np.testing.assert_allclose(got, h * hard + (1 - h) * uniform, atol=1e-6)
+    # the ramp: 0 at step 0, linear, 1 after warmup; 1 without a warmup
+    from mmpt.objectives.itm import hardness_ramp
+
+    assert [float(hardness_ramp(torch.tensor([s]), 8)) for s in (0, 2, 8, 20)] == [0.0, 0.25, 1.0, 1.0]
+    assert float(hardness_ramp(torch.tensor([0]), 0)) == 1.0

@@ -112,3 +112,24 @@ def test_alpha_zero_is_plain_cross_entropy_and_empty_mask_is_zero() -> None:
     assert empty.item() == 0.0 and metrics["mlm_acc"].item() == 0.0
     empty.backward()  # still part of the graph: a micro-batch without masks does not break the step
     assert logits.grad is not None and logits.grad.abs().sum() == 0
+
+
+def test_masked_rows_pick_every_masked_position_and_pad_with_ignored_slots() -> None:
+    from mmpt.objectives.mlm import masked_rows, masked_rows_capacity
+
+    assert masked_rows_capacity(1536, 0.15) == math.ceil(0.15 * 1536 + 6 * math.sqrt(1536 * 0.15 * 0.85)) + 8 == 323
+    assert masked_rows_capacity(10, 0.5) == 10  # never more rows than positions
+    labels = torch.full((3, 5), IGNORE_INDEX)
+    labels[0, 1], labels[1, 4], labels[2, 0] = 7, 9, 11
+    rows, picked = masked_rows(labels, prob=0.15)
+    k = masked_rows_capacity(15, 0.15)
+    assert rows.shape == picked.shape == (k,)
+    assert rows[:3].tolist() == [1, 9, 10] and picked[:3].tolist() == [7, 9, 11]  # flat index = row * 5 + col
+    assert (picked[3:] == IGNORE_INDEX).all() and (rows[3:] == 0).all()
+    # the loss on the picked rows equals the loss over every position
+    logits = torch.randn(3, 5, 13, generator=torch.Generator().manual_seed(0))
+    teacher = torch.randn(3, 5, 13, generator=torch.Generator().manual_seed(1))
+    full, m_full = mlm_loss(logits, labels, teacher, alpha=0.4)
+    part, m_part = mlm_loss(logits.flatten(0, 1)[rows], picked, teacher.flatten(0, 1)[rows], alpha=0.4)
+    assert part.item() == pytest.approx(full.item(), abs=1e-6)
+    assert m_part["mlm_acc"].item() == pytest.approx(m_full["mlm_acc"].item())

@@ -32,7 +32,7 @@ from mmpt.modules.heads import ITMHead, ProjectionHead, l2_normalize
 from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.objectives.itc_distill import DistillContrastiveLoss
 from mmpt.objectives.itm import hard_negative_rows, hardness_ramp, itm_loss
-from mmpt.objectives.mlm import mask_tokens, mlm_loss
+from mmpt.objectives.mlm import mask_tokens, masked_rows, masked_rows_capacity, mlm_loss
 from mmpt.objectives.pair_codes import itc_codes
 
 __all__ = ["ALBEF", "ALBEFConfig", "albef_base_config", "build_albef"]
@@ -114,9 +114,10 @@ class ALBEF(nn.Module):
             self.teacher.update()
 
     def itm_hardness(self) -> torch.Tensor:
-        """0-d device tensor in [0, 1] scaling the ITC logits that hard negatives are sampled from: 0 = uniform
-        negatives, 1 = ALBEF's softmax(sim). A tiny model trained from scratch never bootstraps ITM on fully
-        hard negatives (it sits at the 1/3 prior), so `itm_hardness_warmup_steps` ramps it in."""
+        """0-d device tensor in [0, 1]: the share of ITM negative draws that follow softmax(ITC sim), the rest
+        uniform (`hardness_ramp`): 0 = uniform negatives, 1 = ALBEF's softmax(sim). A tiny model trained from
+        scratch never bootstraps ITM on fully hard negatives (it sits at the 1/3 prior), so
+        `itm_hardness_warmup_steps` ramps it in."""
         return hardness_ramp(self.step, self.config.itm_hardness_warmup_steps)
 
     def forward(self, batch: Batch) -> ModelOutput:
@@ -157,9 +158,9 @@ class ALBEF(nn.Module):
         """One fusion pass over `(3 b)` pairs: [positives ; image + hard negative text ; text + hard negative image]."""
         b = image_tokens.shape[0]
         neg = hard_negative_rows(
-            image_feats, text_feats, self.itc.scale().detach() * self.itm_hardness(), ids, mask, image_ids,
+            image_feats, text_feats, self.itc.scale().detach(), ids, mask, image_ids,
             image_rows=[image_tokens], text_rows=[text_tokens, mask],
-            global_negatives=self.config.itm_global_negatives,
+            global_negatives=self.config.itm_global_negatives, hardness=self.itm_hardness(),
         )  # fmt: skip
         (neg_image_tokens,), (neg_text_tokens, neg_mask) = neg
         text_in = torch.cat([text_tokens, neg_text_tokens, text_tokens])  # `(3 b) l d`
@@ -176,25 +177,29 @@ class ALBEF(nn.Module):
         image_tokens_m: torch.Tensor | None,
         alpha: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Second text + fusion pass on BERT-masked ids; distilled from the teacher's MLM logits with momentum."""
+        """Second text + fusion pass on BERT-masked ids, the MLM head at the masked positions only (`masked_rows`);
+        distilled from the teacher's MLM logits there with momentum."""
         cfg = self.config
         masked, labels = mask_tokens(
             ids, mask, cfg.vocab_size, cfg.mask_token_id, (cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id),
             prob=cfg.mlm_prob,
         )  # fmt: skip
-        logits = self.text.mlm_logits(masked, mask, image_tokens)  # `b l v`
+        rows, labels = masked_rows(labels, cfg.mlm_prob)  # `k`
+        logits = self.text.mlm_logits(masked, mask, image_tokens, rows)  # `k v`
         if self.teacher is None or image_tokens_m is None:
             return mlm_loss(logits, labels)
         with torch.no_grad():
-            logits_m = self.teacher["text"].mlm_logits(masked, mask, image_tokens_m)
+            logits_m = self.teacher["text"].mlm_logits(masked, mask, image_tokens_m, rows)
         return mlm_loss(logits, labels, logits_m, alpha)
 
     # ---- accounting -------------------------------------------------------------------------------------
-    def flops_per_sample(self) -> float:
-        """Training FLOPs per image-text pair, for MFU (conventions of `CLIP.flops_per_sample`).
+    def flops_per_sample(self, batch_size: int = 64) -> float:
+        """Training FLOPs per image-text pair at `batch_size` pairs per micro-batch, for MFU (conventions of
+        `CLIP.flops_per_sample`).
 
         Student (forward + backward): ViT once; text encoder twice (plain, masked); fusion 4 times (the
-        positive, two negative pairs, the MLM pass); MLM head at every position; ITM head 3x; projections.
+        positive, two negative pairs, the MLM pass); MLM head on `masked_rows_capacity(batch_size * l) /
+        batch_size` rows; ITM head 3x; projections.
         Teacher (forward only, a third of training FLOPs): ViT, vision/text projections, text encoder twice,
         fusion + MLM head once. ITC logits against the queue: 8 q e (student, both directions, forward + the
         feature gradient; the candidates are constants) + 4 q e (teacher targets). Not counted: norms, softmax, GELU, embedding lookups, the global-batch
@@ -202,10 +207,11 @@ class ALBEF(nn.Module):
         """
         cfg = self.config
         l, n = cfg.max_text_len, self.visual.num_tokens
+        mlm_rows = masked_rows_capacity(batch_size * l, cfg.mlm_prob) / batch_size
         projections = self.vision_proj.flops_per_sample() + self.text_proj.flops_per_sample()
         student = (
             self.visual.flops_per_sample()
-            + self.text.flops(l, n, text_passes=2, fusion_passes=4, mlm_passes=1)
+            + self.text.flops(l, n, text_passes=2, fusion_passes=4, mlm_rows=mlm_rows)
             + 3 * self.itm_head.flops_per_sample()
             + projections
         )
@@ -213,7 +219,7 @@ class ALBEF(nn.Module):
             return student
         pe = self.visual.patch_embed
         vit_forward = (self.visual.flops_per_sample() + 2.0 * pe.proj.weight.numel() * pe.num_patches) / 3
-        teacher = vit_forward + (self.text.flops(l, n, text_passes=2, fusion_passes=1, mlm_passes=1) + projections) / 3
+        teacher = vit_forward + (self.text.flops(l, n, text_passes=2, fusion_passes=1, mlm_rows=mlm_rows) + projections) / 3
         queue = 12.0 * cfg.momentum.queue_size * cfg.embed_dim
         return student + teacher + queue
 

@@ -59,15 +59,26 @@ class TextFusionEncoder(nn.Module):
         return self.fusion_norm(x)
 
     def mlm_logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_tokens: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Both passes on (masked) ids, then the MLM head at every position: `b l vocab` (no host sync)."""
-        return self.mlm_head(self.fuse(self.encode(input_ids, attention_mask), attention_mask, image_tokens))
+        """Both passes on (masked) ids, then the MLM head at every position, `b l vocab`, or only at the flat
+        positions `rows` `k` (`mlm.masked_rows`), `k vocab`."""
+        hidden = self.fuse(self.encode(input_ids, attention_mask), attention_mask, image_tokens)  # `b l d`
+        if rows is not None:
+            hidden = hidden.flatten(0, 1)[rows]  # `k d`
+        return self.mlm_head(hidden)
 
-    def flops(self, text_tokens: int, image_tokens: int, text_passes: int, fusion_passes: int, mlm_passes: int) -> float:
-        """Training FLOPs per sample for the given numbers of text-encoder, fusion and MLM-head passes."""
+    def flops(
+        self, text_tokens: int, image_tokens: int, text_passes: int, fusion_passes: int, mlm_rows: float
+    ) -> float:
+        """Training FLOPs per sample for the given numbers of text-encoder and fusion passes and of rows the
+        MLM head scores (a fraction of `text_tokens` when only masked positions are scored)."""
         return (
             text_passes * self.encoder.flops_per_sample(text_tokens)
             + fusion_passes * self.fusion.flops(text_tokens, image_tokens)
-            + mlm_passes * self.mlm_head.flops(text_tokens)
+            + self.mlm_head.flops(mlm_rows)
         )

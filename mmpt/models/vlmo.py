@@ -103,7 +103,7 @@ class VLMo(nn.Module):
         self.step.fill_(step)
 
     def itm_hardness(self) -> torch.Tensor:
-        """0-d scale in [0, 1] of the ITC logits that ITM negatives are drawn from (`hardness_ramp`)."""
+        """0-d share in [0, 1] of ITM negative draws that follow softmax(ITC sim), the rest uniform (`hardness_ramp`)."""
         return hardness_ramp(self.step, self.config.itm_hardness_warmup_steps)
 
     def forward(self, batch: Batch | MixedBatch) -> ModelOutput:
@@ -151,8 +151,9 @@ class VLMo(nn.Module):
         loss_itc, metrics = self.itc(image_feats, text_feats,
                                      itc_codes(self.config.itc_duplicate_positives, batch.image_ids, ids, mask))
         (neg_images,), (neg_ids, neg_mask) = hard_negative_rows(
-            image_feats, text_feats, self.itc.scale().detach() * self.itm_hardness(), ids, mask, batch.image_ids,
+            image_feats, text_feats, self.itc.scale().detach(), ids, mask, batch.image_ids,
             image_rows=[images], text_rows=[ids, mask], global_negatives=self.config.itm_global_negatives,
+            hardness=self.itm_hardness(),
         )  # fmt: skip
         masked, labels = self._mask(ids, mask)
         fused = self.encoder.encode_pair(

@@ -99,7 +99,7 @@ class MLMHead(nn.Module):
         logits = self.decoder(x)
         return logits + self.bias if self.bias is not None else logits
 
-    def flops(self, num_tokens: int) -> float:
+    def flops(self, num_tokens: float) -> float:
         """Training FLOPs for `num_tokens` predicted tokens (only gather the positions you score): 6 * weights each."""
         weights = self.decoder.weight.numel() + (self.transform.weight.numel() if self.transform is not None else 0)
         return 6.0 * weights * num_tokens

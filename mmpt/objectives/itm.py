@@ -24,19 +24,25 @@ __all__ = ["HardNegatives", "hard_negative_rows", "hardness_ramp", "image_id_cod
            "pair_image_codes", "sample_hard_negatives", "text_codes"]  # codes: re-exported from pair_codes
 
 
-def _negative_weights(sim: torch.Tensor, same_id: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Row-stochastic `b n` weights: softmax over allowed columns, uniform where that is not finite.
+def _negative_weights(
+    sim: torch.Tensor, same_id: torch.Tensor, positive: torch.Tensor, hardness: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """Row-stochastic `b n` weights: hardness x softmax over allowed columns + (1 - hardness) x uniform over them.
 
     Allowed = not the same image id; a row with no such column (the whole global batch shows one image)
     falls back to every column but its positive. Softmax is taken with disallowed columns at -inf, so the
-    allowed ones can never all underflow to zero; non-finite similarities fall back to uniform.
+    allowed ones can never all underflow to zero; non-finite similarities fall back to uniform. Why a mixture
+    and not a softer softmax: scaling the ITC logits (scale ~14 early) makes every draw hard long before a
+    tiny fusion encoder has learnt anything, while a mixture keeps a (1 - hardness) share of easy negatives
+    (docs/RESULTS.md, "Why tiny ITM sits at its prior").
     """
     allowed = ~same_id
     allowed = torch.where(allowed.any(dim=1, keepdim=True), allowed, ~positive)  # `b n`
     weights = sim.float().masked_fill(~allowed, float("-inf")).softmax(dim=1)
     bad = ~torch.isfinite(weights).all(dim=1, keepdim=True) | ~(weights.sum(dim=1, keepdim=True) > 0)
     uniform = allowed.float() / allowed.sum(dim=1, keepdim=True)
-    return torch.where(bad, uniform, weights.nan_to_num(0.0))
+    mixed = hardness * weights.nan_to_num(0.0) + (1.0 - hardness) * uniform
+    return torch.where(bad, uniform, mixed)
 
 
 def sample_hard_negatives(
@@ -48,6 +54,7 @@ def sample_hard_negatives(
     generator: torch.Generator | None = None,
     text_codes_local: torch.Tensor | None = None,
     text_codes_global: torch.Tensor | None = None,
+    hardness: torch.Tensor | float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Global indices of one hard negative text per local image and one hard negative image per local text.
 
@@ -56,7 +63,9 @@ def sample_hard_negatives(
     codes (`image_id_codes`); None means every pair is a distinct image. text_codes_* (`text_codes`): pairs
     whose captions are identical are excluded too -- an identical caption is a positive in disguise (web data
     repeats captions; the synthetic set repeats them by design). The positive of local row i is column
-    b*rank + i. Returns (neg_text_idx `b`, neg_image_idx `b`), int64 indices into the global batch.
+    b*rank + i. hardness in [0, 1] (0-d tensor or float): the share of each draw that follows softmax(sim),
+    the rest is uniform over the allowed columns (`hardness_ramp`). Returns (neg_text_idx `b`, neg_image_idx
+    `b`), int64 indices into the global batch.
     """
     b, n = sim_i2t.shape
     if sim_t2i.shape != (b, n):
@@ -73,8 +82,8 @@ def sample_hard_negatives(
         same_id = same_id | (text_codes_local.to(device)[:, None] == text_codes_global.to(device)[None, :])
     with torch.no_grad():
         # Text i and image i share the image id, so one `same_id` mask serves both directions.
-        weights = torch.cat([_negative_weights(sim_i2t, same_id, positive),
-                             _negative_weights(sim_t2i, same_id, positive)])  # `(2 b) (w b)`
+        weights = torch.cat([_negative_weights(sim_i2t, same_id, positive, hardness),
+                             _negative_weights(sim_t2i, same_id, positive, hardness)])  # `(2 b) (w b)`
         drawn = torch.multinomial(weights, 1, generator=generator).squeeze(1)  # `(2 b)`
     return drawn[:b], drawn[b:]
 
@@ -104,10 +113,11 @@ def itm_loss(logits_pos: torch.Tensor, logits_neg: torch.Tensor) -> tuple[torch.
 
 
 def hardness_ramp(step: torch.Tensor, warmup_steps: int) -> torch.Tensor:
-    """0-d device tensor in [0, 1] scaling the ITC logits that hard negatives are drawn from: step / warmup,
-    clamped (0 = uniform negatives, 1 = softmax(sim) as ALBEF/VLMo); 1 when warmup_steps <= 0. `step` is a
-    `(1,)` buffer of optimizer steps, read on device (no host sync). A tiny model trained from scratch never
-    bootstraps ITM on fully hard negatives (it sits at the 1/3 prior), hence the ramp."""
+    """0-d device tensor in [0, 1]: the share of hard-negative draws that follow softmax(sim), the rest being
+    uniform (`_negative_weights`): step / warmup, clamped (0 = uniform negatives, 1 = softmax(sim) as
+    ALBEF/VLMo); 1 when warmup_steps <= 0. `step` is a `(1,)` buffer of optimizer steps, read on device (no
+    host sync). A tiny model trained from scratch never bootstraps ITM on fully hard negatives (it sits at the
+    1/3 prior), hence the ramp."""
     if warmup_steps <= 0:
         return torch.ones((), device=step.device)
     return (step[0].float() / warmup_steps).clamp(max=1.0)
@@ -134,12 +144,13 @@ def hard_negative_rows(
     image_rows: Sequence[torch.Tensor],
     text_rows: Sequence[torch.Tensor],
     global_negatives: bool = True,
+    hardness: torch.Tensor | float = 1.0,
 ) -> HardNegatives:
     """Draw one hard negative text per local image and one hard negative image per local text, then pick
     the rows the model's fused pass needs for them.
 
     image_feats / text_feats: the local L2-normalised ITC features `b e` (detached here); logit_scale: 0-d,
-    the ITC scale times any hardness ramp (`hardness_ramp`). input_ids / attention_mask `b l` give the
+    the ITC scale; hardness: the softmax share of each draw (`hardness_ramp`). input_ids / attention_mask `b l` give the
     caption codes (identical captions are never each other's negatives), image_ids the image codes (two
     captions of one image are not a mismatch). image_rows / text_rows: tensors `b ...` whose rows belong to
     the local images / texts (e.g. `[images]`, `[input_ids, attention_mask]`).
@@ -158,7 +169,7 @@ def hard_negative_rows(
         s = logit_scale.detach()
         neg_text, neg_image = sample_hard_negatives(
             s * img @ txt_all.T, s * txt @ img_all.T, codes, gather(codes), rank() if global_negatives else 0,
-            text_codes_local=captions, text_codes_global=gather(captions),
+            text_codes_local=captions, text_codes_global=gather(captions), hardness=hardness,
         )  # fmt: skip
     pick = gather_rows if global_negatives else (lambda local, index: local[index])
     texts = tuple(pick(t, neg_text) for t in text_rows)
