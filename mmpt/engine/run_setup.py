@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,11 @@ def check_special_tokens(cfg: TrainConfig, tokenizer: TextTokenizer) -> None:
 
 
 def configure_logging(env: DistEnv) -> None:
-    """Rank 0 speaks at INFO; other ranks only warn. Hydra may already have attached handlers."""
+    """Rank 0 speaks at INFO; other ranks only warn. Hydra may already have attached handlers.
+
+    DeepSpeed's ZeRO calls `all_gather_into_tensor`, which recent torch (2.13 here) flags as deprecated once
+    per process: a line the user can do nothing about, so it is silenced (our own code does not call it)."""
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     logger = logging.getLogger("mmpt")
     logger.setLevel(logging.INFO if env.is_main else logging.WARNING)
     if not logging.getLogger().handlers and not logger.handlers:
