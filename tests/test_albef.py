@@ -385,3 +385,26 @@ def test_itm_hardness_ramps_from_uniform_to_albef() -> None:
     assert float(model.itm_hardness()) == pytest.approx(0.5)
     model.after_optimizer_step(50)
     assert float(model.itm_hardness()) == 1.0
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_fusion_grads_to_encoders_false_leaves_the_encoders_to_itc(momentum: bool) -> None:
+    """ITM + MLM backward: with the switch off, no unimodal encoder weight gets a gradient except the word
+    embeddings (tied to the MLM output layer); the fusion layers and heads still learn. On: the encoders learn."""
+
+    def grads(model: ALBEF) -> dict[str, float]:
+        out = model(make_batch(b=4))
+        (out.losses["itm"] + out.losses["mlm"]).backward()
+        return {n: float(p.grad.abs().sum()) if p.grad is not None else 0.0
+                for n, p in model.named_parameters() if p.requires_grad}
+
+    on = grads(build(momentum))
+    off = grads(build(momentum, fusion_grads_to_encoders=False))
+    assert set(on) == set(off)
+    encoders = [n for n in off if n.startswith(("visual.", "text.encoder."))]
+    tied = "text.encoder.embed.token_embed.weight"
+    assert encoders and tied in encoders
+    assert all(off[n] == 0.0 for n in encoders if n != tied) and off[tied] > 0
+    assert sum(on[n] > 0 for n in encoders if n != tied) >= len(encoders) - 2  # e.g. an unused pos row
+    fusion = [n for n in off if n.startswith(("text.fusion.", "itm_head.", "text.mlm_head."))]
+    assert fusion and all(off[n] > 0 for n in fusion)

@@ -140,6 +140,8 @@ class ALBEF(nn.Module):
             metrics["distill_alpha"] = alpha.detach()
         else:
             loss_itc, m_itc = self.itc(image_feats, text_feats, codes)
+        if not self.config.fusion_grads_to_encoders:  # ITM/MLM train the fusion side only (measured: RESULTS.md)
+            image_tokens, text_tokens = image_tokens.detach(), text_tokens.detach()
         loss_itm, m_itm = self._itm(image_tokens, text_tokens, ids, mask, image_feats, text_feats, batch.image_ids)
         loss_mlm, m_mlm = self._mlm(ids, mask, image_tokens, image_tokens_m, alpha)
         metrics.update(m_itc | m_itm | m_mlm)
@@ -185,7 +187,8 @@ class ALBEF(nn.Module):
             prob=cfg.mlm_prob,
         )  # fmt: skip
         rows, labels = masked_rows(labels, cfg.mlm_prob)  # `k`
-        logits = self.text.mlm_logits(masked, mask, image_tokens, rows)  # `k v`
+        detach = not cfg.fusion_grads_to_encoders
+        logits = self.text.mlm_logits(masked, mask, image_tokens, rows, detach_inputs=detach)  # `k v`
         if self.teacher is None or image_tokens_m is None:
             return mlm_loss(logits, labels)
         with torch.no_grad():

@@ -49,6 +49,8 @@ class ALBEFConfig(ModelConfigBase):
     text_norm_eps: float = 1e-5  # BERT uses 1e-12
     itm_hardness_warmup_steps: int = 0  # hard negatives sharpen from uniform to softmax(sim) over these steps
     itm_global_negatives: bool = True  # False: ALBEF's local-batch hard negatives (no gather)
+    # False: ITM and MLM train the fusion layers and heads only; the unimodal encoders learn from ITC alone
+    fusion_grads_to_encoders: bool = True
     momentum: MomentumConfig = field(default_factory=_albef_momentum)
 
     def __post_init__(self) -> None:
