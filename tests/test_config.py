@@ -126,8 +126,10 @@ def test_paper_presets_compose_and_validate(demo_env):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["experiment=albef_tiny", "model.momentum.queue_size=100"], "multiple of the global batch"),
-    (["experiment=albef_tiny", "deepspeed=zero3"], "momentum teachers support ZeRO stages 0-2"),
+    (["experiment=albef_tiny", "model.momentum.enabled=true", "model.momentum.queue_size=100"],
+     "multiple of the global batch"),
+    (["experiment=albef_tiny", "model.momentum.enabled=true", "deepspeed=zero3"],
+     "momentum teachers support ZeRO stages 0-2"),
     (["experiment=albef_tiny", "model.init.vision=/nonexistent/vit.pth"], "model.init.vision='/nonexistent/vit.pth'"),
 ])
 def test_momentum_and_init_checks(demo_env, overrides, expected):

@@ -39,7 +39,7 @@ def _dry_run(demo_env, tmp_path, *overrides, nodes="2"):
 
 def test_cli_dry_run_reports_the_job_world_and_trains_nothing(demo_env, tmp_path):
     proc = _dry_run(demo_env, tmp_path, "trainer.expected_world_size=16", "trainer.max_steps=300",
-                    "trainer.precision=bf16")
+                    "trainer.precision=bf16", "model.momentum.enabled=true")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.split("dry_run: ", 1)[1].splitlines()[0])
     assert (report["nodes"], report["ranks"], report["ranks_per_node"]) == (2, 16, 8)
@@ -55,6 +55,6 @@ def test_cli_dry_run_reports_the_job_world_and_trains_nothing(demo_env, tmp_path
 
 def test_cli_dry_run_checks_the_config_against_the_expected_world(demo_env, tmp_path):
     # 3 ranks x 64 = 192 does not divide ALBEF's queue of 1024: caught on the login node, before sbatch
-    proc = _dry_run(demo_env, tmp_path, "trainer.expected_world_size=3")
+    proc = _dry_run(demo_env, tmp_path, "trainer.expected_world_size=3", "model.momentum.enabled=true")
     assert proc.returncode == 2 and "queue size 1024 must be a positive multiple of the global batch 192" in proc.stderr
     assert "Traceback" not in proc.stderr

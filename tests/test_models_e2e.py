@@ -35,7 +35,7 @@ def run_to_end(tmp_path, experiment: str, extra: list[str]) -> tuple[dict, list[
 
 
 def test_albef_two_process_zero2_resume_restores_momentum_state(demo_env, tmp_path):
-    summary, records, max_steps = run_to_end(tmp_path, "albef_tiny", ["model.momentum.queue_size=96"])
+    summary, records, max_steps = run_to_end(tmp_path, "albef_tiny", ["model.momentum.enabled=true", "model.momentum.queue_size=96"])
     last = [r for r in records if "train/loss" in r][-1]
     assert {"train/itc", "train/itm", "train/mlm"} <= set(last)
     # the preset weights ITM and MLM 0.25 (conf/experiment/albef_tiny.yaml); ITC keeps ALBEF's 1.0

@@ -2,8 +2,8 @@
 
     python scripts/bench/bench_albef_mlm_rows.py [--steps 20] [--rounds 3] [--batch 64] [--threads 1]
 
-Same tiny ALBEF as `experiment=albef_tiny` (2 text + 2 fusion layers, momentum teacher, vocab 1,000,
-24 tokens, 64 px), same in-memory batch, forward + backward + AdamW, one process. The baseline scores
+The tiny ALBEF of `experiment=albef_tiny model.momentum.enabled=true` (2 text + 2 fusion layers, momentum
+teacher, vocab 1,000, 24 tokens, 64 px), same in-memory batch, forward + backward + AdamW, one process. The baseline scores
 every position: `masked_rows` is swapped for one that returns all `b l` rows with their labels (the loss is
 identical, tests/test_mlm.py). Rounds alternate between the two so that machine noise hits both; prints
 samples/s and the ratio.
