@@ -187,8 +187,8 @@ class ALBEF(nn.Module):
             prob=cfg.mlm_prob,
         )  # fmt: skip
         rows, labels = masked_rows(labels, cfg.mlm_prob)  # `k`
-        detach = not cfg.fusion_grads_to_encoders
-        logits = self.text.mlm_logits(masked, mask, image_tokens, rows, detach_inputs=detach)  # `k v`
+        # image_tokens arrive detached from forward when fusion_grads_to_encoders is off
+        logits = self.text.mlm_logits(masked, mask, image_tokens, rows, detach_text=not cfg.fusion_grads_to_encoders)
         if self.teacher is None or image_tokens_m is None:
             return mlm_loss(logits, labels)
         with torch.no_grad():
@@ -222,7 +222,8 @@ class ALBEF(nn.Module):
             return student
         pe = self.visual.patch_embed
         vit_forward = (self.visual.flops_per_sample() + 2.0 * pe.proj.weight.numel() * pe.num_patches) / 3
-        teacher = vit_forward + (self.text.flops(l, n, text_passes=2, fusion_passes=1, mlm_rows=mlm_rows) + projections) / 3
+        teacher_text = self.text.flops(l, n, text_passes=2, fusion_passes=1, mlm_rows=mlm_rows)
+        teacher = vit_forward + (teacher_text + projections) / 3
         queue = 12.0 * cfg.momentum.queue_size * cfg.embed_dim
         return student + teacher + queue
 

@@ -64,14 +64,14 @@ class TextFusionEncoder(nn.Module):
         attention_mask: torch.Tensor,
         image_tokens: torch.Tensor,
         rows: torch.Tensor | None = None,
-        detach_inputs: bool = False,
+        detach_text: bool = False,
     ) -> torch.Tensor:
         """Both passes on (masked) ids, then the MLM head at every position, `b l vocab`, or only at the flat
-        positions `rows` `k` (`mlm.masked_rows`), `k vocab`. detach_inputs: no gradient reaches the text
-        encoder's output or the image tokens (the tied word embeddings still learn through the output layer)."""
+        positions `rows` `k` (`mlm.masked_rows`), `k vocab`. detach_text: no gradient reaches the text encoder's
+        output (the tied word embeddings still learn through the output layer); detach image_tokens yourself."""
         text_tokens = self.encode(input_ids, attention_mask)
-        if detach_inputs:
-            text_tokens, image_tokens = text_tokens.detach(), image_tokens.detach()
+        if detach_text:
+            text_tokens = text_tokens.detach()
         hidden = self.fuse(text_tokens, attention_mask, image_tokens)  # `b l d`
         if rows is not None:
             hidden = hidden.flatten(0, 1)[rows]  # `k d`

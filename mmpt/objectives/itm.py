@@ -150,8 +150,8 @@ def hard_negative_rows(
     the rows the model's fused pass needs for them.
 
     image_feats / text_feats: the local L2-normalised ITC features `b e` (detached here); logit_scale: 0-d,
-    the ITC scale; hardness: the softmax share of each draw (`hardness_ramp`). input_ids / attention_mask `b l` give the
-    caption codes (identical captions are never each other's negatives), image_ids the image codes (two
+    the ITC scale; hardness: the softmax share of each draw (`hardness_ramp`). input_ids / attention_mask
+    `b l` give the caption codes (identical captions are never each other's negatives), image_ids the image codes (two
     captions of one image are not a mismatch). image_rows / text_rows: tensors `b ...` whose rows belong to
     the local images / texts (e.g. `[images]`, `[input_ids, attention_mask]`).
 
