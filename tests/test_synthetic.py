@@ -21,6 +21,7 @@ from mmpt.data.synthetic import (
     render_sample,
     write_shards,
 )
+from mmpt.data.synthetic_styles import ALT
 
 N, SHARD, SIZE = 23, 10, 64
 
@@ -176,3 +177,85 @@ def test_bad_arguments_raise_config_error(tmp_path, kwargs, match):
     with pytest.raises(SyntheticConfigError, match=match):
         write_shards(tmp_path, **args)
     assert not any(tmp_path.iterdir())
+
+
+# --- styles: `alt` shares the scene logic with `demo` and nothing a model could memorise --------------------
+
+ALT_PHRASE = rf"a ({'|'.join(ALT.sizes)}) ({'|'.join(ALT.shapes)}) in ({'|'.join(ALT.colours)})"
+ALT_CAPTION_RE = re.compile(rf"there is {ALT_PHRASE}(?: ({'|'.join(ALT.relations)}) {ALT_PHRASE})?")
+
+
+@pytest.fixture(scope="module")
+def alt_samples() -> list[tuple[bytes, str, dict]]:
+    return [render_sample(seed=3, index=i, image_size=SIZE, style="alt") for i in range(150)]
+
+
+def test_demo_style_is_the_default_and_unchanged():
+    """Golden captions from before styles existed; the demo metadata carries no "style" key."""
+    golden = [
+        "a small orange circle to the right of a large purple triangle",
+        "a small orange cross to the left of a large red triangle",
+        "a large orange triangle above a small red square",
+        "a large blue square",
+    ]
+    assert [render_sample(0, i, SIZE)[1] for i in range(4)] == golden
+    assert render_sample(0, 1, SIZE) == render_sample(0, 1, SIZE, style="demo")
+    assert "style" not in render_sample(0, 1, SIZE)[2]
+
+
+def test_alt_captions_use_alt_vocabulary_only(alt_samples):
+    demo_words = {*COLOURS, *SHAPES, *SIZES, "to", "the", "above", "below"}  # "left"/"right" have no synonym
+    for _, caption, meta in alt_samples:
+        m = ALT_CAPTION_RE.fullmatch(caption)
+        assert m, caption
+        assert not demo_words & set(caption.split()), caption
+        objs = meta["objects"]
+        assert meta["style"] == "alt" and meta["image_id"].startswith("synthetic-alt-")
+        assert m.group(1, 3, 2) == (objs[0]["size"], objs[0]["colour"], objs[0]["shape"])
+        if len(objs) == 2:
+            assert m.group(4) == meta["relation"]
+            assert m.group(5, 7, 6) == (objs[1]["size"], objs[1]["colour"], objs[1]["shape"])
+    seen = {(o["colour"], o["shape"], o["size"]) for _, _, m in alt_samples for o in m["objects"]}
+    assert {c for c, _, _ in seen} == set(ALT.colours) and {s for _, s, _ in seen} == set(ALT.shapes)
+    assert {m["relation"] for _, _, m in alt_samples if m["relation"]} == set(ALT.relations)
+
+
+def test_alt_relation_is_geometrically_true(alt_samples):
+    left, right, over, beneath = ALT.relations
+    for _, _, m in alt_samples:
+        if not m["relation"]:
+            continue
+        a, b = m["objects"]
+        along = {left: b["cx"] - a["cx"], right: a["cx"] - b["cx"], over: b["cy"] - a["cy"], beneath: a["cy"] - b["cy"]}
+        assert along[m["relation"]] > a["radius"] + b["radius"], m
+
+
+def test_alt_named_colour_is_drawn(alt_samples):
+    """At the centre of filled shapes; on the band of a ring (its centre shows the background)."""
+    for jpg, caption, meta in alt_samples:
+        pixels = np.asarray(Image.open(io.BytesIO(jpg)), dtype=np.float32)
+        for o in meta["objects"]:
+            dx = 0.8 * o["radius"] if o["shape"] == "ring" else 0.0
+            x, y = int(o["cx"] + dx), int(o["cy"])
+            patch = pixels[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3).mean(0)
+            nearest = min(ALT.colours, key=lambda c: np.sum((patch - np.array(ALT.colours[c])) ** 2))
+            assert nearest == o["colour"], (caption, o, patch)
+
+
+def test_alt_is_deterministic_and_differs_from_demo(tmp_path, shards):
+    for name in ("a", "b"):
+        write_shards(tmp_path / name, num_samples=N, shard_size=SHARD, seed=0, image_size=SIZE, style="alt")
+    alt = dir_bytes(tmp_path / "a")
+    assert alt == dir_bytes(tmp_path / "b")
+    assert all(alt[n] != b for n, b in dir_bytes(shards).items() if n.endswith(".tar"))
+    assert render_sample(0, 0, SIZE, style="alt")[0] != render_sample(0, 0, SIZE)[0]
+
+
+def test_style_flag(tmp_path):
+    from mmpt.cli.data import main
+
+    assert main(["synthetic", "--out", str(tmp_path), "--num-samples", "3", "--style", "alt"]) == 0
+    meta = json.loads(read_tar(tmp_path / "00000.tar")["000000000"]["json"])
+    assert meta["style"] == "alt" and meta["caption"].startswith("there is ")
+    with pytest.raises(SyntheticConfigError, match="style"):
+        write_shards(tmp_path / "bad", num_samples=3, shard_size=10, seed=0, style="neon")

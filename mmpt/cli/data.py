@@ -28,7 +28,7 @@ def _synthetic(args: argparse.Namespace) -> int:
         sizes = write_shards(
             args.out, num_samples=args.num_samples, shard_size=args.shard_size, seed=args.seed,
             image_size=args.image_size, start_index=args.start_index, prefix=args.prefix,
-            p_two=args.p_two, jpeg_quality=args.jpeg_quality, progress=True,
+            p_two=args.p_two, jpeg_quality=args.jpeg_quality, progress=True, style=args.style,
         )
     except SyntheticConfigError as exc:
         raise UserError(str(exc)) from exc
@@ -58,6 +58,11 @@ def add_synthetic(subparsers) -> None:
     p.add_argument("--prefix", default="", help="prefix for shard file names and sample keys")
     p.add_argument("--p-two", type=float, default=0.7, help="fraction of scenes with two shapes")
     p.add_argument("--jpeg-quality", type=int, default=90, choices=range(1, 101), metavar="[1-100]")
+    from mmpt.data.synthetic_styles import STYLES  # light: no numpy/PIL, so `--help` stays fast
+
+    p.add_argument("--style", default="demo", choices=list(STYLES),
+                   help="demo: the quickstart's captions and looks; alt: other words, word order, colours, shapes "
+                   "and a textured background (data no preset was tuned on)")
     p.set_defaults(handler=_synthetic)
 
 
