@@ -21,7 +21,7 @@ from mmpt.engine.config import ConfigError, TrainConfig, typed_config
 from mmpt.engine.dist_env import DistEnv
 from mmpt.engine.optim import param_groups
 from mmpt.engine.run_setup import check_model_setup, validate
-from mmpt.engine.wandb_offline import find_offline_runs, read_offline_run
+from mmpt.tools.wandb_offline import find_offline_runs, read_offline_run
 from mmpt.models.albef_config import ALBEFConfig
 from mmpt.models.clip import CLIPConfig
 from mmpt.models.freezing import ParamCounts, apply_freeze, parameter_counts

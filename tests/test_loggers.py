@@ -7,7 +7,7 @@ import numpy as np
 
 from mmpt.engine.config import LoggerConfig
 from mmpt.engine.loggers import RunLogger, format_progress
-from mmpt.engine.wandb_offline import find_offline_runs, read_offline_run
+from mmpt.tools.wandb_offline import find_offline_runs, read_offline_run
 from mmpt.eval.runner import CaptionSample
 
 

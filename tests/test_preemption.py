@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mmpt.engine.preemption import PreemptionWatch, signal_number
-from mmpt.engine.wandb_offline import find_offline_runs, read_offline_run
+from mmpt.tools.wandb_offline import find_offline_runs, read_offline_run
 from tests.test_train_e2e import BIN, descendants, metrics, torchrun
 
 

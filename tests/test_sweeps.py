@@ -21,7 +21,7 @@ from mmpt.cli.sweep_spec import SpecError, format_value, hydra_command, load_spe
 from mmpt.engine.config import LoggerConfig
 from mmpt.engine.run_setup import add_submitit_preempt_signal
 from mmpt.engine.sweep_info import SweepInfo, current_sweep_info, wandb_identity
-from mmpt.engine.wandb_offline import find_offline_runs, read_offline_run
+from mmpt.tools.wandb_offline import find_offline_runs, read_offline_run
 
 try:  # the session fixture that starts a real local SLURM (scripts/local_slurm.sh)
     from tests.slurm_cluster import slurm_cluster, tail  # noqa: F401

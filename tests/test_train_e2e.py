@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mmpt.engine.checkpoint import complete_checkpoints
-from mmpt.engine.wandb_offline import find_offline_runs, history_of_run_id, read_offline_run
+from mmpt.tools.wandb_offline import find_offline_runs, history_of_run_id, read_offline_run
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
