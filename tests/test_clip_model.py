@@ -40,7 +40,8 @@ def model() -> CLIP:
 def test_protocol_and_registry(model: CLIP) -> None:
     assert isinstance(model, PretrainModel)
     assert model.objectives == ("itc",) and model.data_kinds == ("pairs",) and model.capabilities == frozenset()
-    built = build_model({"arch": "clip", "vision": {"image_size": 32}, "text": {"vocab_size": VOCAB, "max_text_len": L}})
+    text = {"vocab_size": VOCAB, "max_text_len": L}
+    built = build_model({"arch": "clip", "vision": {"image_size": 32}, "text": text})
     assert isinstance(built, CLIP) and built.config.vision.image_size == 32 and built.config.vision.patch_size == 8
     out = built(make_batch())
     assert isinstance(out, ModelOutput) and set(out.losses) == {"itc"}

@@ -1,6 +1,6 @@
 """CoCa: protocol, forward/backward, losses at init, padding and causality, generation (cache vs recompute,
-greedy vs beam, EOS/pad, brute-force beam reference), tiny overfit, presets and the CoCa-Base size, the
-ITC-only objective set. FLOPs: tests/test_arch_contract.py (flops_per_sample against FlopCounterMode)."""
+greedy vs beam, EOS/pad, brute-force beam reference), tiny overfit, presets and the CoCa-Base size.
+FLOPs: tests/test_arch_contract.py (flops_per_sample against FlopCounterMode for every objective set)."""
 from __future__ import annotations
 
 import itertools
@@ -28,7 +28,7 @@ def tiny_config(**overrides: object) -> CoCaConfig:
     """The `tiny` preset (64 wide ViT x 2, 1 unimodal + 1 multimodal layer, 8 decoder queries) at 32 px,
     100 tokens of vocabulary and 16 positions."""
     text = {"vocab_size": VOCAB, "max_text_len": L}
-    return preset_config("coca", "tiny", vision={"image_size": 32}, text=text, **overrides)  # type: ignore[no-any-return]
+    return preset_config("coca", "tiny", vision={"image_size": 32}, text=text, **overrides)  # type: ignore
 
 
 def make_batch(seed: int = 0, b: int = B, min_len: int = 4, max_len: int = L) -> Batch:
@@ -74,7 +74,8 @@ def test_protocol_and_registry(model: CoCa) -> None:
     assert model.objectives == ("itc", "caption") and "coca" in arch_names()
     assert model.data_kinds == ("pairs",) and model.capabilities == frozenset({"generate"})
     assert model.default_loss_weights == {"itc": 1.0, "caption": 2.0}
-    built = build_model({"arch": "coca", "vision": {"image_size": 32}, "text": {"vocab_size": VOCAB, "max_text_len": L}})
+    text = {"vocab_size": VOCAB, "max_text_len": L}
+    built = build_model({"arch": "coca", "vision": {"image_size": 32}, "text": text})
     assert isinstance(built, CoCa) and built.config.vision.image_size == 32 and built.config.text.vocab_size == VOCAB
     out = built(make_batch())
     assert isinstance(out, ModelOutput) and set(out.losses) == {"itc", "caption"}
@@ -108,7 +109,8 @@ def test_presets_validate(preset: str) -> None:
         composed = compose("train", overrides=[f"model=coca/{preset}", *overrides])
     cfg = typed_config(resolve(composed)).model
     assert isinstance(cfg, CoCaConfig) and cfg.text.vocab_size == 64000 and cfg.text.max_text_len == 76
-    assert cfg == preset_config("coca", preset, vision={"image_size": 224}, text={"vocab_size": 64000, "max_text_len": 76})
+    text = {"vocab_size": 64000, "max_text_len": 76}
+    assert cfg == preset_config("coca", preset, vision={"image_size": 224}, text=text)
     assert cfg.objectives == ["itc", "caption"]
     if preset == "base":
         assert (cfg.vision.width, cfg.vision.layers, cfg.text.layers, cfg.multimodal_layers) == (768, 12, 12, 12)

@@ -159,6 +159,7 @@ def test_format_value_round_trips_through_hydras_grammar():
 
 
 # ---- W&B server flows without a server ------------------------------------------------------------------------
+@pytest.mark.slow  # CLI subprocesses
 def test_create_and_agent_without_a_server_exit_2_with_the_offline_alternative(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_SILENT="true")

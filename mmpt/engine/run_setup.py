@@ -64,7 +64,8 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
         probe = build_model(cfg.model)
     check_combinations(cfg, env.world_size, torch.cuda.is_available(), tuple(probe.objectives))
     check_data(cfg, tuple(probe.data_kinds), need_train)
-    cfg.loss.weights = {**dict(probe.default_loss_weights), **cfg.loss.weights}
+    defaults = {k: w for k, w in probe.default_loss_weights.items() if k in probe.objectives}
+    cfg.loss.weights = {**defaults, **cfg.loss.weights}
     missing = sorted(set(probe.objectives) - set(cfg.loss.weights))
     if missing:
         raise ConfigError(f"model.arch={cfg.model.arch} has no default weight for {missing}; set loss.weights.{missing[0]}=...")
@@ -98,7 +99,11 @@ def add_submitit_preempt_signal(cfg: TrainConfig, environ: dict[str, str] | None
 def check_model_setup(cfg: TrainConfig, probe: torch.nn.Module, need_train: bool = True) -> ParamCounts:
     """model.freeze / model.train patterns against the (meta) model's real names, and model.init.checkpoint
     (only when training: evaluation reads its weights from the checkpoint it evaluates)."""
-    source = getattr(getattr(cfg.model, "init", None), "checkpoint", None)
+    init = getattr(cfg.model, "init", None)
+    source = getattr(init, "checkpoint", None)
+    if need_train and not source and getattr(init, "checkpoint_required", False):
+        raise ConfigError("model.init.checkpoint is required: this stage continues an earlier one; set "
+                          "model.init.checkpoint=<the previous stage's run dir>")
     if need_train and source:
         try:
             init_checkpoint_source(source)

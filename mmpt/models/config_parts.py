@@ -188,7 +188,7 @@ class ModelConfigBase:
                      f"{c.min_temperature}, {c.temperature_init}, {c.max_temperature}")
         if c.embed_dim < 1:
             p.append(f"contrastive.embed_dim={c.embed_dim} must be >= 1")
-        ids = {k: v for k, v in vars(self.tokens).items() if v is not None}
+        ids = {k: self.tokens.id(k) for k in vars(self.tokens)}  # unset: mmpt's layout until the tokenizer fills them
         if len(set(ids.values())) != len(ids):
             p.append(f"tokens {ids} must be distinct")
         vocab = self.vocab_size()
