@@ -37,7 +37,7 @@ def tiny_config(
 ) -> ALBEFConfig:
     """The `tiny` preset (64 wide ViT x 2, 1 text + 1 fusion layer, ALBEF's temperature clamp [0.001, 0.5])
     at 32 px, 100 tokens of vocabulary, 16 positions and 32-d ITC; the momentum teacher on by default."""
-    mom = {"enabled": momentum, "queue_size": queue, "alpha_warmup_steps": 10, "momentum": 0.9}
+    mom = {"enabled": momentum, "queue_size": queue, "alpha_warmup_steps": 10, "decay": 0.9}
     return preset_config(  # type: ignore[no-any-return]
         "albef", "tiny", vision={"image_size": 32}, text={"vocab_size": VOCAB, "max_text_len": L},
         contrastive={"embed_dim": 32, "temperature_init": temperature_init}, momentum=mom, **overrides,

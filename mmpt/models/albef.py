@@ -73,7 +73,7 @@ class ALBEF(nn.Module):
             )
             self.itc.logit_scale.requires_grad_(c.learnable_temperature)
             students = {"visual": self.visual, "vision_proj": self.vision_proj, "text": self.text, "text_proj": self.text_proj}
-            self.teacher = MomentumTeacher(students, momentum=m.momentum)  # last: copies the initialised student
+            self.teacher = MomentumTeacher(students, momentum=m.decay)  # last: copies the initialised student
         else:
             self.itc = build_contrastive_loss(cfg.contrastive)
 

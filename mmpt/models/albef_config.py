@@ -18,7 +18,7 @@ class ALBEFConfig(DualTowerConfig, FusionObjectivesConfig):
     supported_objectives: ClassVar[tuple[str, ...]] = ("itc", "itm", "mlm")
     default_objectives: ClassVar[tuple[str, ...]] = ("itc", "itm", "mlm")
 
-    arch: str = "albef"
+    arch_name: ClassVar[str] = "albef"
     fusion_layers: int = 1
     # False: ITM and MLM train the fusion layers and heads only; the unimodal encoders learn from ITC alone
     fusion_grads_to_encoders: bool = True
@@ -36,8 +36,8 @@ class ALBEFConfig(DualTowerConfig, FusionObjectivesConfig):
         if self.fuses() and self.fusion_layers < 1:
             p.append(f"fusion_layers={self.fusion_layers} must be >= 1 for itm/mlm")
         m = self.momentum
-        if not 0.0 <= m.momentum <= 1.0:
-            p.append(f"momentum.momentum={m.momentum} must be in [0, 1]")
+        if not 0.0 <= m.decay <= 1.0:
+            p.append(f"momentum.decay={m.decay} must be in [0, 1]")
         if m.queue_size <= 0:
             p.append(f"momentum.queue_size={m.queue_size} must be positive (a multiple of the global batch)")
         if not 0.0 <= m.alpha <= 1.0 or m.alpha_warmup_steps < 0:
@@ -71,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "norm_first": False, "norm_eps": 1e-12},
         "fusion_layers": 6,
         "contrastive": {**_ALBEF_ITC, "embed_dim": 256},
-        "momentum": {"enabled": True, "momentum": 0.995, "queue_size": 65536, "alpha": 0.4,
+        "momentum": {"enabled": True, "decay": 0.995, "queue_size": 65536, "alpha": 0.4,
                      "alpha_warmup_steps": 10000},
     },
 }  # fmt: skip

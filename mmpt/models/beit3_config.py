@@ -24,7 +24,7 @@ class BEiT3Config(MultiwayModelConfig):
     supported_objectives: ClassVar[tuple[str, ...]] = ("mdm_text", "mdm_image", "itc")
     default_objectives: ClassVar[tuple[str, ...]] = ("mdm_text", "mdm_image")
 
-    arch: str = "beit3"
+    arch_name: ClassVar[str] = "beit3"
     text_mask_ratio: float = 0.15
     pair_text_mask_ratio: float = 0.5
 

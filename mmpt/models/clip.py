@@ -28,7 +28,7 @@ class CLIPConfig(DualTowerConfig):
     supported_objectives: ClassVar[tuple[str, ...]] = ("itc",)
     default_objectives: ClassVar[tuple[str, ...]] = ("itc",)
 
-    arch: str = "clip"
+    arch_name: ClassVar[str] = "clip"
     text_causal: bool = False
 
 

@@ -53,7 +53,7 @@ class CoCaConfig(DualTowerConfig):
     supported_objectives: ClassVar[tuple[str, ...]] = ("itc", "caption")
     default_objectives: ClassVar[tuple[str, ...]] = ("itc", "caption")
 
-    arch: str = "coca"
+    arch_name: ClassVar[str] = "coca"
     multimodal_layers: int = 1
     num_decoder_queries: int = 8  # paper: 256
 

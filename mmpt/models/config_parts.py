@@ -149,14 +149,15 @@ class Launch:
 
 @dataclass
 class ModelConfigBase:
-    """Keys every architecture shares. Subclasses set `arch`'s default to their registered name and the class
-    attributes `supported_objectives` / `default_objectives`.
+    """Keys every architecture shares. Subclasses set the class attributes `arch_name` (their registered name,
+    the default of `arch`) and `supported_objectives` / `default_objectives`.
 
     preset: a named preset of the arch (`mmpt/models/presets.py`) merged under the YAML, so a preset has one
     source. objectives: what forward computes; empty = the arch's default set. freeze / train: fnmatch
     patterns over `named_parameters()` names (mmpt/models/freezing.py).
     """
 
+    arch_name: ClassVar[str] = ""  # the registered name; `arch` defaults to it
     supported_objectives: ClassVar[tuple[str, ...]] = ()
     default_objectives: ClassVar[tuple[str, ...]] = ()
 
@@ -170,6 +171,9 @@ class ModelConfigBase:
     train: list[str] = field(default_factory=list)  # empty = everything not frozen; e.g. ["*.mlp_text.*"]
 
     def __post_init__(self) -> None:
+        self.arch = self.arch or self.arch_name
+        if self.arch != self.arch_name:
+            raise ValueError(f"{type(self).__name__} is the config of arch {self.arch_name!r}, got arch={self.arch!r}")
         _coerce_nested(self)
         self.objectives = list(self.objectives) or list(self.default_objectives)
         problems = self.problems()

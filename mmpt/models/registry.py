@@ -33,6 +33,9 @@ def register_arch(
 ) -> Callable[[Callable[[Any], nn.Module]], Callable[[Any], nn.Module]]:
     """Decorator for a builder `fn(config_instance) -> nn.Module`; presets: name -> nested overrides."""
 
+    if getattr(config_cls, "arch_name", name) != name:
+        raise ValueError(f"{config_cls.__name__}.arch_name={config_cls.arch_name!r} but it registers as {name!r}")
+
     def wrap(fn: Callable[[Any], nn.Module]) -> Callable[[Any], nn.Module]:
         _REGISTRY[name] = ArchEntry(config_cls, fn, dict(presets or {}))
         return fn
@@ -97,5 +100,5 @@ def register_model_presets() -> None:
     for arch in arch_names():
         entry = arch_entry(arch)
         for preset, overrides in entry.presets.items():
-            node = OmegaConf.merge(OmegaConf.structured(entry.config_cls), dict(overrides), {"preset": preset})
+            node = OmegaConf.merge(OmegaConf.structured(entry.config_cls), dict(overrides), {"arch": arch, "preset": preset})
             store.store(group="model_preset", name=f"{arch}_{preset}", node=node)

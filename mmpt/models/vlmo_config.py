@@ -22,7 +22,7 @@ class VLMoConfig(MultiwayModelConfig, FusionObjectivesConfig):
     supported_objectives: ClassVar[tuple[str, ...]] = ("itc", "itm", "mlm", "mim")
     default_objectives: ClassVar[tuple[str, ...]] = ("itc", "itm", "mlm")
 
-    arch: str = "vlmo"
+    arch_name: ClassVar[str] = "vlmo"
 
     def problems(self) -> list[str]:
         p = super().problems() + self.fusion_problems() + self.tokenizer_file_problems("mim")
