@@ -351,3 +351,19 @@ def test_base_preset_matches_paper_size() -> None:
     assert counts["image_encoder"] == pytest.approx(86e6, rel=0.01), counts
     assert counts["text_decoder"] == pytest.approx(297e6, rel=0.01), counts
     assert counts["poolers"] == pytest.approx(5.3e6, rel=0.01), counts
+
+
+def test_mean_image_pool_embeds_the_patch_mean_without_a_pooler() -> None:
+    """image_pool=mean: the image embedding is the projected mean of the ViT's patch tokens; no contrastive
+    pooler exists, and the ITC gradient reaches the ViT through the mean."""
+    torch.manual_seed(0)
+    model = build_coca(tiny_config(image_pool="mean"))
+    assert model.contrastive_pooler is None and not any("contrastive_pooler" in n for n, _ in model.named_parameters())
+    images = make_batch().images
+    want = torch.nn.functional.normalize(model.vision_proj(model.visual(images).mean(dim=1)), dim=-1)
+    torch.testing.assert_close(model.encode_image(images), want)
+    out = model(make_batch())
+    out.losses["itc"].backward()
+    assert model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="image_pool"):
+        tiny_config(image_pool="max")

@@ -138,8 +138,9 @@ class EvalConfig:
     at_end: bool = True
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     output: Optional[str] = None
-    rerank_k: int = 16  # ITM re-ranks each query's ITC top-k (models with itm_score); 0 = off
-    rerank_score: str = "itm"  # itm: ITM alone (ALBEF); itm+itc: log ITM probability + ITC cosine (BLIP/LAVIS-style sum)
+    rerank_k: int = 4  # ITM re-ranks each query's ITC top-k (models with itm_score); 0 = off
+    # itm+itc_logit: log ITM probability + ITC logit; itm: ITM alone (ALBEF); itm+itc: + ITC cosine (BLIP/LAVIS-style)
+    rerank_score: str = "itm+itc_logit"
     caption_max_images: int = 256  # captioning eval (models with generate); 0 = off
     caption_max_len: int = 20
     caption_beams: int = 3

@@ -64,7 +64,8 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
         probe = build_model(cfg.model)
     check_combinations(cfg, env.world_size, torch.cuda.is_available(), tuple(probe.objectives))
     check_data(cfg, tuple(probe.data_kinds), need_train)
-    defaults = {k: w for k, w in probe.default_loss_weights.items() if k in probe.objectives}
+    preset_weights = {**probe.default_loss_weights, **cfg.model.loss_weights}
+    defaults = {k: w for k, w in preset_weights.items() if k in probe.objectives}
     cfg.loss.weights = {**defaults, **cfg.loss.weights}
     missing = sorted(set(probe.objectives) - set(cfg.loss.weights))
     if missing:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange, reduce, repeat
 from torch import nn
 
 from mmpt.data.batch import Batch
@@ -56,6 +56,9 @@ class CoCaConfig(DualTowerConfig):
     arch_name: ClassVar[str] = "coca"
     multimodal_layers: int = 1
     num_decoder_queries: int = 8  # paper: 256
+    # the image embedding: "attention" = an attentional pooler with one query (the paper), "mean" = the mean
+    # of the ViT's patch tokens (no pooler parameters to learn first)
+    image_pool: str = "attention"
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -64,13 +67,16 @@ class CoCaConfig(DualTowerConfig):
                 p.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.vision.layers < 1 or self.text.layers < 1:
             p.append(f"vision.layers={self.vision.layers} and text.layers={self.text.layers} must be >= 1")
+        if self.image_pool not in ("attention", "mean"):
+            p.append(f"image_pool={self.image_pool!r} must be 'attention' or 'mean'")
         if self.text.max_text_len < 2:
             p.append(f"text.max_text_len={self.text.max_text_len} must be >= 2 (BOS + one target)")
         return p
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"text": {"layers": 1}},  # 64 px / patch 8 ViT 64 x 2, 1 unimodal + 1 multimodal layer, 8 queries
+    # 64 px / patch 8 ViT 64 x 2, 1 unimodal + 1 multimodal layer, 8 queries, ITC from temperature 0.03
+    "tiny": {"text": {"layers": 1}, "contrastive": {"temperature_init": 0.03}},
     # CoCa-Base (Yu et al. 2022): ViT-B/16, 12 + 12 decoder layers 768 wide, 256 decoder queries, 512-d ITC
     "base": {
         "vision": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "heads": 12},
@@ -98,7 +104,7 @@ class CoCa(nn.Module):
         # No ViT [CLS]: both summaries come from attentional pooling over all patch tokens.
         self.visual = vision_tower_from(cfg.vision, cls_token=False)
         vw, vh = cfg.vision.width, cfg.vision.heads
-        self.contrastive_pooler = AttentionalPooler(vw, vw, 1, vh)
+        self.contrastive_pooler = AttentionalPooler(vw, vw, 1, vh) if cfg.image_pool == "attention" else None
         self.decoder_pooler = AttentionalPooler(vw, vw, cfg.num_decoder_queries, vh) if captions else None
         self.vision_proj = ProjectionHead(vw, embed_dim)
         # One extra position: the text [CLS] sits right after the last real token, which may be position L.
@@ -117,15 +123,23 @@ class CoCa(nn.Module):
         self.itc = build_contrastive_loss(cfg.contrastive)
         if not cfg.uses("itc"):  # kept for retrieval embeddings, but no objective trains them
             for module in (self.contrastive_pooler, self.vision_proj, self.text_norm, self.text_proj, self.itc):
-                module.requires_grad_(False)
+                if module is not None:
+                    module.requires_grad_(False)
             self.text_cls_token.requires_grad_(False)
 
     # ---- image side ------------------------------------------------------------------------------------
     def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images `b c h w` -> (normalised embedding `b e`, decoder context `b q c`) from one ViT pass."""
         tokens = self.visual(images)  # `b n c`
-        pooled = rearrange(self.contrastive_pooler(tokens), "b 1 c -> b c")
-        return l2_normalize(self.vision_proj(pooled)), self._context(tokens)
+        return self._embed_image(tokens), self._context(tokens)
+
+    def _embed_image(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ViT tokens `b n c` -> L2-normalised image embedding `b e` (`config.image_pool`)."""
+        if self.contrastive_pooler is None:
+            pooled = reduce(tokens, "b n c -> b c", "mean")
+        else:
+            pooled = rearrange(self.contrastive_pooler(tokens), "b 1 c -> b c")
+        return l2_normalize(self.vision_proj(pooled))
 
     def _context(self, tokens: torch.Tensor) -> torch.Tensor:
         """ViT tokens `b n c` -> decoder context `b q c`."""
@@ -134,9 +148,8 @@ class CoCa(nn.Module):
         return self.decoder_pooler(tokens)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Images `b c h w` -> L2-normalised `b e` (contrastive pooler; the decoder pooler is skipped)."""
-        pooled = rearrange(self.contrastive_pooler(self.visual(images)), "b 1 c -> b c")
-        return l2_normalize(self.vision_proj(pooled))
+        """Images `b c h w` -> L2-normalised `b e` (contrastive pooling; the decoder pooler is skipped)."""
+        return self._embed_image(self.visual(images))
 
     # ---- text side -------------------------------------------------------------------------------------
     def _embed(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -190,8 +203,7 @@ class CoCa(nn.Module):
         image_tokens = self.visual(batch.images)  # `b n c`
         tokens, text_features = self._unimodal(batch.input_ids, batch.attention_mask)
         if self.config.uses("itc"):
-            pooled = rearrange(self.contrastive_pooler(image_tokens), "b 1 c -> b c")
-            image_features = l2_normalize(self.vision_proj(pooled))
+            image_features = self._embed_image(image_tokens)
             losses["itc"], metrics = self.itc(image_features, text_features, itc_codes(
                 self.config.contrastive.duplicate_positives, batch.image_ids, batch.input_ids, batch.attention_mask))
         if self.config.uses("caption"):
@@ -284,7 +296,7 @@ class CoCa(nn.Module):
         n_img, n_txt = self.visual.num_tokens, cfg.text.max_text_len
         total = self.visual.flops_per_sample() + self.unimodal.flops(n_txt + 1)
         if cfg.uses("itc"):
-            total += self.contrastive_pooler.flops_per_sample(n_img)
+            total += self.contrastive_pooler.flops_per_sample(n_img) if self.contrastive_pooler is not None else 0.0
             total += self.vision_proj.flops_per_sample() + self.text_proj.flops_per_sample()
         if self.multimodal is not None and self.decoder_pooler is not None:
             total += self.decoder_pooler.flops_per_sample(n_img)

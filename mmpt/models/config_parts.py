@@ -169,6 +169,9 @@ class ModelConfigBase:
     init: InitConfig = field(default_factory=InitConfig)  # starting weights from local files / earlier runs
     freeze: list[str] = field(default_factory=list)  # e.g. ["visual.*", "text.embed.*"]
     train: list[str] = field(default_factory=list)  # empty = everything not frozen; e.g. ["*.mlp_text.*"]
+    # a preset's objective weights over the arch's defaults (`default_loss_weights`); `loss.weights` overrides
+    # both. Weights of objectives that are not configured are ignored (a preset's defaults, not a user's choice).
+    loss_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.arch = self.arch or self.arch_name
@@ -186,6 +189,9 @@ class ModelConfigBase:
         known = self.supported_objectives
         if not self.objectives or len(set(self.objectives)) != len(self.objectives) or set(self.objectives) - set(known):
             p.append(f"objectives={self.objectives} must be distinct names from {list(known)}, at least one")
+        unknown = sorted(set(self.loss_weights) - set(known))
+        if unknown:
+            p.append(f"loss_weights {unknown} are not objectives of {self.arch_name} ({list(known)})")
         c = self.contrastive
         if not 0 < c.min_temperature <= c.temperature_init <= c.max_temperature:
             p.append("need 0 < contrastive.min_temperature <= temperature_init <= max_temperature, got "
