@@ -15,7 +15,7 @@ hardness to 0, so negatives are drawn uniformly from the allowed rows (the exclu
 pre-clipping gradient norms of the ITM head and the fusion side (VLMo `encoder.*`, ALBEF `text.*`), the norm
 and batch spread of the ITM head's input, the hardness (softmax share of the draw) and ITC logit scale and the perplexity of the
 image->text negative distribution (b - 1 = uniform, 1 = one certain partner). Measured numbers are in
-docs/RESULTS.md. Positional `key=value` arguments override the model preset (e.g. `vl_layers=2`).
+docs/RESULTS.md. Positional `key=value` arguments override the model preset (e.g. `multiway.vl_layers=2`).
 """
 from __future__ import annotations
 
@@ -24,22 +24,24 @@ import argparse
 import torch
 from omegaconf import OmegaConf
 
-from mmpt.cli.common import CONF_DIR
 from mmpt.data.pipeline import build_train_loader
 from mmpt.data.tokenizer import load_tokenizer
 from mmpt.engine.config import OptimizerConfig
 from mmpt.engine.optim import build_optimizer
-from mmpt.models.registry import build_model
+from mmpt.models.registry import build_model, model_config
 
 
 def build(model: str, vocab_size: int, hardness_warmup: int, overrides: list[str]) -> torch.nn.Module:
-    cfg = OmegaConf.load(CONF_DIR / "model" / model / "tiny.yaml")
-    cfg.image_size, cfg.vocab_size, cfg.max_text_len = 64, max(1000, vocab_size), 24
+    """The arch's `tiny` preset (what conf/model/<model>/tiny.yaml names) at 64 px, 24 tokens, no momentum
+    teacher, then the `key=value` overrides (nested keys: `multiway.vl_layers=2`, `text.layers=2`)."""
+    text = {"vocab_size": max(1000, vocab_size), "max_text_len": 24}
     if model == "albef":
-        cfg.momentum.enabled = False
-    cfg.itm_hardness_warmup_steps = hardness_warmup
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    return build_model(OmegaConf.to_container(cfg))
+        towers = {"vision": {"image_size": 64}, "text": text, "momentum": {"enabled": False}}
+    else:
+        towers = {"multiway": {"image_size": 64, **text}}
+    base = {"arch": model, "preset": "tiny", **towers, "itm": {"hardness_warmup_steps": hardness_warmup}}
+    cfg = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(overrides))
+    return build_model(model_config(cfg))
 
 
 def grad_norm(model: torch.nn.Module, prefix: str) -> float:
@@ -83,7 +85,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--diag", action="store_true", help="also print grad norms and the ITM input's batch spread")
-    ap.add_argument("overrides", nargs="*", help="model config overrides, e.g. vl_layers=2")
+    ap.add_argument("overrides", nargs="*", help="model config overrides, e.g. multiway.vl_layers=2")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)

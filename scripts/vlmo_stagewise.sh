@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # VLMo's stagewise pretraining, tiny, on CPU (2 processes) in under 20 minutes:
 #   demo shards + tokenizer (as quickstart.sh) -> k-means visual tokenizer (mmpt-data visual-tokenizer)
-#   -> stage 1: masked image modeling on the images (attention + V-FFN train)
+#   -> stage 1: masked image modeling on the images (objectives [mim]; attention + V-FFN train)
 #   -> stage 2: MLM on the captions alone (attention + V-FFN frozen; text embeddings, L-FFN, MLM head train)
 #   -> stage 3: image-text pairs, ITC + ITM + MLM, everything trainable
 #   -> retrieval on the 1,000 held-out pairs (ITC, then ITM re-ranking of the top 16), text->image R@1.
@@ -52,13 +52,13 @@ train() {  # train <stage name> <hydra overrides...>
   torchrun --standalone --nproc_per_node "$NPROC" --no-python mmpt-train hydra.run.dir="$RUNS/$name" logger=none "$@"
 }
 train stage1 experiment=vlmo_tiny_stage1_image trainer.max_steps="$S1" trainer.save_every="$S1" \
-  model.mim_tokenizer.path="$VISUAL_TOKENIZER" "$@"
+  model.visual_tokenizer.path="$VISUAL_TOKENIZER" "$@"
 train stage2 experiment=vlmo_tiny_stage2_text trainer.max_steps="$S2" trainer.save_every="$S2" \
   model.init.checkpoint="$RUNS/stage1" "$@"
 # stage 3 evaluates at its end, across both processes, on data.eval.urls: conf/data/demo.yaml's
 # $MMPT_DEMO_DIR/eval/{00000..00003}.tar, the 1,000 held-out pairs
 train stage3 experiment=vlmo_tiny_stage3_pairs trainer.max_steps="$S3" trainer.save_every="$S3" \
-  model.itm_hardness_warmup_steps="$S3" model.init.checkpoint="$RUNS/stage2" eval.at_end=true "$@"
+  model.itm.hardness_warmup_steps="$S3" model.init.checkpoint="$RUNS/stage2" eval.at_end=true "$@"
 
 python - "$RUNS" <<'PY'
 import json, sys, pathlib

@@ -77,3 +77,9 @@ def demo_env(demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return {**os.environ, **env}
+
+
+# Tests compose conf/ through Hydra's API: the model presets that conf/model/*/*.yaml name must be registered.
+from mmpt.models.registry import register_model_presets  # noqa: E402
+
+register_model_presets()

@@ -16,8 +16,10 @@ from mmpt.engine.config import ConfigError, resolve, typed_config
 from mmpt.engine.dist_env import DistEnv
 from mmpt.engine.run_setup import validate
 from mmpt.models.beit3 import BEiT3
-from mmpt.models.beit3_config import BEiT3Config, beit3_base_config, beit3_giant_config, beit3_large_config
+from mmpt.models.beit3_config import BEiT3Config
 from mmpt.models.pretrained import InitConfig, apply_init
+from mmpt.models.registry import preset_config
+from mmpt.modules.block import no_weight_decay_names
 from mmpt.modules.heads import l2_normalize
 from mmpt.objectives.mlm import IGNORE_INDEX
 from mmpt.visual_tokenizer import KMeansTokenizer, fit_kmeans_tokenizer
@@ -28,11 +30,18 @@ L, SIZE, PATCH = 24, 32, 8  # 16 patches
 ALL = ["mdm_text", "mdm_image", "itc"]
 
 
+MULTIWAY = dict(image_size=SIZE, patch_size=PATCH, width=32, layers=2, heads=2, vocab_size=100, max_text_len=L)
+
+
+def tiny_config(**overrides) -> BEiT3Config:
+    """Preset `tiny` (the released layout) at test size; nested overrides merge over it."""
+    multiway = {**MULTIWAY, **overrides.pop("multiway", {})}
+    return preset_config("beit3", "tiny", multiway=multiway, contrastive={"embed_dim": 16}, **overrides)
+
+
 def tiny(**overrides) -> BEiT3:
     torch.manual_seed(0)
-    cfg = dict(image_size=SIZE, patch_size=PATCH, width=32, layers=2, heads=2, vocab_size=100, max_text_len=L,
-               embed_dim=16)
-    return BEiT3(BEiT3Config(**{**cfg, **overrides}))
+    return BEiT3(tiny_config(**overrides))
 
 
 def part(kind: str, b: int, seed: int = 0, mask_ratio: float = 0.4) -> Batch:
@@ -74,20 +83,25 @@ class Spy:
     ("overrides", "match"),
     [
         ({"objectives": ["mlm"]}, "objectives"),
-        ({"objectives": []}, "objectives"),
         ({"objectives": ["itc", "itc"]}, "objectives"),
         ({"text_mask_ratio": 0.0}, "text_mask_ratio"),
         ({"pair_text_mask_ratio": 1.0}, "pair_text_mask_ratio"),
-        ({"mask_token_id": SEP}, "distinct"),
-        ({"decoupled_attention": False}, "sub_norm"),
+        ({"tokens": {"eos": SEP, "mask": SEP}}, "distinct"),
+        ({"tokens": {"mask": SEP}}, "distinct"),  # unset eos is mmpt's [SEP] in a model built without a tokenizer
+        ({"multiway": {"decoupled_attention": False}}, "sub_norm"),
         ({"visual_tokenizer": {"kind": "kmeans"}}, "visual_tokenizer.path"),
         ({"visual_tokenizer": {"patch_size": 16}}, "visual_tokenizer.patch_size"),
-        ({"width": 30, "heads": 4}, "divisible"),
+        ({"multiway": {"width": 30, "heads": 4}}, "divisible"),
     ],
 )
 def test_config_validation(overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        BEiT3Config(**overrides)
+        preset_config("beit3", "tiny", **overrides)
+
+
+def test_empty_objectives_mean_the_default_and_itc_needs_no_tokenizer_file() -> None:
+    assert BEiT3Config(objectives=[]).objectives == ["mdm_text", "mdm_image"]
+    assert preset_config("beit3", "tiny", objectives=["itc"], visual_tokenizer={"kind": "kmeans"}).objectives == ["itc"]
 
 
 def test_heads_exist_only_for_the_configured_objectives() -> None:
@@ -221,6 +235,7 @@ def test_pair_pass_predicts_both_modalities_from_both() -> None:
     assert changed_text["mdm_image"] != pytest.approx(base["mdm_image"], rel=1e-4)
 
 
+@pytest.mark.slow  # a learning test: 40 AdamW steps, 3-5 s on one CPU core
 def test_loss_falls_on_a_fixed_mixed_batch_with_discrete_targets(tmp_path) -> None:
     """k-means visual tokens (16 codes, a real tokenizer file) + MLM; 40 AdamW steps on one mixed batch."""
     torch.manual_seed(0)
@@ -302,7 +317,7 @@ def _backbone(counts: dict[str, int]) -> int:
 
 def test_base_counts_match_the_released_model(monkeypatch) -> None:
     """REFERENCE: backbone 221.0M; 276M with the MLM head 768 x 64010 and the MIM head 768 x 8192."""
-    counts = _meta_counts(beit3_base_config(objectives=ALL), monkeypatch, codes=8192)
+    counts = _meta_counts(preset_config("beit3", "base", objectives=ALL), monkeypatch, codes=8192)
     assert _backbone(counts) == pytest.approx(221.0e6, rel=0.005)
     assert counts["mlm_head"] == 768 * 64010 and counts["mim_head"] == 768 * 8192 + 8192
     assert _backbone(counts) + counts["mlm_head"] + counts["mim_head"] == pytest.approx(276e6, rel=0.005)
@@ -310,11 +325,11 @@ def test_base_counts_match_the_released_model(monkeypatch) -> None:
 
 
 def test_large_backbone(monkeypatch) -> None:
-    assert _backbone(_meta_counts(beit3_large_config(), monkeypatch)) == pytest.approx(672.7e6, rel=0.005)
+    assert _backbone(_meta_counts(preset_config("beit3", "large"), monkeypatch)) == pytest.approx(672.7e6, rel=0.005)
 
 
 def test_giant_parts_match_the_paper(monkeypatch) -> None:
-    counts = _meta_counts(beit3_giant_config(), monkeypatch)
+    counts = _meta_counts(preset_config("beit3", "giant"), monkeypatch)
     for part, paper in (("attention", 317e6), ("ffn_v", 692e6), ("ffn_l", 692e6), ("ffn_vl", 52e6)):
         assert counts[f"backbone/{part}"] == pytest.approx(paper, rel=0.01), part
     assert _backbone(counts) == pytest.approx(1.9e9, rel=0.03)
@@ -335,7 +350,7 @@ def test_flops_per_sample_by_kind() -> None:
 
 
 def test_no_weight_decay_names() -> None:
-    names = tiny(objectives=ALL).no_weight_decay_names()
+    names = no_weight_decay_names(tiny(objectives=ALL))
     assert {"encoder.patch_embed.mask_token", "encoder.patch_embed.cls_token", "itc.logit_scale",
             "encoder.text_embed.pos_embed"} <= names
     assert "mlm_head.decoder.weight" not in names and "vision_proj.proj.weight" not in names
@@ -347,32 +362,39 @@ def composed(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
-@pytest.mark.parametrize(("preset", "python"), [("base", beit3_base_config), ("large", beit3_large_config),
-                                                ("giant", beit3_giant_config)])
-def test_yaml_presets_equal_the_python_presets(preset, python) -> None:
+@pytest.mark.parametrize("preset", ["base", "large", "giant"])
+def test_yaml_presets_equal_the_python_presets(preset) -> None:
     cfg = composed([f"model=beit3/{preset}", "data.image_size=224", "tokenizer.vocab_size=64010",
                     "data.max_text_len=1024"])
     model = typed_config(resolve(cfg)).model
-    want = python()
-    assert model.encoder_kwargs() == want.encoder_kwargs() and model.embed_dim == want.embed_dim
+    want = preset_config("beit3", preset)
+    assert model.multiway == want.multiway and model.contrastive.embed_dim == want.contrastive.embed_dim
 
 
-def test_tiny_experiments_validate(demo_env) -> None:
-    single = DistEnv(0, 0, 1, "127.0.0.1", 29500, "single")
-    prep = validate(composed(["experiment=beit3_tiny_mdm"]), single)
+SINGLE = DistEnv(0, 0, 1, "127.0.0.1", 29500, "single")
+def test_tiny_mdm_experiment_validates(demo_env) -> None:
+    prep = validate(composed(["experiment=beit3_tiny_mdm"]), SINGLE)
     m = prep.cfg.model
-    assert (m.width, m.layers, m.image_size, m.patch_size, m.max_text_len) == (64, 2, 64, 8, 24)
-    assert m.vocab_size == prep.cfg.tokenizer.vocab_size and m.objectives == ["mdm_text", "mdm_image"]
+    mw = m.multiway
+    assert (mw.width, mw.layers, mw.image_size, mw.patch_size, mw.max_text_len) == (64, 2, 64, 8, 24)
+    assert mw.vocab_size == prep.cfg.tokenizer.vocab_size and m.objectives == ["mdm_text", "mdm_image"]
     assert {s.kind for s in prep.cfg.data.sources} == {"pairs", "images", "texts"} and prep.cfg.data.image_mask.enabled
-    assert prep.cfg.loss.weights == {"mdm_text": 1.0, "mdm_image": 1.0, "itc": 1.0}
+    assert prep.cfg.data.image_mask.patch_size == 8
+    assert prep.cfg.loss.weights == {"mdm_text": 1.0, "mdm_image": 1.0}  # itc is not an objective of this stage
+
+
+def test_tiny_itc_stage_and_experiment_errors(demo_env) -> None:
     with pytest.raises(ConfigError, match="no_such_run"):  # the stage needs its MDM run
-        validate(composed(["experiment=beit3_tiny_itc", "model.init.checkpoint=no_such_run"]), single)
-    itc = validate(composed(["experiment=beit3_tiny_itc", "model.init.checkpoint=null"]), single)
+        validate(composed(["experiment=beit3_tiny_itc", "model.init.checkpoint=no_such_run"]), SINGLE)
+    itc = validate(composed(["experiment=beit3_tiny_itc", "model.init.checkpoint=null"]), SINGLE)
     assert itc.cfg.model.objectives == ["itc"] and not itc.cfg.data.sources
+    # the patch size set explicitly (see _MIXED_DEMO_PATCH) so that these reach the checks they are about
+    mdm = ["experiment=beit3_tiny_mdm", "data.image_mask.patch_size=8"]
     with pytest.raises(ConfigError, match=r"feeds it \['images', 'texts'\]"):  # ITC-only reads pairs only
-        validate(composed(["experiment=beit3_tiny_mdm", "model.objectives=[itc]"]), single)
-    with pytest.raises(ConfigError, match="trains only"):  # no ITC term in MDM: a weight for it is a mistake
-        validate(composed(["experiment=beit3_tiny_mdm", "+loss.weights.itc=0"]), single)
+        validate(composed([*mdm, "model.objectives=[itc]"]), SINGLE)
+    # no ITC term in MDM: a weight for it is a mistake
+    with pytest.raises(ConfigError, match=r"loss.weights has \['itc'\] but model.objectives"):
+        validate(composed([*mdm, "+loss.weights.itc=0"]), SINGLE)
 
 
 def test_base_mdm_experiment_composes() -> None:
@@ -382,4 +404,4 @@ def test_base_mdm_experiment_composes() -> None:
     typed = typed_config(resolve(cfg))
     assert [s.kind for s in typed.data.sources] == ["pairs", "images", "texts"] and typed.data.batch_size == 96
     assert typed.trainer.global_batch_size == 6144 and typed.data.image_mask.num_masked == 75
-    assert typed.model.visual_tokenizer.kind == "frozen" and typed.model.width == 768
+    assert typed.model.visual_tokenizer.kind == "frozen" and typed.model.multiway.width == 768

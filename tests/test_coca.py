@@ -1,31 +1,34 @@
 """CoCa: protocol, forward/backward, losses at init, padding and causality, generation (cache vs recompute,
-greedy vs beam, EOS/pad, brute-force beam reference), tiny overfit, FLOPs, presets and the CoCa-Base size."""
+greedy vs beam, EOS/pad, brute-force beam reference), tiny overfit, presets and the CoCa-Base size.
+FLOPs: tests/test_arch_contract.py (flops_per_sample against FlopCounterMode for every objective set)."""
 from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from hydra import compose, initialize_config_dir
 
+from mmpt.cli.common import CONF_DIR
 from mmpt.data.batch import Batch
+from mmpt.engine.config import resolve, typed_config
 from mmpt.models.coca import CoCa, CoCaConfig, build_coca
 from mmpt.models.generation import GenerationConfig, RecomputeDecoder, beam_search, greedy_search
 from mmpt.models.protocol import ModelOutput, PretrainModel
-from mmpt.models.registry import arch_names, build_model, model_config
+from mmpt.models.registry import arch_names, build_model, preset_config
+from mmpt.modules.block import no_weight_decay_names
 
 B, L, VOCAB = 8, 16, 100
 PAD, BOS, EOS = 0, 2, 3
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "coca"
 Trained = tuple[CoCa, Batch, list[dict[str, float]]]  # model after a tiny overfit, its batch, loss history
 
 
 def tiny_config(**overrides: object) -> CoCaConfig:
-    return CoCaConfig(image_size=32, vocab_size=VOCAB, max_text_len=L, **overrides)  # type: ignore[arg-type]
+    """The `tiny` preset (64 wide ViT x 2, 1 unimodal + 1 multimodal layer, 8 decoder queries) at 32 px,
+    100 tokens of vocabulary and 16 positions."""
+    text = {"vocab_size": VOCAB, "max_text_len": L}
+    return preset_config("coca", "tiny", vision={"image_size": 32}, text=text, **overrides)  # type: ignore
 
 
 def make_batch(seed: int = 0, b: int = B, min_len: int = 4, max_len: int = L) -> Batch:
@@ -69,9 +72,11 @@ def trained() -> Trained:
 def test_protocol_and_registry(model: CoCa) -> None:
     assert isinstance(model, PretrainModel) and callable(model.generate)
     assert model.objectives == ("itc", "caption") and "coca" in arch_names()
+    assert model.data_kinds == ("pairs",) and model.capabilities == frozenset({"generate"})
     assert model.default_loss_weights == {"itc": 1.0, "caption": 2.0}
-    built = build_model({"arch": "coca", "image_size": 32, "vocab_size": VOCAB, "max_text_len": L})
-    assert isinstance(built, CoCa) and built.config.image_size == 32
+    text = {"vocab_size": VOCAB, "max_text_len": L}
+    built = build_model({"arch": "coca", "vision": {"image_size": 32}, "text": text})
+    assert isinstance(built, CoCa) and built.config.vision.image_size == 32 and built.config.text.vocab_size == VOCAB
     out = built(make_batch())
     assert isinstance(out, ModelOutput) and set(out.losses) == {"itc", "caption"}
     assert all(v.ndim == 0 for v in out.losses.values())
@@ -80,29 +85,38 @@ def test_protocol_and_registry(model: CoCa) -> None:
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ValueError, match="multiple of patch_size"):
-        CoCaConfig(image_size=30, patch_size=8)
-    with pytest.raises(ValueError, match="divisible by text_heads"):
-        CoCaConfig(text_width=30, text_heads=4)
-    with pytest.raises(ValueError, match="must differ"):
-        CoCaConfig(eos_id=0)
+    with pytest.raises(ValueError, match=r"invalid coca config: .*multiple of vision\.patch_size"):
+        CoCaConfig(vision={"image_size": 30, "patch_size": 8})
+    with pytest.raises(ValueError, match=r"divisible by text\.heads"):
+        CoCaConfig(text={"width": 30, "heads": 4})
+    with pytest.raises(ValueError, match="distinct"):
+        CoCaConfig(tokens={"eos": 0, "pad": 0})
     with pytest.raises(ValueError, match="num_decoder_queries=0 must be >= 1"):
         CoCaConfig(num_decoder_queries=0)
-    with pytest.raises(ValueError, match="vocab_size"):
-        CoCaConfig(vocab_size=3)
+    with pytest.raises(ValueError, match=r"tokens\.eos=3 must be in \[0, vocab_size=3\)"):
+        CoCaConfig(text={"vocab_size": 3}, tokens={"bos": 2, "eos": 3, "pad": 0})
+    with pytest.raises(ValueError, match="max_text_len=1 must be >= 2"):
+        CoCaConfig(text={"max_text_len": 1})
+    with pytest.raises(ValueError, match="objectives"):
+        CoCaConfig(objectives=["itm"])
 
 
 @pytest.mark.parametrize("preset", ["tiny", "base"])
 def test_presets_validate(preset: str) -> None:
-    root = OmegaConf.create(
-        {"data": {"image_size": 224, "max_text_len": 76}, "tokenizer": {"vocab_size": 64000},
-         "model": OmegaConf.load(CONF / f"{preset}.yaml")}
-    )  # fmt: skip
-    cfg = model_config(OmegaConf.to_container(root, resolve=True)["model"])  # type: ignore[index]
-    assert isinstance(cfg, CoCaConfig) and cfg.vocab_size == 64000 and cfg.max_text_len == 76
+    """conf/model/coca/<preset>.yaml composes (Hydra) to the Python preset with the data's geometry."""
+    overrides = ["data.image_size=224", "data.max_text_len=76", "tokenizer.vocab_size=64000"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        composed = compose("train", overrides=[f"model=coca/{preset}", *overrides])
+    cfg = typed_config(resolve(composed)).model
+    assert isinstance(cfg, CoCaConfig) and cfg.text.vocab_size == 64000 and cfg.text.max_text_len == 76
+    text = {"vocab_size": 64000, "max_text_len": 76}
+    assert cfg == preset_config("coca", preset, vision={"image_size": 224}, text=text)
+    assert cfg.objectives == ["itc", "caption"]
     if preset == "base":
-        assert (cfg.vision_width, cfg.vision_layers, cfg.unimodal_layers, cfg.multimodal_layers) == (768, 12, 12, 12)
+        assert (cfg.vision.width, cfg.vision.layers, cfg.text.layers, cfg.multimodal_layers) == (768, 12, 12, 12)
         assert cfg.num_decoder_queries == 256
+    else:
+        assert (cfg.vision.width, cfg.vision.layers, cfg.text.layers, cfg.multimodal_layers) == (64, 2, 1, 1)
 
 
 # ---- forward / losses -----------------------------------------------------------------------------------
@@ -309,7 +323,7 @@ def test_search_against_brute_force(min_len: int) -> None:
 
 
 def test_no_weight_decay_names(model: CoCa) -> None:
-    names = model.no_weight_decay_names()
+    names = no_weight_decay_names(model)
     assert {
         "itc.logit_scale", "text_cls_token", "contrastive_pooler.cls_token", "decoder_pooler.cls_token",
         "text_embed.pos_embed", "visual.patch_embed.pos_embed", "decoder_norm.weight", "text_norm.bias",
@@ -323,28 +337,33 @@ def test_lm_head_is_untied(model: CoCa) -> None:
     assert model.lm_head.decoder.weight is not model.text_embed.token_embed.weight and not model.lm_head.tied
 
 
-def test_flops_per_sample_matches_flop_counter(model: CoCa) -> None:
-    batch = make_batch(b=4)
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH):
-        losses = model(batch).losses
-        (losses["itc"] + losses["caption"]).backward()
-    assert counter.get_total_flops() / 4 == pytest.approx(model.flops_per_sample(), rel=0.01)
-
-
 def test_base_preset_matches_paper_size() -> None:
     """CoCa-Base at 224 px, 64k vocab, 76 tokens: paper 383M = image encoder 86M + text decoder 297M."""
     with torch.device("meta"):
-        model = build_coca(
-            CoCaConfig(
-                image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
-                text_width=768, unimodal_layers=12, multimodal_layers=12, text_heads=12,
-                vocab_size=64000, max_text_len=76, embed_dim=512, num_decoder_queries=256,
-            )
-        )  # fmt: skip
+        model = build_coca(preset_config("coca", "base", text={"vocab_size": 64000, "max_text_len": 76}))
+    cfg = model.config
+    assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.width, cfg.vision.layers) == (224, 16, 768, 12)
+    assert (cfg.text.width, cfg.text.layers, cfg.multimodal_layers, cfg.text.heads) == (768, 12, 12, 12)
+    assert (cfg.contrastive.embed_dim, cfg.num_decoder_queries) == (512, 256)
     counts = model.param_counts()
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["total"] == pytest.approx(383e6, rel=0.02), counts
     assert counts["image_encoder"] == pytest.approx(86e6, rel=0.01), counts
     assert counts["text_decoder"] == pytest.approx(297e6, rel=0.01), counts
     assert counts["poolers"] == pytest.approx(5.3e6, rel=0.01), counts
+
+
+def test_mean_image_pool_embeds_the_patch_mean_without_a_pooler() -> None:
+    """image_pool=mean: the image embedding is the projected mean of the ViT's patch tokens; no contrastive
+    pooler exists, and the ITC gradient reaches the ViT through the mean."""
+    torch.manual_seed(0)
+    model = build_coca(tiny_config(image_pool="mean"))
+    assert model.contrastive_pooler is None and not any("contrastive_pooler" in n for n, _ in model.named_parameters())
+    images = make_batch().images
+    want = torch.nn.functional.normalize(model.vision_proj(model.visual(images).mean(dim=1)), dim=-1)
+    torch.testing.assert_close(model.encode_image(images), want)
+    out = model(make_batch())
+    out.losses["itc"].backward()
+    assert model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="image_pool"):
+        tiny_config(image_pool="max")

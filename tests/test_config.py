@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
 from mmpt.cli.common import CONF_DIR
 from mmpt.engine.config import ConfigError
@@ -25,8 +26,9 @@ def composed(overrides: list[str]):
 
 def test_default_composition_is_valid_and_typed(demo_env):
     prep = validate(composed(["experiment=clip_tiny"]), SINGLE)
-    assert prep.cfg.model.arch == "clip" and prep.cfg.model.image_size == prep.cfg.data.image_size == 64
-    assert prep.cfg.model.vocab_size == prep.cfg.tokenizer.vocab_size
+    assert prep.cfg.model.arch == "clip" and prep.cfg.model.vision.image_size == prep.cfg.data.image_size == 64
+    assert prep.cfg.model.text.vocab_size == prep.cfg.tokenizer.vocab_size
+    assert prep.cfg.model.text.max_text_len == prep.cfg.data.max_text_len
     assert prep.cfg.loss.weights == {"itc": 1.0}  # the model's default weight
     assert prep.resolved["data"]["train"]["urls"].startswith(demo_env["MMPT_DEMO_DIR"])
     assert prep.trainable_params > 0 and prep.frozen_params == 0
@@ -35,7 +37,8 @@ def test_default_composition_is_valid_and_typed(demo_env):
 def test_base_preset_composes(demo_env):
     cfg = composed(["model=clip/base", "data.image_size=224", "tokenizer.vocab_size=49408", "data.max_text_len=77"])
     prep = validate(cfg, SINGLE)
-    assert (prep.cfg.model.vision_width, prep.cfg.model.text_width, prep.cfg.model.embed_dim) == (768, 512, 512)
+    m = prep.cfg.model
+    assert (m.preset, m.vision.width, m.text.width, m.contrastive.embed_dim) == ("base", 768, 512, 512)
     assert abs(prep.trainable_params - 149.6e6) / 149.6e6 < 0.001  # OpenAI CLIP ViT-B/16: 149.6M
 
 
@@ -62,6 +65,7 @@ def test_global_batch_size_derives_accumulation(demo_env):
         (["+trainer.max_stpes=5"], "unknown config key 'trainer.max_stpes'. Did you mean 'max_steps'?"),
         (["trainer.max_steps=abc"], "trainer.max_steps' has a wrong type"),
         (["+model.widht=3"], "unknown config key 'model.widht'"),
+        (["+model.vision.widht=3"], "unknown config key 'model.vision.widht'. Did you mean 'width'?"),
         (["data.train.urls='/nonexistent/{00000..00003}.tar'"], "data.train.urls: 4 of 4 shard(s)"),
         (["tokenizer.path=/nonexistent/tok.json"], "tokenizer.path='/nonexistent/tok.json' does not exist"),
         (["tokenizer.vocab_size=10"], "set tokenizer.vocab_size="),
@@ -70,8 +74,9 @@ def test_global_batch_size_derives_accumulation(demo_env):
         (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid"),
         (["eval.rerank_score=sum"], "eval.rerank_score='sum' is not valid; choose one of itm, itm+itc, itm+itc_logit"),
         (["+deepspeed.train_batch_size=64"], "deepspeed.train_batch_size is derived by mmpt"),
-        (["+loss.weights.mlm=1.0"], "trains only ['itc']"),
-        (["data.image_size=60"], "image_size=60 must be a multiple of patch_size=8"),
+        (["+loss.weights.mlm=1.0"], "loss.weights has ['mlm'] but model.objectives=['itc']"),
+        (["data.image_size=60"], "vision.image_size=60 must be a multiple of vision.patch_size=8"),
+        (["model.vision.image_size=32"], "model image_size=32 but data.image_size=64; make them equal"),
         (["trainer.resume=/nonexistent/ckpt"], "no such checkpoint directory"),
         (["model.arch=albatross"], "not a known architecture"),
     ],
@@ -82,11 +87,68 @@ def test_validation_errors_name_the_key_and_fix(demo_env, overrides, expected):
     assert expected in str(err.value)
 
 
+def test_typo_in_a_nested_model_key_is_refused_with_the_closest_key(demo_env):
+    # every schema key exists in the composed model node: an override of an absent one is refused by Hydra
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'model\.vision\.widht'"):
+        composed(["model=albef/tiny", "model.vision.widht=3"])
+    # added with `+`, it reaches validation, which names it and the closest valid key of that piece
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.vision\.widht'\. Did you mean 'width'\? "
+                                          r"Valid keys here: image_size, patch_size, width,"):
+        validate(composed(["model=albef/tiny", "+model.vision.widht=3"]), SINGLE)
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.momentum\.enabeld'\. Did you mean 'enabled'\?"):
+        validate(composed(["model=albef/tiny", "+model.momentum.enabeld=true"]), SINGLE)
+    # a wrong type inside a nested key is refused against the typed preset node
+    with pytest.raises(ConfigCompositionException, match=r"model\.contrastive\.temperature_init"):
+        composed(["model.contrastive.temperature_init=abc"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=albef/tiny", "model.objectives=[itc]", "+loss.weights.itm=1"],
+    ["experiment=albef_tiny", "model.objectives=[itc]"],  # the experiment's itm / mlm weights
+])
+def test_loss_weights_must_name_listed_objectives(demo_env, overrides):
+    with pytest.raises(ConfigError) as err:
+        validate(composed(overrides), SINGLE)
+    msg = str(err.value)
+    assert "loss.weights has ['itm'" in msg and "but model.objectives=['itc'] (model.arch=albef)" in msg
+    assert "list the objectives in model.objectives" in msg
+    # listed, the same weight is accepted and the other objectives keep their defaults
+    prep = validate(composed(["model=albef/tiny", "model.objectives=[itc,itm]", "+loss.weights.itm=0.5"]), SINGLE)
+    weights = prep.cfg.loss.weights
+    assert prep.cfg.model.objectives == ["itc", "itm"] and weights == {"itc": 1.0, "itm": 0.5}  # no weight for mlm
+
+
+def test_unset_token_ids_are_filled_from_the_tokenizer(demo_env):
+    raw = composed(["model=albef/tiny"])
+    assert dict(raw.model.tokens) == {"pad": None, "bos": None, "eos": None, "mask": None}
+    prep = validate(raw, SINGLE)
+    tok = prep.tokenizer
+    want = {"pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id, "mask": tok.mask_id}
+    assert vars(prep.cfg.model.tokens) == want and None not in want.values()
+    assert prep.resolved["model"]["tokens"] == want  # what the run saves, so it rebuilds with the same ids
+    # an id set by hand that agrees with the tokenizer is kept
+    assert validate(composed(["model=albef/tiny", f"model.tokens.mask={tok.mask_id}"]), SINGLE).cfg.model.tokens.mask \
+        == tok.mask_id
+
+
+@pytest.mark.parametrize("key", ["mask", "pad"])
+def test_hand_set_token_id_that_disagrees_with_the_tokenizer_is_refused(demo_env, key):
+    prep = validate(composed(["model=albef/tiny"]), SINGLE)
+    have = getattr(prep.tokenizer, f"{key}_id")
+    wrong = have + 5
+    with pytest.raises(ConfigError) as err:
+        validate(composed(["model=albef/tiny", f"model.tokens.{key}={wrong}"]), SINGLE)
+    assert str(err.value).startswith("model: ")
+    assert f"model.tokens.{key}={wrong} but the tokenizer has id {have} there; set model.tokens.{key}={have}" \
+        in str(err.value)
+
+
 def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmpt.cli.train", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_cli_typo_exits_2_with_one_line_before_any_process_group(demo_env, tmp_path):
     proc = run_cli(["+trainer.max_stpes=5", f"hydra.run.dir={tmp_path}/run"], demo_env, tmp_path)
     assert proc.returncode == 2
@@ -96,14 +158,18 @@ def test_cli_typo_exits_2_with_one_line_before_any_process_group(demo_env, tmp_p
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_cli_missing_shards_exit_nonzero(demo_env, tmp_path):
     proc = run_cli(["data.train.urls='/nope/{00000..00001}.tar'", f"hydra.run.dir={tmp_path}/run"], demo_env, tmp_path)
     assert proc.returncode == 2 and "error: data.train.urls" in proc.stderr and "/nope/00000.tar" in proc.stderr
 
 
-def test_cli_override_of_absent_key_is_refused_by_hydra(demo_env, tmp_path):
-    proc = run_cli(["trainer.max_stpes=5", f"hydra.run.dir={tmp_path}/run"], demo_env, tmp_path)
-    assert proc.returncode != 0 and "max_stpes" in proc.stderr
+@pytest.mark.slow  # a CLI subprocess
+@pytest.mark.parametrize("override, key", [("trainer.max_stpes=5", "max_stpes"),
+                                           ("model.vision.widht=3", "model.vision.widht")])
+def test_cli_override_of_absent_key_is_refused_by_hydra(demo_env, tmp_path, override, key):
+    proc = run_cli([override, f"hydra.run.dir={tmp_path}/run"], demo_env, tmp_path)
+    assert proc.returncode != 0 and key in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def demo_data_overrides(env: dict[str, str]) -> list[str]:
@@ -116,13 +182,14 @@ def test_paper_presets_compose_and_validate(demo_env):
     assert coca.cfg.model.arch == "coca" and coca.cfg.loss.weights == {"itc": 1.0, "caption": 2.0}
     assert abs(coca.trainable_params - 388.35e6) / 388.35e6 < 0.001
     assert coca.cfg.trainer.precision == "bf16" and coca.cfg.deepspeed["zero_optimization"]["stage"] == 2
-    # albef_4m expects BERT's special-token ids: our demo WordPiece tokenizer has others, and that is caught
-    with pytest.raises(ConfigError, match=r"model.cls_token_id=101 but tokenizer .* has id 2"):
-        validate(composed(["experiment=albef_4m", *demo_data_overrides(demo_env)]), TWO)
-    albef = validate(composed(["experiment=albef_4m", *demo_data_overrides(demo_env), "model.mask_token_id=4",
-                               "model.cls_token_id=2", "model.sep_token_id=3"]), TWO)
-    assert albef.cfg.model.momentum.queue_size == 65536 and albef.cfg.loss.weights == {"itc": 1.0, "itm": 1.0, "mlm": 1.0}
-    assert albef.cfg.model.text_norm_first is False and albef.cfg.scheduler.min_lr_ratio == 0.1
+    # BERT's special-token ids set by hand: our demo WordPiece tokenizer has others, and that is caught
+    with pytest.raises(ConfigError, match=r"model.tokens.bos=101 but the tokenizer has id 2 there"):
+        validate(composed(["experiment=albef_4m", *demo_data_overrides(demo_env), "model.tokens.bos=101"]), TWO)
+    albef = validate(composed(["experiment=albef_4m", *demo_data_overrides(demo_env)]), TWO)
+    assert albef.cfg.model.momentum.enabled and albef.cfg.model.momentum.queue_size == 65536
+    assert albef.cfg.loss.weights == {"itc": 1.0, "itm": 1.0, "mlm": 1.0}
+    assert albef.cfg.model.text.norm_first is False and albef.cfg.scheduler.min_lr_ratio == 0.1
+    assert (albef.cfg.model.tokens.bos, albef.cfg.model.tokens.eos, albef.cfg.model.tokens.mask) == (2, 3, 4)
 
 
 @pytest.mark.parametrize("overrides, expected", [

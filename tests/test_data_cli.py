@@ -91,6 +91,7 @@ def test_argparse_errors_return_nonzero(capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_console_script_exit_code(tmp_path):
     """The real process: message on stderr, exit status 2, no traceback."""
     proc = subprocess.run(

@@ -37,6 +37,7 @@ def _dry_run(demo_env, tmp_path, *overrides, nodes="2"):
                           timeout=120)
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_cli_dry_run_reports_the_job_world_and_trains_nothing(demo_env, tmp_path):
     proc = _dry_run(demo_env, tmp_path, "trainer.expected_world_size=16", "trainer.max_steps=300",
                     "trainer.precision=bf16", "model.momentum.enabled=true")
@@ -53,6 +54,7 @@ def test_cli_dry_run_reports_the_job_world_and_trains_nothing(demo_env, tmp_path
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_cli_dry_run_checks_the_config_against_the_expected_world(demo_env, tmp_path):
     # 3 ranks x 64 = 192 does not divide ALBEF's queue of 1024: caught on the login node, before sbatch
     proc = _dry_run(demo_env, tmp_path, "trainer.expected_world_size=3", "model.momentum.enabled=true")

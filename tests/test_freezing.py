@@ -21,7 +21,7 @@ from mmpt.engine.config import ConfigError, TrainConfig, typed_config
 from mmpt.engine.dist_env import DistEnv
 from mmpt.engine.optim import param_groups
 from mmpt.engine.run_setup import check_model_setup, validate
-from mmpt.engine.wandb_offline import find_offline_runs, read_offline_run
+from mmpt.tools.wandb_offline import find_offline_runs, read_offline_run
 from mmpt.models.albef_config import ALBEFConfig
 from mmpt.models.clip import CLIPConfig
 from mmpt.models.freezing import ParamCounts, apply_freeze, parameter_counts
@@ -38,16 +38,19 @@ VISUAL_NUMEL = 32224
 PROJ_NUMEL = W * W  # vision_proj / text_proj: bias-free 32 x 32
 
 
-def tiny_clip(seed: int = 0, **overrides: object) -> torch.nn.Module:
+def tiny_clip(seed: int = 0, embed_dim: int = W) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = dict(image_size=32, patch_size=8, vision_width=W, text_width=W, embed_dim=W, vocab_size=VOCAB, max_text_len=L)
-    return build_model(CLIPConfig(**{**cfg, **overrides}))  # type: ignore[arg-type]
+    return build_model(CLIPConfig(vision={"image_size": 32, "patch_size": 8, "width": W},  # type: ignore[arg-type]
+                                  text={"width": W, "vocab_size": VOCAB, "max_text_len": L},
+                                  contrastive={"embed_dim": embed_dim}))
 
 
 def tiny_albef(seed: int = 0) -> torch.nn.Module:
+    """ALBEF with its momentum teacher (the tiny preset has it off): 1 text + 1 fusion layer, 32 px."""
     torch.manual_seed(seed)
-    return build_model(ALBEFConfig(vision_width=W, text_width=W, embed_dim=W, vocab_size=VOCAB, max_text_len=L,
-                                   momentum={"queue_size": 16}))  # type: ignore[arg-type]
+    return build_model(ALBEFConfig(vision={"image_size": 32, "width": W},  # type: ignore[arg-type]
+                                   text={"width": W, "layers": 1, "vocab_size": VOCAB, "max_text_len": L},
+                                   contrastive={"embed_dim": W}, momentum={"enabled": True, "queue_size": 16}))
 
 
 def frozen_names(model: torch.nn.Module) -> set[str]:

@@ -1,4 +1,4 @@
-"""Duplicate pairs as ITC positives (`model.itc_duplicate_positives`): pair codes, plain and distilled ITC
+"""Duplicate pairs as ITC positives (`model.contrastive.duplicate_positives`): pair codes, plain and distilled ITC
 against hand computations (explicit loops), the code queue written in step with the feature queues, and the
 across-rank case on 2 gloo processes."""
 from __future__ import annotations
@@ -127,6 +127,7 @@ def _two_rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 2 gloo processes
 def test_duplicates_on_another_rank_are_positives(tmp_path):
     losses = run_ranks(_two_rank_worker, tmp_path)
     img, txt = unit(4, 4, seed=1), unit(4, 4, seed=2)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmpt.objectives.itm import image_id_codes, itm_labels, itm_loss, sample_hard_negatives
+from mmpt.objectives.itm import itm_labels, itm_loss, sample_hard_negatives
+from mmpt.objectives.pair_codes import image_id_codes
 
 B, WORLD, RANK = 4, 2, 1  # local rows are global pairs 4..7
 # Global image ids: pair 7 shows the same image as pair 0, pairs 3 and 4 share an image too.
@@ -140,7 +141,7 @@ def test_itm_loss_matches_hand_computation() -> None:
 
 
 def test_identical_captions_are_never_negatives_of_each_other():
-    from mmpt.objectives.itm import sample_hard_negatives, text_codes
+    from mmpt.objectives.pair_codes import text_codes
 
     ids = torch.tensor([[2, 10, 11, 3, 0], [2, 10, 11, 3, 0], [2, 12, 13, 3, 0], [2, 14, 3, 0, 0]])
     codes = text_codes(ids)

@@ -64,14 +64,19 @@ def scenes() -> tuple[Batch, int]:
 
 def build(arch: str, vocab: int, seed: int = SEED) -> torch.nn.Module:
     torch.manual_seed(seed)
-    common = dict(image_size=IMG, patch_size=8, vocab_size=vocab, max_text_len=L, embed_dim=32,
-                  itm_hardness_warmup_steps=10**9)  # fmt: skip
+    grid, text = {"image_size": IMG, "patch_size": 8}, {"vocab_size": vocab, "max_text_len": L}
+    itm = {"hardness_warmup_steps": 10**9}  # hardness stays 0 at step 0: uniform negatives
     if arch == "vlmo":  # the tiny preset's layout (conf/model/vlmo/tiny.yaml), 32 wide
-        return VLMo(VLMoConfig(width=32, layers=2, heads=2, vl_layers=1, type_embed=True, norm_eps=1e-6, **common))
-    return ALBEF(ALBEFConfig(vision_width=32, vision_layers=2, vision_heads=2, text_width=32, text_layers=1,
-                             fusion_layers=1, text_heads=2, momentum={"enabled": False}, **common))  # fmt: skip
+        multiway = {"width": 32, "layers": 2, "heads": 2, "vl_layers": 1, "type_embed": True, "norm_eps": 1e-6}
+        return VLMo(VLMoConfig(multiway={**multiway, **grid, **text}, contrastive={"embed_dim": 32}, itm=itm))
+    # the tiny preset's layout (1 text + 1 fusion layer, ALBEF's temperature clamp), 32 wide, no momentum
+    tower = {"width": 32, "layers": 2, "heads": 2}
+    contrastive = {"embed_dim": 32, "min_temperature": 0.001, "max_temperature": 0.5}
+    return ALBEF(ALBEFConfig(vision={**tower, **grid}, text={**tower, "layers": 1, **text}, fusion_layers=1,
+                             contrastive=contrastive, itm=itm, momentum={"enabled": False}))  # fmt: skip
 
 
+@pytest.mark.slow  # a learning test: 200 AdamW steps per model
 @pytest.mark.parametrize("arch", ["vlmo", "albef"])
 def test_itm_leaves_the_prior_with_uniform_negatives(arch: str, scenes: tuple[Batch, int]) -> None:
     batch, vocab = scenes

@@ -7,7 +7,7 @@ import numpy as np
 
 from mmpt.engine.config import LoggerConfig
 from mmpt.engine.loggers import RunLogger, format_progress
-from mmpt.engine.wandb_offline import find_offline_runs, read_offline_run
+from mmpt.tools.wandb_offline import find_offline_runs, read_offline_run
 from mmpt.eval.runner import CaptionSample
 
 
@@ -15,6 +15,14 @@ def test_progress_line_has_losses_lr_throughput_and_data_wait():
     line = format_progress({"step": 10, "train/loss": 1.5, "train/itc": 1.25, "train/lr": 1e-3,
                             "train/samples_per_s": 512.0, "train/data_wait": 0.04, "train/skipped": 2}, 100)
     assert line == "step 10/100 | loss 1.5000 | itc 1.2500 | lr 1.00e-03 | 512.0 samples/s | data-wait 4% | skipped 2"
+
+
+def test_progress_line_shows_tflops_and_mfu_as_throughput_not_as_losses():
+    record = {"step": 5, "train/loss": 2.0, "train/samples_per_s": 100.0, "train/tflops": 0.0123,
+              "train/mfu": 0.0123, "train/data_wait": 0.0}
+    assert format_progress(record, 20) == ("step 5/20 | loss 2.0000 | 100.0 samples/s | 0.0123 TFLOP/s | MFU 1.2% | "
+                                           "data-wait 0%")
+    assert "MFU" not in format_progress({k: v for k, v in record.items() if k != "train/mfu"}, 20)
 
 
 def test_records_and_caption_table_reach_jsonl_and_offline_wandb(tmp_path, monkeypatch):

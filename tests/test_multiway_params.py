@@ -1,6 +1,6 @@
 """Published parameter counts of the Multiway presets, built on the meta device (never materialised).
 
-The accounting (which norms, embeddings and biases each layout has) is in mmpt/modules/multiway_presets.py.
+The accounting (which norms, embeddings and biases each layout has) is in mmpt/models/multiway_presets.py.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmpt.modules.multiway_encoder import MultiwayEncoder
-from mmpt.modules.multiway_presets import (
+from mmpt.models.multiway_presets import (
     PARTS,
     beit3_base_dims,
     beit3_giant_dims,

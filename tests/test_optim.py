@@ -35,8 +35,9 @@ def test_scheduler_drives_optimizer_lr():
 
 
 def test_no_weight_decay_on_norms_biases_tokens_and_temperature():
-    model = build_clip(CLIPConfig(image_size=32, patch_size=8, vision_width=32, text_width=32, embed_dim=32,
-                                  vocab_size=50, max_text_len=8, vision_heads=2, text_heads=2))
+    model = build_clip(CLIPConfig(vision={"image_size": 32, "patch_size": 8, "width": 32, "heads": 2},
+                                  text={"width": 32, "heads": 2, "vocab_size": 50, "max_text_len": 8},
+                                  contrastive={"embed_dim": 32}))  # fmt: skip
     groups = param_groups(model, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for p in groups[1]["params"]}

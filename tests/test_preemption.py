@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mmpt.engine.preemption import PreemptionWatch, signal_number
-from mmpt.engine.wandb_offline import find_offline_runs, read_offline_run
+from mmpt.tools.wandb_offline import find_offline_runs, read_offline_run
 from tests.test_train_e2e import BIN, descendants, metrics, torchrun
 
 
@@ -46,6 +46,7 @@ def test_watch_sets_flag_restores_and_chains_previous_handler():
         signal.signal(signal.SIGUSR1, before)
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_bad_signal_in_config_exits_with_one_line(demo_env, tmp_path):
     proc = subprocess.run([str(BIN / "mmpt-train"), "experiment=clip_tiny", "trainer.preempt_signals=[USR1,HUPP]",
                            f"hydra.run.dir={tmp_path}"], env=demo_env, capture_output=True, text=True, timeout=120)

@@ -337,11 +337,13 @@ def test_model_init_loads_albef_towers_and_resyncs_the_teacher(tmp_path: Path) -
     bert.save_pretrained(tmp_path / "bert")
     torch.save(timm_state_dict(), tmp_path / "vit.pth")
     model = build_albef(ALBEFConfig(
-        image_size=IMG, patch_size=PATCH, vision_width=D, vision_layers=DEPTH, vision_heads=HEADS, text_width=D,
-        text_layers=2, fusion_layers=2, text_heads=HEADS, vocab_size=100, max_text_len=12, embed_dim=16,
-        mlp_ratio=MLP / D, text_norm_first=False, text_norm_eps=BERT_EPS,
-        momentum={"queue_size": 32},
+        vision={"image_size": IMG, "patch_size": PATCH, "width": D, "layers": DEPTH, "heads": HEADS,
+                "mlp_ratio": MLP / D},
+        text={"width": D, "layers": 2, "heads": HEADS, "mlp_ratio": MLP / D, "vocab_size": 100, "max_text_len": 12,
+              "norm_first": False, "norm_eps": BERT_EPS},  # BERT's post-LN layout
+        fusion_layers=2, contrastive={"embed_dim": 16}, momentum={"enabled": True, "queue_size": 32},
     )).eval()  # fmt: skip
+    assert model.teacher is not None
     reports = apply_init(model, InitConfig(vision=str(tmp_path / "vit.pth"), text=str(tmp_path / "bert")))
     assert len(reports) == 2 and reports[1].unexpected == ["pooler.dense.bias", "pooler.dense.weight"]
     ids, mask = ids_and_mask()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mmpt.engine.checkpoint import complete_checkpoints
-from mmpt.engine.wandb_offline import find_offline_runs, history_of_run_id, read_offline_run
+from mmpt.tools.wandb_offline import find_offline_runs, history_of_run_id, read_offline_run
 from tests.slurm_cluster import ROOT, SlurmCluster, slurm_cluster, tail  # noqa: F401,F811  (the fixture)
 
 SBATCH = ROOT / "slurm" / "pretrain.sbatch"

@@ -16,7 +16,7 @@ from mmpt.data.masking import BlockMasker
 from mmpt.data.pipeline import build_train_loader
 from mmpt.data.sources import SourceSpec, build_mixed_train_loader, source_counts
 from mmpt.data.tokenizer import TextTokenizer, train_wordpiece
-from mmpt.engine.config import ConfigError
+from mmpt.engine.config import ConfigError, TrainConfig, image_masker
 from mmpt.engine.dist_env import DistEnv
 from mmpt.engine.run_setup import build_train_loader_for, validate
 from mmpt.models.clip import CLIP
@@ -281,8 +281,9 @@ def test_default_data_path_still_yields_plain_pair_batches(demo_env):
     (["+data.sources.2.wieght=1"], "unknown config key 'data.sources[2].wieght'. Did you mean 'weight'?"),
     (["data.sources.1.urls=null"], "data.sources[1].urls is not set"),
     (["data.sources.1.weight=heavy"], "data.sources[1].weight='heavy' must be a number"),
-    (["data.image_mask.patch_size=12"], "data.image_mask.patch_size=12 does not divide data.image_size=64"),
-    (["data.image_mask.patch_size=16"], "but model.patch_size=8"),
+    (["data.image_mask.patch_size=12"], "data.image_mask.patch_size=12 but the model's patch_size=8: the masks would "
+                                        "not line up with the patches; make them equal"),
+    (["data.image_mask.patch_size=16"], "data.image_mask.patch_size=16 but the model's patch_size=8"),
     (["data.image_mask.min_patches=30"], "min_patches=30 exceeds the 26 masked patches"),
     (["data.image_mask.num_masked=65"], "data.image_mask: num_masked=65 must be in [0, 64]"),
 ])
@@ -292,6 +293,14 @@ def test_source_and_mask_errors(demo_env, monkeypatch, overrides, expected):
     with pytest.raises(ConfigError) as err:
         validate(composed(["data=mixed_demo", *overrides]), TWO)
     assert expected in str(err.value)
+
+
+def test_image_mask_patch_that_does_not_divide_the_image_is_refused_by_the_masker():
+    # validate() stops earlier at the model's patch-size check; the masker itself refuses it too
+    cfg = TrainConfig()
+    cfg.data.image_mask.enabled, cfg.data.image_mask.patch_size = True, 12
+    with pytest.raises(ConfigError, match=r"data.image_mask.patch_size=12 does not divide data.image_size=64"):
+        image_masker(cfg)
 
 
 def test_model_without_pairs_refuses_the_default_train_data(demo_env, monkeypatch):

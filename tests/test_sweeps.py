@@ -21,7 +21,7 @@ from mmpt.cli.sweep_spec import SpecError, format_value, hydra_command, load_spe
 from mmpt.engine.config import LoggerConfig
 from mmpt.engine.run_setup import add_submitit_preempt_signal
 from mmpt.engine.sweep_info import SweepInfo, current_sweep_info, wandb_identity
-from mmpt.engine.wandb_offline import find_offline_runs, read_offline_run
+from mmpt.tools.wandb_offline import find_offline_runs, read_offline_run
 
 try:  # the session fixture that starts a real local SLURM (scripts/local_slurm.sh)
     from tests.slurm_cluster import slurm_cluster, tail  # noqa: F401
@@ -159,6 +159,7 @@ def test_format_value_round_trips_through_hydras_grammar():
 
 
 # ---- W&B server flows without a server ------------------------------------------------------------------------
+@pytest.mark.slow  # CLI subprocesses
 def test_create_and_agent_without_a_server_exit_2_with_the_offline_alternative(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_SILENT="true")

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmpt.engine.checkpoint import complete_checkpoints
-from mmpt.engine.wandb_offline import find_offline_runs, history_of_run_id, read_offline_run
+from mmpt.tools.wandb_offline import find_offline_runs, history_of_run_id, read_offline_run
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -157,6 +158,37 @@ def test_single_process_bf16_run_on_foreign_shards_without_tracker(demo_env, tmp
     assert json.loads((run_dir / "summary.json").read_text())["retrieval/num_pairs"] == 22
     assert not (run_dir / "wandb").exists()
     assert "1 ranks (single)" in proc.stdout + proc.stderr
+    # no trainer.peak_tflops: achieved TFLOP/s is logged, MFU only where a known GPU gives the peak
+    assert all(r["train/tflops"] > 0 for r in train)
+    if not torch.cuda.is_available():
+        assert not any("train/mfu" in r for r in recs)
+
+
+def test_single_process_run_logs_tflops_and_mfu_against_the_configured_peak(demo_env, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from mmpt.cli.common import CONF_DIR
+    from mmpt.engine.config import typed_config
+    from mmpt.models.registry import build_model
+
+    run_dir = tmp_path / "run"
+    overrides = ["experiment=clip_tiny", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
+                 "trainer.max_steps=20", "trainer.log_every=5", "trainer.save_every=20", "eval.at_end=false",
+                 "logger=none", "deepspeed=zero0", "trainer.peak_tflops=1.0"]
+    proc = subprocess.run([str(BIN / "mmpt-train"), *overrides, f"hydra.run.dir={run_dir}"], env=demo_env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = metrics(run_dir)
+    assert [r["step"] for r in recs] == [5, 10, 15, 20] and all("train/loss" in r for r in recs)
+    for r in recs:  # every log line: achieved TFLOP/s, and MFU against the configured peak of 1 TFLOP/s
+        assert r["train/tflops"] > 0 and r["train/mfu"] == pytest.approx(r["train/tflops"] / 1.0, rel=1e-12)
+    # the FLOPs behind it are the model's: TFLOP/s over samples/s is flops_per_sample (the interval cancels)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        model = build_model(typed_config(compose("train", overrides=overrides)).model)
+    per_sample = model.flops_per_sample("pairs", batch_size=8)
+    for r in recs:
+        assert r["train/tflops"] * 1e12 / r["train/samples_per_s"] == pytest.approx(per_sample, rel=1e-6)
+    assert re.search(r"step 20/20 \|.* TFLOP/s \| MFU \d+\.\d% \|", proc.stdout + proc.stderr)  # the console line
 
 
 def test_mmpt_eval_rejects_missing_checkpoint(demo_env, tmp_path):

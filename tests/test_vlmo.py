@@ -1,6 +1,7 @@
 """VLMo: expert routing of every pass, kind -> loss terms (MixedBatch), one MLM term over pairs + texts, ITM
-negatives, the shared `hard_negative_rows`, stagewise freezing and chaining from the real experiment configs,
-falling losses, FLOPs, presets (Hydra + meta-device sizes) and config errors."""
+negatives, the shared `hard_negative_rows`, heads and data kinds per `model.objectives`, stagewise freezing
+and chaining from the real experiment configs, falling losses, FLOPs per kind, presets (Hydra + meta-device
+sizes) and config errors."""
 from __future__ import annotations
 
 import math
@@ -18,17 +19,21 @@ from mmpt.cli.common import CONF_DIR
 from mmpt.data.batch import Batch, MixedBatch
 from mmpt.engine.config import ConfigError, check_data, resolve, typed_config
 from mmpt.engine.optim import build_optimizer
+from mmpt.engine.run_setup import check_model_setup
 from mmpt.engine.trainer import micro_step
 from mmpt.models import vlmo as vlmo_module
 from mmpt.models.freezing import apply_freeze
 from mmpt.models.pretrained import InitConfig, apply_init
+from mmpt.models.multiway_presets import param_counts_by_part
 from mmpt.models.protocol import PretrainModel
-from mmpt.models.registry import build_model
-from mmpt.models.vlmo import VLMo, VLMoConfig, vlmo_base_config, vlmo_large_config
+from mmpt.models.registry import build_model, preset_config
+from mmpt.models.vlmo import VLMo, VLMoConfig
+from mmpt.modules.block import no_weight_decay_names
 from mmpt.modules.multiway import Expert
-from mmpt.modules.multiway_presets import param_counts_by_part
-from mmpt.objectives.itm import hard_negative_rows, text_codes
+from mmpt.objectives.itm import hard_negative_rows
+from mmpt.objectives.pair_codes import text_codes
 from mmpt.objectives.mlm import IGNORE_INDEX
+from mmpt.visual_tokenizer import VisualTokenizerConfig
 
 B, L, VOCAB, IMG, PATCH = 6, 12, 60, 32, 8
 N = (IMG // PATCH) ** 2  # 16 patches
@@ -43,11 +48,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def config(mim: bool = True, **overrides: object) -> VLMoConfig:
-    kw: dict = dict(image_size=IMG, patch_size=PATCH, width=32, heads=2, layers=2, vl_layers=1, vocab_size=VOCAB,
-                    max_text_len=L, embed_dim=32)
+ALL = ["itc", "itm", "mlm", "mim"]
+MULTIWAY = dict(image_size=IMG, patch_size=PATCH, width=32, heads=2, layers=2, vl_layers=1, vocab_size=VOCAB,
+                max_text_len=L)
+
+
+def config(mim: bool = True, multiway: dict | None = None, **overrides: object) -> VLMoConfig:
+    """Preset `tiny` at test size; mim=True adds masked image modeling (pixel targets) to the default
+    objectives [itc, itm, mlm]. `multiway` / other nested overrides merge over the preset."""
+    kw: dict = dict(multiway={**MULTIWAY, **(multiway or {})}, contrastive={"embed_dim": 32},
+                    objectives=ALL if mim else [], visual_tokenizer={"kind": "pixels"})
     kw.update(overrides)
-    return VLMoConfig(mim_tokenizer={"kind": "pixels"} if mim else None, **kw)  # type: ignore[arg-type]
+    return preset_config("vlmo", "tiny", **kw)
 
 
 def build(mim: bool = True, seed: int = 0, **overrides: object) -> VLMo:
@@ -110,21 +122,63 @@ def compose_experiment(name: str, *overrides: str):
 # ---- protocol, presets, config ----------------------------------------------------------------------------
 
 def test_protocol_registry_and_objectives() -> None:
-    model = build_model({"arch": "vlmo", "image_size": IMG, "vocab_size": VOCAB, "max_text_len": L})
+    model = build_model({"arch": "vlmo", "multiway": {"image_size": IMG, "vocab_size": VOCAB, "max_text_len": L}})
     assert isinstance(model, VLMo) and isinstance(model, PretrainModel)
-    assert model.objectives == ("itc", "itm", "mlm", "mim")
-    assert VLMo.data_kinds == ("pairs", "images", "texts")
-    assert model.mim_head is None and model.data_kinds == ("pairs", "texts")  # no tokenizer: no image-only data
-    assert set(model.default_loss_weights) == set(model.objectives)
+    assert model.objectives == ("itc", "itm", "mlm")  # the default: MIM only when listed
+    assert model.mim_head is None and model.data_kinds == ("pairs", "texts")  # no MIM: no image-only data
+    assert model.capabilities == {"itm_score"}
+    assert set(model.default_loss_weights) == set(VLMoConfig.supported_objectives) == set(ALL)
+    full = build()
+    assert full.objectives == tuple(ALL) and full.data_kinds == ("pairs", "images", "texts")
+    assert full.mim_head is not None and full.config.visual_tokenizer.kind == "pixels"
     assert {"encoder.patch_embed.pos_embed", "encoder.patch_embed.mask_token", "itc.logit_scale"} <= (
-        model.no_weight_decay_names())
-    assert "encoder.transformer.blocks.0.gamma_ffn" in build(layer_scale=0.1).no_weight_decay_names()
+        no_weight_decay_names(model))
+    assert "encoder.transformer.blocks.0.gamma_ffn" in no_weight_decay_names(build(multiway={"layer_scale": 0.1}))
+
+
+def test_itc_only_builds_no_fusion_heads_and_returns_only_itc() -> None:
+    model = build(mim=False, objectives=["itc"])
+    assert model.objectives == ("itc",) and model.data_kinds == ("pairs",)
+    assert model.itm_head is None and model.mlm_head is None and model.mim_head is None
+    assert not any(n.startswith(("itm_head.", "mlm_head.", "mim_head.")) for n in model.state_dict())
+    assert model.capabilities == frozenset()
+    batch = pairs()
+    with pytest.raises(ValueError, match="add itm to model.objectives"):
+        model.itm_score(batch.images, batch.input_ids, batch.attention_mask)
+    out = model(batch)
+    assert set(out.losses) == {"itc"} and out.losses["itc"].requires_grad and torch.isfinite(out.losses["itc"])
+    # dual encoder only: the image-only and the text-only pass, no fused call; the loss is ITC of the retrieval
+    # embeddings, whose heads this objective trains
+    n = 1 + N
+    assert expert_calls(model, lambda: model(batch)) == {(0, "ffn_v"): B * n, (1, "ffn_v"): B * n,
+                                                         (0, "ffn_l"): B * L, (1, "ffn_l"): B * L}
+    with torch.no_grad():
+        ref, _ = model.itc(model.encode_image(batch.images), model.encode_text(batch.input_ids, batch.attention_mask))
+    assert out.losses["itc"].item() == pytest.approx(ref.item(), rel=1e-6)
+    retrieval = [p for name, p in model.named_parameters() if name.startswith(("image_proj.", "text_proj.", "itc."))]
+    assert retrieval and all(p.requires_grad for p in retrieval)
+    with pytest.raises(ValueError, match=r"no use for \['texts'\]"):
+        model(mixed(("pairs", "texts")))
+
+
+def test_mim_only_reads_image_data_only() -> None:
+    model = build(objectives=["mim"])
+    assert model.objectives == ("mim",) and model.data_kinds == ("images",)
+    assert model.mim_head is not None and model.itm_head is None and model.mlm_head is None
+    assert model.capabilities == frozenset()
+    # the retrieval projections stay (eval embeds through them) but no objective trains them: frozen
+    retrieval = [p for name, p in model.named_parameters() if name.startswith(("image_proj.", "text_proj.", "itc."))]
+    assert retrieval and not any(p.requires_grad for p in retrieval)
+    assert set(model(images()).losses) == {"mim"}
+    for kinds in (("pairs",), ("texts",), ("images", "texts")):
+        with pytest.raises(ValueError, match="no use for"):
+            model(mixed(kinds))
 
 
 def test_preset_sizes_on_meta() -> None:
-    for make, paper, w in ((vlmo_base_config, 175e6, 768), (vlmo_large_config, 562e6, 1024)):
+    for preset, paper, w in (("base", 175e6, 768), ("large", 562e6, 1024)):
         with torch.device("meta"):
-            model = VLMo(make())
+            model = VLMo(preset_config("vlmo", preset))
         backbone = sum(p.numel() for p in model.encoder.parameters())
         assert abs(backbone / paper - 1) < 0.01, backbone
         # heads: two w x w ITC projections, MLM transform (w x w + bias) + LayerNorm + vocab bias (decoder tied
@@ -134,32 +188,33 @@ def test_preset_sizes_on_meta() -> None:
         parts = param_counts_by_part(model.encoder)
         vl = 2 if w == 768 else 3
         assert parts["ffn_vl"] == vl * (2 * w * 4 * w + 4 * w + w + 2 * w)  # fc1, fc2 (+ biases), its LayerNorm
-        assert parts["ffn_v"] == parts["ffn_l"] == parts["ffn_vl"] * model.config.layers // vl
+        assert parts["ffn_v"] == parts["ffn_l"] == parts["ffn_vl"] * model.config.multiway.layers // vl
 
 
 def test_hydra_presets_and_stage_configs_compose(demo_env: dict[str, str]) -> None:
     tiny = compose_experiment("vlmo_tiny_pairs")
-    assert (tiny.model.width, tiny.model.layers, tiny.model.vl_layers, tiny.model.patch_size) == (64, 2, 1, 8)
-    assert tiny.data.image_size == tiny.model.image_size == 64 and tiny.model.max_text_len == 24
-    assert tiny.model.vocab_size == tiny.tokenizer.vocab_size
+    mw = tiny.model.multiway
+    assert (mw.width, mw.layers, mw.vl_layers, mw.patch_size) == (64, 2, 1, 8)
+    assert tiny.data.image_size == mw.image_size == 64 and mw.max_text_len == 24
+    assert mw.vocab_size == tiny.tokenizer.vocab_size
+    assert tiny.model.objectives == ["itc", "itm", "mlm"] and tiny.model.itm.hardness_warmup_steps == 1000
     s1 = compose_experiment("vlmo_tiny_stage1_image")
-    assert s1.model.mim_tokenizer.kind == "kmeans" and [s.kind for s in s1.data.sources] == ["images"]
+    assert s1.model.objectives == ["mim"] and s1.model.visual_tokenizer.kind == "kmeans"
+    assert [s.kind for s in s1.data.sources] == ["images"]
     assert s1.data.image_mask.enabled and s1.data.image_mask.patch_size == 8
-    for name in ("vlmo_tiny_stage2_text", "vlmo_tiny_stage3_pairs"):  # a later stage without its input fails
-        with pytest.raises(ConfigError, match="model.init.checkpoint"):
-            compose_experiment(name)
+    assert compose_experiment("vlmo_tiny_stage2_text", "model.init.checkpoint=/prev").model.objectives == ["mlm"]
     s3 = compose_experiment("vlmo_tiny_stage3_pairs", "model.init.checkpoint=/prev")
     assert s3.model.init.checkpoint == "/prev" and not s3.model.train and not s3.model.freeze
     paper = compose_experiment("vlmo_stage3_pairs", "data.train.urls=/x.tar", "model.init.checkpoint=/prev")
-    assert (paper.model.width, paper.model.layers, paper.trainer.global_batch_size, paper.optimizer.lr) == (
-        768, 12, 1024, 2e-4)
-    with pytest.raises(ConfigError, match="mim_tokenizer.path"):
+    assert (paper.model.multiway.width, paper.model.multiway.layers, paper.trainer.global_batch_size,
+            paper.optimizer.lr) == (768, 12, 1024, 2e-4)
+    with pytest.raises(ConfigError, match="visual_tokenizer.path"):
         compose_experiment("vlmo_stage1_image", "data.sources.0.urls=/x.tar")
-    paper_stages = {"vlmo_stage1_image": ["data.sources.0.urls=/i.tar", "model.mim_tokenizer.path=/tok"],
+    paper_stages = {"vlmo_stage1_image": ["data.sources.0.urls=/i.tar", "model.visual_tokenizer.path=/tok"],
                     "vlmo_stage2_text": ["data.sources.0.urls=/t.txt", "model.init.checkpoint=/p"]}
     for name, extra in paper_stages.items():
         staged = compose_experiment(name, *extra)
-        staged.model.mim_tokenizer = {"kind": "pixels"} if staged.model.mim_tokenizer else None  # no file here
+        staged.model.visual_tokenizer = VisualTokenizerConfig(kind="pixels")  # no tokenizer file here
         staged.model.__post_init__()
         with torch.device("meta"):
             counts = apply_freeze(build_model(staged.model), staged.model.train, staged.model.freeze)
@@ -172,24 +227,36 @@ def test_hydra_presets_and_stage_configs_compose(demo_env: dict[str, str]) -> No
         check_data(tiny, tuple(probe.data_kinds))
 
 
+@pytest.mark.parametrize("name", ["vlmo_tiny_stage2_text", "vlmo_tiny_stage3_pairs"])
+def test_later_stage_without_its_checkpoint_is_refused(demo_env: dict[str, str], name: str) -> None:
+    """A later stage says model.init.checkpoint_required: starting it from random weights is refused."""
+    cfg = compose_experiment(name)
+    assert cfg.model.init.checkpoint_required and cfg.model.init.checkpoint is None
+    with pytest.raises(ConfigError, match="model.init.checkpoint is required"):
+        check_model_setup(cfg, build_model(cfg.model))
+
+
 @pytest.mark.parametrize("overrides, match", [
-    ({"vl_layers": 0}, "vl_layers"),
-    ({"width": 33}, "divisible by heads"),
-    ({"image_size": 30}, "multiple of patch_size"),
-    ({"mask_token_id": 2}, "distinct"),
-    ({"mlm_prob": 0.0}, "mlm_prob"),
+    ({"multiway": {"vl_layers": 0}}, "vl_layers"),
+    ({"multiway": {"width": 33}}, "divisible by multiway.heads"),
+    ({"multiway": {"image_size": 30}}, "multiple of multiway.patch_size"),
+    ({"tokens": {"bos": 2, "mask": 2}}, "distinct"),
+    ({"tokens": {"mask": 2}}, "distinct"),  # unset bos is mmpt's [CLS] = 2 in a model built without a tokenizer
+    ({"mlm": {"mask_prob": 0.0}}, "mlm.mask_prob"),
+    ({"objectives": ["itc", "mdm_text"]}, "objectives"),
 ])
 def test_config_errors(overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         config(**overrides)
-    with pytest.raises(ValueError, match="needs mim_tokenizer.path"):
-        VLMoConfig(mim_tokenizer={"kind": "kmeans"})  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="mim_tokenizer.patch_size=16 differs"):
-        VLMoConfig(mim_tokenizer={"kind": "pixels", "patch_size": 16})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs visual_tokenizer.path"):
+        VLMoConfig(objectives=["mim"], visual_tokenizer={"kind": "kmeans"})  # type: ignore[arg-type]
+    VLMoConfig(visual_tokenizer={"kind": "kmeans"})  # type: ignore[arg-type]  # no mim: no MIM head, no file needed
+    with pytest.raises(ValueError, match="visual_tokenizer.patch_size=16 differs"):
+        VLMoConfig(objectives=ALL, visual_tokenizer={"kind": "pixels", "patch_size": 16})  # type: ignore[arg-type]
 
 
 def test_bad_batches_get_one_clear_error() -> None:
-    with pytest.raises(ValueError, match="no MIM head: set model.mim_tokenizer"):
+    with pytest.raises(ValueError, match=r"no use for \['images'\].*add the objective"):
         build(mim=False)(images())
     unmasked = Batch(images=images().images)
     with pytest.raises(ValueError, match="data.image_mask.enabled=true"):
@@ -369,8 +436,9 @@ def part(name: str) -> str:
 def stage_model(experiment: str, init: str | None = None, seed: int = 0) -> tuple[VLMo, object]:
     cfg = compose_experiment(experiment, *([f"model.init.checkpoint={init}"] if init else []))
     mcfg = cfg.model
-    mcfg.image_size, mcfg.patch_size, mcfg.vocab_size, mcfg.max_text_len = IMG, PATCH, VOCAB, L
-    mcfg.mim_tokenizer = {"kind": "pixels"} if experiment.endswith("image") else None  # no k-means file here
+    mw = mcfg.multiway
+    mw.image_size, mw.patch_size, mw.vocab_size, mw.max_text_len = IMG, PATCH, VOCAB, L
+    mcfg.visual_tokenizer = VisualTokenizerConfig(kind="pixels")  # no k-means file here
     mcfg.__post_init__()
     torch.manual_seed(seed)
     model = VLMo(mcfg)
@@ -398,9 +466,16 @@ def test_stage1_and_stage2_train_exactly_their_parts_and_chain(tmp_path: Path) -
 
     s2, cfg2 = stage_model("vlmo_tiny_stage2_text", init=str(tmp_path / "stage1.pt"), seed=1)
     assert {part(n) for n, p in s2.named_parameters() if p.requires_grad} == STAGE2
+    assert s1.mlm_head is None and s1.itm_head is None and s2.mim_head is None and s2.itm_head is None
     loaded = s2.state_dict()
-    for k, v in loaded.items():  # every stage-2 tensor came from stage 1 (the MIM head is dropped)
-        assert torch.equal(v, stage1[k]), k
+    # every stage-2 tensor stage 1 has came from it (its MIM head is dropped); the rest is the MLM head that
+    # stage 1 ([mim]) did not build, whose decoder is tied to the loaded word embeddings
+    fresh = sorted(k for k in loaded if k not in stage1)
+    assert fresh and all(k.startswith("mlm_head.") for k in fresh), fresh
+    for k, v in loaded.items():
+        if k in stage1:
+            assert torch.equal(v, stage1[k]), k
+    assert torch.equal(loaded["mlm_head.decoder.weight"], stage1["encoder.text_embed.token_embed.weight"])
     before = {k: v.clone() for k, v in loaded.items()}
     train_steps(s2, cfg2, MixedBatch({"texts": texts()}), 3)
     assert cfg2.optimizer.weight_decay > 0  # decay would move frozen weights if they reached the optimizer
@@ -420,7 +495,7 @@ def test_stage1_and_stage2_train_exactly_their_parts_and_chain(tmp_path: Path) -
 # ---- optimisation, FLOPs ---------------------------------------------------------------------------------
 
 def test_adamw_steps_reduce_every_loss_on_a_fixed_mixed_batch() -> None:
-    model = build(itm_hardness_warmup_steps=1000)  # step buffer stays 0: uniform ITM negatives (tiny from scratch)
+    model = build(itm={"hardness_warmup_steps": 1000})  # step buffer stays 0: uniform ITM negatives (tiny from scratch)
     batch = mixed(("pairs", "images", "texts"))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     history = defaultdict(list)
@@ -439,6 +514,7 @@ def test_adamw_steps_reduce_every_loss_on_a_fixed_mixed_batch() -> None:
 
 @pytest.mark.parametrize("kind", ["pairs", "images", "texts"])
 def test_flops_per_sample_matches_flop_counter(kind: str) -> None:
+    """Per kind at 2% with every objective on (tests/test_arch_contract.py: 10% on a step of all kinds)."""
     model = build()
     batch = mixed((kind,))
     counter = FlopCounterMode(display=False)
@@ -462,7 +538,7 @@ def test_encodings_itm_score_and_after_optimizer_step() -> None:
     torch.testing.assert_close(model.encode_text(padded_ids, padded_mask), short, atol=1e-5, rtol=1e-5)
     score = model.itm_score(batch.images, batch.input_ids, batch.attention_mask)
     assert score.shape == (4,) and ((score > 0) & (score < 1)).all()
-    model.config.itm_hardness_warmup_steps = 8
+    model.config.itm.hardness_warmup_steps = 8
     model.after_optimizer_step(2)
     assert model.step.item() == 2 and model.itm_hardness().item() == pytest.approx(0.25)
     assert math.isclose(build().itm_hardness().item(), 1.0)

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 def test_vlmo_mixed_data_two_process_zero2_kill_and_resume(demo_env, tmp_path):
     # batch 8 per rank from data=mixed_demo's weights 2:1:1 -> 4 pairs, 2 images, 2 texts; 32 px / patch 8
     # gives 16 patches, 6 of them masked (min_patches lowered to fit)
-    extra = ["data=mixed_demo", "data.image_mask.min_patches=4", "model.mim_tokenizer={kind:pixels}",
-             "model.itm_hardness_warmup_steps=10"]
+    extra = ["data=mixed_demo", "data.image_mask.min_patches=4", "model.objectives=[itc,itm,mlm,mim]",
+             "model.visual_tokenizer.kind=pixels", "model.itm.hardness_warmup_steps=10"]
     summary, records, max_steps = run_to_end(tmp_path, "vlmo_tiny_pairs", extra)
     train = [r for r in records if "train/loss" in r]
     last = train[-1]

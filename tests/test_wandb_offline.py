@@ -1,4 +1,4 @@
-"""Round-trip real wandb offline runs through mmpt.engine.wandb_offline.
+"""Round-trip real wandb offline runs through mmpt.tools.wandb_offline.
 
 One module-scoped fixture writes two segments of one run id (an initial run
 and an offline resume), because each wandb.init costs a service round trip.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mmpt.engine.wandb_offline import (
+from mmpt.tools.wandb_offline import (
     OfflineRun,
     find_offline_runs,
     history_of_run_id,

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from mmpt.engine.config import ConfigError
+from mmpt.models.registry import register_model_presets
 
 CONF_DIR = Path(os.environ.get("MMPT_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+register_model_presets()  # conf/model/*/*.yaml name their Python presets (model_preset/<arch>_<preset>)
 USER_ERRORS = (ConfigError, FileNotFoundError)
 
 

@@ -25,24 +25,48 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+# Names a tokenizer may give each special token: BERT's first, then BOS/EOS-style vocabularies (RoBERTa, CLIP BPE).
+SPECIAL_NAMES: dict[str, tuple[str, ...]] = {
+    "pad": ("[PAD]", "<pad>", "<|pad|>"),
+    "bos": ("[CLS]", "<s>", "<|startoftext|>", "<bos>", "[BOS]"),
+    "eos": ("[SEP]", "</s>", "<|endoftext|>", "<eos>", "[EOS]"),
+    "mask": ("[MASK]", "<mask>"),
+}
+
+
 class TextTokenizer:
-    """Callable that turns captions into padded/truncated `b l` id and mask tensors."""
+    """Callable that turns captions into padded/truncated `b l` id and mask tensors.
+
+    Special ids under one naming scheme: `bos_id` / `eos_id` are [CLS] / [SEP] for BERT-style tokenizers
+    (captions are `[CLS] ... [SEP]`), <s> / </s> or CLIP's start/end of text otherwise; `mask_id` may be None
+    (no masked language modeling then). Models take their `model.tokens` from these."""
 
     def __init__(self, tokenizer: Tokenizer, max_len: int):
         self.tokenizer = tokenizer
         self.max_len = max_len
-        self.pad_id = self._require("[PAD]")
-        self.cls_id = self._require("[CLS]")
-        self.sep_id = self._require("[SEP]")
-        self.mask_id = tokenizer.token_to_id("[MASK]")
+        self.bos_id = self._require("bos")
+        self.eos_id = self._require("eos")
+        self.pad_id = self._find("pad")
+        if self.pad_id is None:
+            raise ValueError(f"tokenizer has no padding token (one of {SPECIAL_NAMES['pad']}); mmpt pads captions")
+        self.mask_id = self._find("mask")
         self.vocab_size = tokenizer.get_vocab_size()
+        pad_token = tokenizer.id_to_token(self.pad_id)
         tokenizer.enable_truncation(max_length=max_len)
-        tokenizer.enable_padding(pad_id=self.pad_id, pad_token="[PAD]", length=max_len)
+        tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad_token, length=max_len)
 
-    def _require(self, token: str) -> int:
-        idx = self.tokenizer.token_to_id(token)
+    def _find(self, role: str) -> int | None:
+        for name in SPECIAL_NAMES[role]:
+            idx = self.tokenizer.token_to_id(name)
+            if idx is not None:
+                return idx
+        return None
+
+    def _require(self, role: str) -> int:
+        idx = self._find(role)
         if idx is None:
-            raise ValueError(f"tokenizer has no {token} token; mmpt needs [PAD] [CLS] [SEP] (train one with `mmpt-data tokenizer`)")
+            raise ValueError(f"tokenizer has no {role} token (one of {SPECIAL_NAMES[role]}); mmpt needs padding, "
+                             "begin and end of text (train one with `mmpt-data tokenizer`)")
         return idx
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,6 +95,9 @@ class TrainerConfig:
     preempt_check_every: int = 1
     dry_run: bool = False
     expected_world_size: Optional[int] = None
+    # dense peak TFLOP/s per device for train/mfu: null = known GPUs detected (H100/H200/A100, by precision);
+    # on CPU train/mfu is logged only when this is set
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -135,8 +138,9 @@ class EvalConfig:
     at_end: bool = True
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     output: Optional[str] = None
-    rerank_k: int = 16  # ITM re-ranks each query's ITC top-k (models with itm_score); 0 = off
-    rerank_score: str = "itm"  # itm: ITM alone (ALBEF); itm+itc: log ITM probability + ITC cosine (BLIP/LAVIS-style sum)
+    rerank_k: int = 4  # ITM re-ranks each query's ITC top-k (models with itm_score); 0 = off
+    # itm+itc_logit: log ITM probability + ITC logit; itm: ITM alone (ALBEF); itm+itc: + ITC cosine (BLIP/LAVIS-style)
+    rerank_score: str = "itm+itc_logit"
     caption_max_images: int = 256  # captioning eval (models with generate); 0 = off
     caption_max_len: int = 20
     caption_beams: int = 3
@@ -306,30 +310,39 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
     unknown = sorted(set(cfg.loss.weights) - set(model_objectives))
     if unknown:
         raise ConfigError(
-            f"loss.weights has {unknown} but model.arch={cfg.model.arch} trains only {list(model_objectives)}; "
-            "remove those weights"
+            f"loss.weights has {unknown} but model.objectives={list(model_objectives)} (model.arch={cfg.model.arch}); "
+            f"remove those weights or list the objectives in model.objectives"
         )
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ConfigError(f"trainer.peak_tflops={t.peak_tflops} must be positive (TFLOP/s per device), or null")
     for key in DERIVED_DEEPSPEED_KEYS:
         if key in cfg.deepspeed:
             raise ConfigError(
                 f"deepspeed.{key} is derived by mmpt; remove it and set {DERIVED_DEEPSPEED_KEYS[key]} instead"
             )
-    stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(cfg)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage={stage} must be 0, 1, 2 or 3")
-    momentum = getattr(cfg.model, "momentum", None)
-    if momentum is not None and momentum.enabled:
-        from mmpt.models.momentum import assert_supported
-        from mmpt.objectives.queue import validate_queue_size
-
-        try:
-            assert_supported(stage)
-            validate_queue_size(momentum.queue_size, d.batch_size * world_size)
-        except ValueError as exc:
-            raise ConfigError(f"model.momentum: {exc} (or model.momentum.enabled=false)") from None
     resume = t.resume
     if resume not in ("auto", "none") and not Path(resume).is_dir():
         raise ConfigError(f"trainer.resume={resume!r}: no such checkpoint directory; use auto, none or a checkpoint dir")
+
+
+def zero_stage(cfg: TrainConfig) -> int:
+    return int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_model_launch(cfg: TrainConfig, world_size: int, tokenizer: Any = None) -> None:
+    """The model config's own checks against this run (`launch_problems`: momentum vs ZeRO, queue size, patch
+    and image geometry, token ids); the engine does not know which architecture it asks."""
+    from mmpt.models.config_parts import Launch
+
+    mask = cfg.data.image_mask
+    launch = Launch(world_size, cfg.data.batch_size, zero_stage(cfg), cfg.data.image_size,
+                    mask.patch_size if mask.enabled else None, tokenizer, cfg.data.mean, cfg.data.std)
+    problems = cfg.model.launch_problems(launch)
+    if problems:
+        raise ConfigError("model: " + "; ".join(problems))
 
 
 def check_paths(cfg: TrainConfig, need_train: bool = True) -> None:
@@ -368,10 +381,6 @@ def image_masker(cfg: TrainConfig) -> Any:
     if m.patch_size < 1 or image_size % m.patch_size:
         raise ConfigError(f"data.image_mask.patch_size={m.patch_size} does not divide data.image_size={image_size}; "
                           "set it to the model's patch size")
-    model_patch = getattr(cfg.model, "patch_size", None)
-    if model_patch is not None and model_patch != m.patch_size:
-        raise ConfigError(f"data.image_mask.patch_size={m.patch_size} but model.patch_size={model_patch}: the masks "
-                          f"would not line up with the model's patches; set data.image_mask.patch_size={model_patch}")
     try:
         masker = BlockMasker.for_image(image_size, m.patch_size, m.ratio, m.num_masked, m.min_patches,
                                        m.min_aspect, m.max_aspect)

@@ -13,7 +13,7 @@ log = logging.getLogger("mmpt")
 
 
 CONSOLE_EVAL_SUFFIXES = ("_r1", "_r1_caption", "/mean", "/mean_caption", "/bleu4", "/cider")
-SPECIAL_KEYS = {"train/lr", "train/samples_per_s", "train/data_wait", "train/skipped"}
+SPECIAL_KEYS = {"train/lr", "train/samples_per_s", "train/data_wait", "train/skipped", "train/tflops", "train/mfu"}
 
 
 def format_progress(record: dict[str, Any], max_steps: int) -> str:
@@ -25,6 +25,10 @@ def format_progress(record: dict[str, Any], max_steps: int) -> str:
         parts.append(f"lr {record['train/lr']:.2e}")
     if "train/samples_per_s" in record:
         parts.append(f"{record['train/samples_per_s']:.1f} samples/s")
+    if "train/tflops" in record:
+        parts.append(f"{record['train/tflops']:.3g} TFLOP/s")
+    if "train/mfu" in record:
+        parts.append(f"MFU {100 * record['train/mfu']:.1f}%")
     if "train/data_wait" in record:
         parts.append(f"data-wait {100 * record['train/data_wait']:.0f}%")
     if record.get("train/skipped"):

@@ -23,9 +23,10 @@ from mmpt.data.pipeline import BatchLoader, build_eval_loader, build_train_loade
 from mmpt.data.sources import build_mixed_train_loader
 from mmpt.data.tokenizer import TextTokenizer, load_tokenizer
 from mmpt.engine.checkpoint import init_checkpoint_source
-from mmpt.engine.config import (ConfigError, TrainConfig, check_combinations, check_data, check_paths, image_masker,
-                                resolve, source_specs, typed_config)
+from mmpt.engine.config import (ConfigError, TrainConfig, check_combinations, check_data, check_model_launch,
+                                check_paths, image_masker, resolve, source_specs, typed_config)
 from mmpt.engine.dist_env import DistEnv, detect_env, device_for, init_process_group
+from mmpt.models.config_parts import fill_tokens
 from mmpt.models.freezing import ParamCounts, apply_freeze
 from mmpt.models.registry import build_model
 
@@ -47,15 +48,6 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
     raw = resolve(raw.copy())
     cfg = typed_config(raw)
     add_submitit_preempt_signal(cfg)
-    with torch.device("meta"):
-        probe = build_model(cfg.model)
-    check_combinations(cfg, env.world_size, torch.cuda.is_available(), tuple(probe.objectives))
-    # the instance's kinds: a model may narrow them to what its configured objectives read (BEiT-3)
-    check_data(cfg, tuple(getattr(probe, "data_kinds", ("pairs",))), need_train)
-    cfg.loss.weights = {**dict(getattr(probe, "default_loss_weights", {})), **cfg.loss.weights}
-    missing = sorted(set(probe.objectives) - set(cfg.loss.weights))
-    if missing:
-        raise ConfigError(f"model.arch={cfg.model.arch} has no default weight for {missing}; set loss.weights.{missing[0]}=...")
     check_paths(cfg, need_train=need_train)
     try:
         tokenizer = load_tokenizer(cfg.tokenizer.path, cfg.data.max_text_len)
@@ -66,10 +58,22 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
             f"tokenizer {cfg.tokenizer.path} has {tokenizer.vocab_size} tokens but tokenizer.vocab_size="
             f"{cfg.tokenizer.vocab_size} embedding rows; set tokenizer.vocab_size={tokenizer.vocab_size} or more"
         )
-    check_special_tokens(cfg, tokenizer)
+    check_model_launch(cfg, env.world_size, tokenizer)  # token ids set by hand must agree with the tokenizer
+    fill_tokens(cfg.model.tokens, tokenizer)  # ... and unset ones are the tokenizer's
+    with torch.device("meta"):
+        probe = build_model(cfg.model)
+    check_combinations(cfg, env.world_size, torch.cuda.is_available(), tuple(probe.objectives))
+    check_data(cfg, tuple(probe.data_kinds), need_train)
+    preset_weights = {**probe.default_loss_weights, **cfg.model.loss_weights}
+    defaults = {k: w for k, w in preset_weights.items() if k in probe.objectives}
+    cfg.loss.weights = {**defaults, **cfg.loss.weights}
+    missing = sorted(set(probe.objectives) - set(cfg.loss.weights))
+    if missing:
+        raise ConfigError(f"model.arch={cfg.model.arch} has no default weight for {missing}; set loss.weights.{missing[0]}=...")
     resolved = OmegaConf.to_container(raw, resolve=True)
     assert isinstance(resolved, dict)
     resolved.pop("hydra", None)
+    resolved["model"]["tokens"] = dataclasses.asdict(cfg.model.tokens)  # saved runs rebuild with the same ids
     counts = check_model_setup(cfg, probe, need_train)
     return Prepared(cfg, resolved, env, tokenizer, counts.trainable, counts.frozen)
 
@@ -96,7 +100,11 @@ def add_submitit_preempt_signal(cfg: TrainConfig, environ: dict[str, str] | None
 def check_model_setup(cfg: TrainConfig, probe: torch.nn.Module, need_train: bool = True) -> ParamCounts:
     """model.freeze / model.train patterns against the (meta) model's real names, and model.init.checkpoint
     (only when training: evaluation reads its weights from the checkpoint it evaluates)."""
-    source = getattr(getattr(cfg.model, "init", None), "checkpoint", None)
+    init = getattr(cfg.model, "init", None)
+    source = getattr(init, "checkpoint", None)
+    if need_train and not source and getattr(init, "checkpoint_required", False):
+        raise ConfigError("model.init.checkpoint is required: this stage continues an earlier one; set "
+                          "model.init.checkpoint=<the previous stage's run dir>")
     if need_train and source:
         try:
             init_checkpoint_source(source)
@@ -106,18 +114,6 @@ def check_model_setup(cfg: TrainConfig, probe: torch.nn.Module, need_train: bool
         return apply_freeze(probe, getattr(cfg.model, "train", ()), getattr(cfg.model, "freeze", ()))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def check_special_tokens(cfg: TrainConfig, tokenizer: TextTokenizer) -> None:
-    """Models that build inputs themselves (MLM masks, captions' BOS/EOS) must agree with the tokenizer."""
-    expected = {"pad_token_id": tokenizer.pad_id, "cls_token_id": tokenizer.cls_id, "sep_token_id": tokenizer.sep_id,
-                "mask_token_id": tokenizer.mask_id, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.cls_id,
-                "eos_id": tokenizer.sep_id}
-    for key, want in expected.items():
-        have = getattr(cfg.model, key, None)
-        if have is not None and want is not None and have != want:
-            raise ConfigError(f"model.{key}={have} but tokenizer {cfg.tokenizer.path} has id {want} there; "
-                              f"set model.{key}={want}")
 
 
 def configure_logging(env: DistEnv) -> None:

@@ -27,12 +27,13 @@ from mmpt.engine.config import ConfigError, TrainConfig
 from mmpt.engine.dist_env import DistEnv
 from mmpt.engine.ds_config import build_deepspeed_config, global_batch_size
 from mmpt.engine.loggers import RunLogger
+from mmpt.engine.mfu import peak_tflops
 from mmpt.engine.optim import build_optimizer, build_scheduler
 from mmpt.engine.preemption import PreemptionWatch
 from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
 from mmpt.eval.runner import evaluate_model
 from mmpt.models.freezing import apply_freeze
-from mmpt.models.protocol import ModelOutput
+from mmpt.models.protocol import ModelOutput, PretrainModel, step_flops
 from mmpt.models.pretrained import apply_init
 from mmpt.models.registry import build_model
 
@@ -63,6 +64,7 @@ class IntervalStats:
     started: float = field(default_factory=time.perf_counter)
     skipped: dict[str, int] = field(default_factory=dict)
     grad_norms: list[float | torch.Tensor] = field(default_factory=list)
+    flops: float = 0.0  # this rank's training FLOPs (model.flops_per_sample), for train/tflops and train/mfu
 
     def add_grad_norm(self, norm: float | torch.Tensor | None) -> None:
         """The engine's pre-clipping global gradient norm of one optimizer step (None when it has none)."""
@@ -118,8 +120,10 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
-        self.model = self.engine.module
+        self.model: PretrainModel = self.engine.module
         self.after_step = getattr(self.model, "after_optimizer_step", None)
+        self.peak_tflops = peak_tflops(cfg.trainer.peak_tflops, cfg.trainer.precision)
+        self._flops_of_shape: dict[tuple[tuple[str, int], ...], float] = {}
         self.input_dtype = PRECISION_DTYPES[cfg.trainer.precision]
         self.weights = dict(cfg.loss.weights)
         self.step = 0
@@ -194,6 +198,15 @@ class Trainer:
     def _micro_step(self, batch: Batch | MixedBatch, stats: IntervalStats) -> None:
         out, total = micro_step(self.engine, batch.to(self.device, self.input_dtype), self.weights)
         stats.add({"loss": total, **out.losses, **out.metrics})
+        stats.flops += self._batch_flops(batch)
+
+    def _batch_flops(self, batch: Batch | MixedBatch) -> float:
+        """Training FLOPs of a micro-batch, memoised by its kinds and sizes (host arithmetic, no sync)."""
+        parts = batch.parts if isinstance(batch, MixedBatch) else {batch.kind: batch}
+        shape = tuple(sorted((kind, len(part)) for kind, part in parts.items()))
+        if shape not in self._flops_of_shape:
+            self._flops_of_shape[shape] = step_flops(self.model, batch)
+        return self._flops_of_shape[shape]
 
     def _record(self, stats: IntervalStats) -> dict[str, Any]:
         values = stats.reduce()
@@ -209,6 +222,10 @@ class Trainer:
         record.update({f"train/{k}": v for k, v in values.items()})
         record["train/lr"] = self.engine.get_lr()[0]
         record["train/samples_per_s"] = samples / max(elapsed, 1e-9)
+        tflops = stats.flops / max(elapsed, 1e-9) / 1e12  # achieved, this rank
+        record["train/tflops"] = tflops
+        if self.peak_tflops:
+            record["train/mfu"] = tflops / self.peak_tflops
         record["train/data_wait"] = stats.data_wait_s / max(elapsed, 1e-9)
         record["train/skipped"] = skipped
         record.update({f"train/{k}": v for k, v in stats.grad_norm_summary().items()})

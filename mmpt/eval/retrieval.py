@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from mmpt import distributed as mdist
 from mmpt.data.batch import Batch
+from mmpt.models.protocol import PretrainModel
 
 
 @dataclass
@@ -35,7 +37,7 @@ class EvalInputs:
 
 
 @torch.no_grad()
-def embed_eval_set(model: torch.nn.Module, loader: Iterable[Batch], device: torch.device,
+def embed_eval_set(model: PretrainModel, loader: Iterable[Batch], device: torch.device,
                    dtype: torch.dtype | None = None, keep_inputs: bool = False) -> EvalEmbeddings:
     """Collective: each rank embeds its shards, then all ranks receive everything, sorted by key.
 
@@ -119,7 +121,7 @@ RERANK_SCORES = ("itm", "itm+itc", "itm+itc_logit")
 
 
 @torch.no_grad()
-def itm_rerank_sims(model: torch.nn.Module, emb: EvalEmbeddings, k: int, device: torch.device,
+def itm_rerank_sims(model: Any, emb: EvalEmbeddings, k: int, device: torch.device,
                     dtype: torch.dtype | None = None, batch_size: int = 256,
                     score: str = "itm") -> tuple[torch.Tensor, torch.Tensor]:
     """Second stage: for each query, its ITC top-k candidates are re-scored and ranked above all others.

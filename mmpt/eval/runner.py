@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from mmpt.data.batch import Batch
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.eval.caption_metrics import caption_scores
 from mmpt.eval.retrieval import EvalEmbeddings, embed_eval_set, itm_rerank_sims, retrieval_metrics
+from mmpt.models.protocol import PretrainModel, has_capability
 
 
 @dataclass
@@ -41,7 +43,7 @@ def to_uint8(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
 
 
 @torch.no_grad()
-def caption_eval(model: torch.nn.Module, emb: EvalEmbeddings, tokenizer: TextTokenizer, device: torch.device,
+def caption_eval(model: Any, emb: EvalEmbeddings, tokenizer: TextTokenizer, device: torch.device,
                  dtype: torch.dtype | None, max_images: int, max_len: int, num_beams: int,
                  num_samples: int, mean: Sequence[float], std: Sequence[float],
                  batch_size: int = 64) -> EvalResult:
@@ -76,12 +78,12 @@ def caption_eval(model: torch.nn.Module, emb: EvalEmbeddings, tokenizer: TextTok
     return EvalResult(metrics, samples)
 
 
-def evaluate_model(model: torch.nn.Module, loader: Iterable[Batch], tokenizer: TextTokenizer, eval_cfg,
+def evaluate_model(model: PretrainModel, loader: Iterable[Batch], tokenizer: TextTokenizer, eval_cfg,
                    device: torch.device, dtype: torch.dtype | None, mean: Sequence[float],
                    std: Sequence[float]) -> EvalResult:
     """eval_cfg: mmpt.engine.config.EvalConfig (ks, rerank_k, caption_* settings)."""
-    can_rerank = hasattr(model, "itm_score") and eval_cfg.rerank_k > 0
-    can_caption = hasattr(model, "generate") and eval_cfg.caption_max_images > 0
+    can_rerank = has_capability(model, "itm_score") and eval_cfg.rerank_k > 0
+    can_caption = has_capability(model, "generate") and eval_cfg.caption_max_images > 0
     emb = embed_eval_set(model, loader, device, dtype, keep_inputs=can_rerank or can_caption)
     metrics = retrieval_metrics(emb, eval_cfg.ks)
     result = EvalResult(metrics)

@@ -21,21 +21,20 @@ import torch
 from torch import nn
 
 from mmpt.data.batch import Batch
-from mmpt.models.albef_config import ALBEFConfig, albef_base_config
+from mmpt.models.albef_config import PRESETS, ALBEFConfig
 from mmpt.models.albef_parts import TextFusionEncoder
 from mmpt.models.momentum import MomentumTeacher
 from mmpt.models.protocol import ModelOutput
 from mmpt.models.registry import register_arch
-from mmpt.modules.block import no_weight_decay_names
 from mmpt.modules.encoders import vision_tower_from
 from mmpt.modules.heads import ITMHead, ProjectionHead, l2_normalize
-from mmpt.objectives.itc import ContrastiveLoss
+from mmpt.models.config_parts import build_contrastive_loss, check_kind
 from mmpt.objectives.itc_distill import DistillContrastiveLoss
 from mmpt.objectives.itm import hard_negative_rows, hardness_ramp, itm_loss
 from mmpt.objectives.mlm import mask_tokens, masked_rows, masked_rows_capacity, mlm_loss
 from mmpt.objectives.pair_codes import itc_codes
 
-__all__ = ["ALBEF", "ALBEFConfig", "albef_base_config", "build_albef"]
+__all__ = ["ALBEF", "ALBEFConfig", "build_albef"]
 
 
 class ALBEF(nn.Module):
@@ -43,21 +42,23 @@ class ALBEF(nn.Module):
     the fusion layers; implements the `PretrainModel` protocol plus `itm_score` and `after_optimizer_step`."""
 
     objectives: tuple[str, ...] = ("itc", "itm", "mlm")
+    data_kinds: tuple[str, ...] = ("pairs",)
     default_loss_weights = {"itc": 1.0, "itm": 1.0, "mlm": 1.0}  # the paper's equal weights
     step: torch.Tensor
 
     def __init__(self, cfg: ALBEFConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.visual = vision_tower_from(cfg)
+        self.objectives = tuple(cfg.objectives)
+        self.capabilities = frozenset({"itm_score"} if cfg.uses("itm") else ())
+        self.visual = vision_tower_from(cfg.vision)
         self.text = TextFusionEncoder(
-            cfg.vocab_size, cfg.max_text_len, cfg.text_width, cfg.text_layers, cfg.fusion_layers, cfg.text_heads,
-            context_dim=cfg.vision_width, mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout,
-            norm_first=cfg.text_norm_first, norm_eps=cfg.text_norm_eps,
-        )  # fmt: skip
-        self.vision_proj = ProjectionHead(cfg.vision_width, cfg.embed_dim)
-        self.text_proj = ProjectionHead(cfg.text_width, cfg.embed_dim)
-        self.itm_head = ITMHead(cfg.text_width)
+            cfg.text, cfg.fusion_layers if cfg.fuses() else 0, context_dim=cfg.vision.width, mlm_head=cfg.uses("mlm")
+        )
+        embed_dim = cfg.contrastive.embed_dim
+        self.vision_proj = ProjectionHead(cfg.vision.width, embed_dim)
+        self.text_proj = ProjectionHead(cfg.text.width, embed_dim)
+        self.itm_head = ITMHead(cfg.text.width) if cfg.uses("itm") else None
         m = cfg.momentum
         self.teacher: MomentumTeacher | None = None
         self.itc: ContrastiveLoss
@@ -65,16 +66,16 @@ class ALBEF(nn.Module):
         # carry it. Shape (1,) like the queue pointer (some backends reject 0-d broadcasts).
         self.register_buffer("step", torch.zeros(1, dtype=torch.long))
         if m.enabled:
+            c = cfg.contrastive
             self.itc = DistillContrastiveLoss(
-                cfg.embed_dim, m.queue_size, cfg.temperature_init, cfg.min_temperature, cfg.max_temperature,
-                duplicate_positives=cfg.itc_duplicate_positives,
+                embed_dim, m.queue_size, c.temperature_init, c.min_temperature, c.max_temperature,
+                duplicate_positives=c.duplicate_positives,
             )
+            self.itc.logit_scale.requires_grad_(c.learnable_temperature)
             students = {"visual": self.visual, "vision_proj": self.vision_proj, "text": self.text, "text_proj": self.text_proj}
-            self.teacher = MomentumTeacher(students, momentum=m.momentum)  # last: copies the initialised student
+            self.teacher = MomentumTeacher(students, momentum=m.decay)  # last: copies the initialised student
         else:
-            self.itc = ContrastiveLoss(
-                cfg.temperature_init, max_logit_scale=1.0 / cfg.min_temperature, min_logit_scale=1.0 / cfg.max_temperature
-            )
+            self.itc = build_contrastive_loss(cfg.contrastive)
 
     # ---- protocol: embeddings and re-ranking ------------------------------------------------------------
     def bert_init_targets(self) -> tuple[nn.Module, nn.Module]:
@@ -91,6 +92,8 @@ class ALBEF(nn.Module):
 
     def itm_score(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Match probability `b` of row-aligned pairs (image i with text i), for ITC top-k re-ranking."""
+        if self.itm_head is None:
+            raise ValueError("itm_score needs the ITM head: add itm to model.objectives")
         fused = self.text.fuse(self.text.encode(input_ids, attention_mask), attention_mask, self.visual(images))
         return self.itm_head(fused[:, 0]).float().softmax(dim=-1)[:, 1]
 
@@ -118,7 +121,7 @@ class ALBEF(nn.Module):
         uniform (`hardness_ramp`): 0 = uniform negatives, 1 = ALBEF's softmax(sim). A tiny model trained from
         scratch never bootstraps ITM on fully hard negatives (it sits at the 1/3 prior), so
         `itm_hardness_warmup_steps` ramps it in."""
-        return hardness_ramp(self.step, self.config.itm_hardness_warmup_steps)
+        return hardness_ramp(self.step, self.config.itm.hardness_warmup_steps)
 
     def forward(self, batch: Batch) -> ModelOutput:
         images, ids, mask = batch.images, batch.input_ids, batch.attention_mask
@@ -126,26 +129,32 @@ class ALBEF(nn.Module):
         text_tokens = self.text.encode(ids, mask)  # `b l d`
         image_feats = l2_normalize(self.vision_proj(image_tokens[:, 0]))  # `b e`
         text_feats = l2_normalize(self.text_proj(text_tokens[:, 0]))
+        cfg = self.config
         metrics: dict[str, torch.Tensor] = {}
+        losses: dict[str, torch.Tensor] = {}
         image_tokens_m: torch.Tensor | None = None
         alpha = self.distill_alpha()
-        codes = itc_codes(self.config.itc_duplicate_positives, batch.image_ids, ids, mask)  # `b 2` or None
+        codes = itc_codes(cfg.contrastive.duplicate_positives, batch.image_ids, ids, mask)  # `b 2` or None
         if self.teacher is not None:
             t = self.teacher
             with torch.no_grad():
-                image_tokens_m = t["visual"](images)
+                image_tokens_m = t["visual"](images)  # read again by MLM distillation
                 image_feats_m = l2_normalize(t["vision_proj"](image_tokens_m[:, 0]))
                 text_feats_m = l2_normalize(t["text_proj"](t["text"].encode(ids, mask)[:, 0]))
-            loss_itc, m_itc = self.itc(image_feats, text_feats, image_feats_m, text_feats_m, alpha, codes)
+            losses["itc"], m = self.itc(image_feats, text_feats, image_feats_m, text_feats_m, alpha, codes)
             metrics["distill_alpha"] = alpha.detach()
         else:
-            loss_itc, m_itc = self.itc(image_feats, text_feats, codes)
-        if not self.config.fusion_grads_to_encoders:  # ITM/MLM train the fusion side only (measured: RESULTS.md)
+            losses["itc"], m = self.itc(image_feats, text_feats, codes)
+        metrics.update(m)
+        if not cfg.fusion_grads_to_encoders:  # ITM/MLM train the fusion side only (measured: RESULTS.md)
             image_tokens, text_tokens = image_tokens.detach(), text_tokens.detach()
-        loss_itm, m_itm = self._itm(image_tokens, text_tokens, ids, mask, image_feats, text_feats, batch.image_ids)
-        loss_mlm, m_mlm = self._mlm(ids, mask, image_tokens, image_tokens_m, alpha)
-        metrics.update(m_itc | m_itm | m_mlm)
-        return ModelOutput(losses={"itc": loss_itc, "itm": loss_itm, "mlm": loss_mlm}, metrics=metrics)
+        if cfg.uses("itm"):
+            losses["itm"], m = self._itm(image_tokens, text_tokens, ids, mask, image_feats, text_feats, batch.image_ids)
+            metrics.update(m)
+        if cfg.uses("mlm"):
+            losses["mlm"], m = self._mlm(ids, mask, image_tokens, image_tokens_m, alpha)
+            metrics.update(m)
+        return ModelOutput(losses=losses, metrics=metrics)
 
     def _itm(
         self,
@@ -162,8 +171,9 @@ class ALBEF(nn.Module):
         neg = hard_negative_rows(
             image_feats, text_feats, self.itc.scale().detach(), ids, mask, image_ids,
             image_rows=[image_tokens], text_rows=[text_tokens, mask],
-            global_negatives=self.config.itm_global_negatives, hardness=self.itm_hardness(),
+            global_negatives=self.config.itm.global_negatives, hardness=self.itm_hardness(),
         )  # fmt: skip
+        assert self.itm_head is not None
         (neg_image_tokens,), (neg_text_tokens, neg_mask) = neg
         text_in = torch.cat([text_tokens, neg_text_tokens, text_tokens])  # `(3 b) l d`
         mask_in = torch.cat([mask, neg_mask, mask])  # `(3 b) l`
@@ -183,10 +193,9 @@ class ALBEF(nn.Module):
         distilled from the teacher's MLM logits there with momentum."""
         cfg = self.config
         masked, labels = mask_tokens(
-            ids, mask, cfg.vocab_size, cfg.mask_token_id, (cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id),
-            prob=cfg.mlm_prob,
-        )  # fmt: skip
-        rows, labels = masked_rows(labels, cfg.mlm_prob)  # `k`
+            ids, mask, cfg.text.vocab_size, cfg.tokens.id("mask"), cfg.tokens.never_masked(), prob=cfg.mlm.mask_prob
+        )
+        rows, labels = masked_rows(labels, cfg.mlm.mask_prob)  # `k`
         # image_tokens arrive detached from forward when fusion_grads_to_encoders is off
         logits = self.text.mlm_logits(masked, mask, image_tokens, rows, detach_text=not cfg.fusion_grads_to_encoders)
         if self.teacher is None or image_tokens_m is None:
@@ -196,42 +205,43 @@ class ALBEF(nn.Module):
         return mlm_loss(logits, labels, logits_m, alpha)
 
     # ---- accounting -------------------------------------------------------------------------------------
-    def flops_per_sample(self, batch_size: int = 64) -> float:
+    def flops_per_sample(self, kind: str = "pairs", batch_size: int = 1) -> float:
         """Training FLOPs per image-text pair at `batch_size` pairs per micro-batch, for MFU (conventions of
-        `CLIP.flops_per_sample`).
+        `CLIP.flops_per_sample`), for the configured objectives only.
 
-        Student (forward + backward): ViT once; text encoder twice (plain, masked); fusion 4 times (the
-        positive, two negative pairs, the MLM pass); MLM head on `masked_rows_capacity(batch_size * l) /
-        batch_size` rows; ITM head 3x; projections.
-        Teacher (forward only, a third of training FLOPs): ViT, vision/text projections, text encoder twice,
-        fusion + MLM head once. ITC logits against the queue: 8 q e (student, both directions, forward + the
-        feature gradient; the candidates are constants) + 4 q e (teacher targets). Not counted: norms, softmax, GELU, embedding lookups, the global-batch
-        part of the logits and hard-negative sampling (O(w b e) per pair).
+        Student (forward + backward): ViT once; text encoder once, plus once on masked ids with mlm; fusion 3
+        times with itm (the positive, two negative pairs) and once with mlm; MLM head on
+        `masked_rows_capacity(batch_size * l) / batch_size` rows; ITM head 3x; projections.
+        Teacher (forward only, a third of training FLOPs): ViT, vision/text projections, text encoder (twice
+        with mlm), fusion + MLM head once with mlm. ITC logits against the queue: 8 q e (student, both
+        directions, forward + the feature gradient; the candidates are constants) + 4 q e (teacher targets).
+        Not counted: norms, softmax, GELU, embedding lookups, the global-batch part of the logits and
+        hard-negative sampling (O(w b e) per pair).
         """
+        if not check_kind(kind, self.data_kinds):
+            return 0.0
         cfg = self.config
-        l, n = cfg.max_text_len, self.visual.num_tokens
-        mlm_rows = masked_rows_capacity(batch_size * l, cfg.mlm_prob) / batch_size
+        l, n = cfg.text.max_text_len, self.visual.num_tokens
+        mlm = cfg.uses("mlm")
+        mlm_rows = masked_rows_capacity(batch_size * l, cfg.mlm.mask_prob) / batch_size if mlm else 0.0
         projections = self.vision_proj.flops_per_sample() + self.text_proj.flops_per_sample()
+        itm_passes = 3 if cfg.uses("itm") else 0
         student = (
             self.visual.flops_per_sample()
-            + self.text.flops(l, n, text_passes=2, fusion_passes=4, mlm_rows=mlm_rows)
-            + 3 * self.itm_head.flops_per_sample()
+            + self.text.flops(l, n, text_passes=1 + mlm, fusion_passes=itm_passes + mlm, mlm_rows=mlm_rows)
+            + (itm_passes * self.itm_head.flops_per_sample() if self.itm_head is not None else 0.0)
             + projections
         )
         if self.teacher is None:
             return student
         pe = self.visual.patch_embed
         vit_forward = (self.visual.flops_per_sample() + 2.0 * pe.proj.weight.numel() * pe.num_patches) / 3
-        teacher_text = self.text.flops(l, n, text_passes=2, fusion_passes=1, mlm_rows=mlm_rows)
+        teacher_text = self.text.flops(l, n, text_passes=1 + mlm, fusion_passes=int(mlm), mlm_rows=mlm_rows)
         teacher = vit_forward + (teacher_text + projections) / 3
-        queue = 12.0 * cfg.momentum.queue_size * cfg.embed_dim
+        queue = 12.0 * cfg.momentum.queue_size * cfg.contrastive.embed_dim
         return student + teacher + queue
 
-    def no_weight_decay_names(self) -> set[str]:
-        """Exempt from weight decay: ndim < 2, `pos_embed`, `cls_token`, `logit_scale` (`mmpt.modules.block`)."""
-        return no_weight_decay_names(self)
 
-
-@register_arch("albef", ALBEFConfig)
+@register_arch("albef", ALBEFConfig, PRESETS)
 def build_albef(cfg: ALBEFConfig) -> ALBEF:
     return ALBEF(cfg)

@@ -1,84 +1,85 @@
-"""ALBEF's configuration: the structured `model.*` schema (validated before launch) and the base preset."""
+"""ALBEF's configuration: what ALBEF adds to the shared pieces, its checks, and its named presets."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+from mmpt.models.config_parts import DualTowerConfig, FusionObjectivesConfig, Launch
 from mmpt.models.momentum import MomentumConfig
-from mmpt.models.config_base import ModelConfigBase
-from mmpt.models.config_checks import itc_mlm_problems, tower_problems
-
-
-def _albef_momentum() -> MomentumConfig:
-    return MomentumConfig(enabled=True, momentum=0.995, queue_size=65536, alpha=0.4)
 
 
 @dataclass
-class ALBEFConfig(ModelConfigBase):
-    """Defaults are a tiny CPU size with ALBEF's objective settings; `albef_base_config` is the paper's.
-
-    text_layers are text-only (ITC reads their [CLS]); fusion_layers add cross-attention to the image tokens
-    (ITM, MLM). Temperature is learnable from temperature_init and clamped to [min, max]_temperature.
-    Special token ids are never masked for MLM (pad, cls, sep) or are the mask itself.
+class ALBEFConfig(DualTowerConfig, FusionObjectivesConfig):
+    """`text.layers` are text-only (ITC reads their [CLS]); `fusion_layers` add cross-attention to the image
+    tokens (ITM, MLM) and exist only when itm or mlm is an objective. ITM samples its hard negatives by ITC
+    similarity, so itc is always trained. momentum: distillation from an EMA teacher with feature queues.
     """
 
-    arch: str = "albef"
-    image_size: int = 32
-    patch_size: int = 8
-    vision_width: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 2
-    text_width: int = 64
-    text_layers: int = 1
+    supported_objectives: ClassVar[tuple[str, ...]] = ("itc", "itm", "mlm")
+    default_objectives: ClassVar[tuple[str, ...]] = ("itc", "itm", "mlm")
+
+    arch_name: ClassVar[str] = "albef"
     fusion_layers: int = 1
-    text_heads: int = 2
-    vocab_size: int = 1000
-    max_text_len: int = 32
-    embed_dim: int = 256
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    temperature_init: float = 0.07
-    min_temperature: float = 0.001
-    max_temperature: float = 0.5
-    mlm_prob: float = 0.15
-    pad_token_id: int = 0
-    cls_token_id: int = 2
-    sep_token_id: int = 3
-    mask_token_id: int = 4
-    text_norm_first: bool = True  # False: BERT's post-LN layout, required to load BERT weights (model.init.text)
-    text_norm_eps: float = 1e-5  # BERT uses 1e-12
-    itm_hardness_warmup_steps: int = 0  # hard negatives sharpen from uniform to softmax(sim) over these steps
-    itm_global_negatives: bool = True  # False: ALBEF's local-batch hard negatives (no gather)
     # False: ITM and MLM train the fusion layers and heads only; the unimodal encoders learn from ITC alone
     fusion_grads_to_encoders: bool = True
-    momentum: MomentumConfig = field(default_factory=_albef_momentum)
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.momentum, dict):  # ALBEFConfig(momentum={...}) in code: overrides of ALBEF's defaults
-            self.momentum = replace(_albef_momentum(), **self.momentum)
-        p: list[str] = tower_problems(self)
-        if self.text_layers < 0 or self.fusion_layers < 1:
-            p.append(f"need text_layers >= 0 and fusion_layers >= 1 (ITM/MLM), got {self.text_layers}, {self.fusion_layers}")
-        p += itc_mlm_problems(self)
+    def fuses(self) -> bool:
+        """Whether any objective needs the fusion layers."""
+        return self.uses("itm") or self.uses("mlm")
+
+    def problems(self) -> list[str]:
+        p = super().problems() + self.fusion_problems()
+        if "itc" not in self.objectives:
+            p.append(f"objectives={self.objectives} must include itc (ALBEF aligns before fusing; ITM mines its "
+                     "hard negatives by ITC similarity)")
+        if self.fuses() and self.fusion_layers < 1:
+            p.append(f"fusion_layers={self.fusion_layers} must be >= 1 for itm/mlm")
         m = self.momentum
-        if not 0.0 <= m.momentum <= 1.0:
-            p.append(f"momentum.momentum={m.momentum} must be in [0, 1]")
+        if not 0.0 <= m.decay <= 1.0:
+            p.append(f"momentum.decay={m.decay} must be in [0, 1]")
         if m.queue_size <= 0:
             p.append(f"momentum.queue_size={m.queue_size} must be positive (a multiple of the global batch)")
         if not 0.0 <= m.alpha <= 1.0 or m.alpha_warmup_steps < 0:
             p.append(f"need momentum.alpha in [0, 1] and alpha_warmup_steps >= 0, got {m.alpha}, {m.alpha_warmup_steps}")
-        if p:
-            raise ValueError("invalid ALBEF config: " + "; ".join(p))
+        return p
+
+    def launch_problems(self, launch: Launch) -> list[str]:
+        p = super().launch_problems(launch)
+        if self.momentum.enabled:
+            from mmpt.models.momentum import assert_supported
+            from mmpt.objectives.queue import validate_queue_size
+
+            try:
+                assert_supported(launch.zero_stage)
+                validate_queue_size(self.momentum.queue_size, launch.micro_batch * launch.world_size)
+            except ValueError as exc:
+                p.append(f"momentum: {exc} (or model.momentum.enabled=false)")
+        return p
 
 
-def albef_base_config(**overrides: Any) -> ALBEFConfig:
-    """ALBEF-base: ViT-B/16 at 256 px, BERT-base split 6 text + 6 fusion layers, 256-d ITC, queue 65536."""
-    base: dict[str, Any] = dict(
-        image_size=256, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12, text_width=768,
-        text_layers=6, fusion_layers=6, text_heads=12, vocab_size=30522, max_text_len=30, embed_dim=256,
-        text_norm_first=False, text_norm_eps=1e-12,  # BERT's layout, so BERT-base weights load (model.init.text)
-        # alpha ramps over ~one epoch of ALBEF-4M (5.1M pairs) at global batch 512, as the paper does
-        momentum=MomentumConfig(enabled=True, momentum=0.995, queue_size=65536, alpha=0.4, alpha_warmup_steps=10000),
-    )  # fmt: skip
-    base.update(overrides)
-    return ALBEFConfig(**base)
+_ALBEF_ITC = {"min_temperature": 0.001, "max_temperature": 0.5}  # ALBEF's clamp: logit scale in [2, 1000]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 64 px / patch 8 ViT 64 x 2, text 64 wide: 2 text + 2 fusion layers (1 + 1: ITM never leaves its prior),
+    # 64-d ITC from temperature 0.03, identical captions as ITC positives, ITM negatives hardening over 1,000 steps
+    # (from fully hard ones ITM sits at its prior), ITM and MLM weighted 0.25; no momentum teacher (distilling
+    # from a near-random one costs recall at this size). Measured: docs/RESULTS.md, issues 3 and 11.
+    "tiny": {
+        "text": {"layers": 2}, "fusion_layers": 2,
+        "contrastive": {**_ALBEF_ITC, "temperature_init": 0.03, "duplicate_positives": True},
+        "itm": {"hardness_warmup_steps": 1000}, "loss_weights": {"itm": 0.25, "mlm": 0.25},
+        "momentum": {"decay": 0.99, "queue_size": 1024, "alpha_warmup_steps": 200},
+    },
+    # ALBEF-base: ViT-B/16 at 256 px, BERT-base split 6 text + 6 fusion layers (post-LN, so BERT weights load
+    # with model.init.text), 256-d ITC, queue 65536; alpha ramps over ~one epoch of ALBEF-4M at batch 512
+    "base": {
+        "vision": {"image_size": 256, "patch_size": 16, "width": 768, "layers": 12, "heads": 12},
+        "text": {"width": 768, "layers": 6, "heads": 12, "vocab_size": 30522, "max_text_len": 30,
+                 "norm_first": False, "norm_eps": 1e-12},
+        "fusion_layers": 6,
+        "contrastive": {**_ALBEF_ITC, "embed_dim": 256},
+        "momentum": {"enabled": True, "decay": 0.995, "queue_size": 65536, "alpha": 0.4,
+                     "alpha_warmup_steps": 10000},
+    },
+}  # fmt: skip

@@ -1,16 +1,16 @@
-"""ALBEF building blocks: the BERT-like text+fusion tower (`gather_rows`, the cross-rank row gather for ITM
-negatives, now lives in mmpt/distributed.py and is re-exported here).
+"""ALBEF building blocks: the BERT-like text+fusion tower.
 
 Kept apart from mmpt/models/albef.py so the model file reads as the training step and nothing else.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from mmpt.distributed import gather_rows  # noqa: F401  (re-exported: its old home)
 from mmpt.modules.block import Transformer
-from mmpt.modules.encoders import TextTransformer
+from mmpt.modules.encoders import text_tower_from
 from mmpt.modules.heads import MLMHead
 
 
@@ -22,32 +22,22 @@ class TextFusionEncoder(nn.Module):
     copy keeps the MLM head tied to the copy's own word embeddings.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        max_len: int,
-        width: int,
-        text_layers: int,
-        fusion_layers: int,
-        heads: int,
-        context_dim: int,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
-        norm_first: bool = True,
-        norm_eps: float = 1e-5,
-    ) -> None:
+    def __init__(self, text: Any, fusion_layers: int, context_dim: int, mlm_head: bool = True) -> None:
+        """text: a `model.text` config (TextConfig); its width, heads, norms and dropout serve the fusion
+        layers too. fusion_layers=0 builds no fusion stack (ITC only); mlm_head=False builds no MLM head."""
         super().__init__()
-        self.encoder = TextTransformer(
-            vocab_size, max_len, width, text_layers, heads, mlp_ratio=mlp_ratio, dropout=dropout, attn_dropout=dropout,
-            norm_eps=norm_eps, norm_first=norm_first,
-        )  # fmt: skip
-        self.fusion = Transformer(
-            width, fusion_layers, heads, mlp_ratio, dropout=dropout, attn_dropout=dropout,
-            cross_attention=True, context_dim=context_dim, norm_eps=norm_eps, norm_first=norm_first,
-        )  # fmt: skip
+        self.encoder = text_tower_from(text)
+        self.fusion: Transformer | None = None
+        if fusion_layers > 0:
+            self.fusion = Transformer(
+                text.width, fusion_layers, text.heads, text.mlp_ratio, dropout=text.dropout, attn_dropout=text.dropout,
+                cross_attention=True, context_dim=context_dim, norm_eps=text.norm_eps, norm_first=text.norm_first,
+            )  # fmt: skip
         # pre-LN stacks end with a LayerNorm; BERT's post-LN layers already end normalised
-        self.fusion_norm = nn.LayerNorm(width, eps=norm_eps) if norm_first else nn.Identity()
-        self.mlm_head = MLMHead(width, vocab_size, word_embeddings=self.encoder.embed.token_embed)
+        self.fusion_norm = nn.LayerNorm(text.width, eps=text.norm_eps) if text.norm_first and fusion_layers else nn.Identity()
+        self.mlm_head = (
+            MLMHead(text.width, text.vocab_size, word_embeddings=self.encoder.embed.token_embed) if mlm_head else None
+        )
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text-only pass: ids, mask `b l` -> `b l d` ([CLS] at 0 is the ITC summary)."""
@@ -55,6 +45,7 @@ class TextFusionEncoder(nn.Module):
 
     def fuse(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Fusion pass: text `b l d` (from `encode`) cross-attending to image tokens `b n c` -> `b l d`."""
+        assert self.fusion is not None, "no fusion layers: add itm or mlm to model.objectives"
         x = self.fusion(text_tokens, key_padding_mask=attention_mask, context=image_tokens)
         return self.fusion_norm(x)
 
@@ -75,6 +66,7 @@ class TextFusionEncoder(nn.Module):
         hidden = self.fuse(text_tokens, attention_mask, image_tokens)  # `b l d`
         if rows is not None:
             hidden = hidden.flatten(0, 1)[rows]  # `k d`
+        assert self.mlm_head is not None, "no MLM head: add mlm to model.objectives"
         return self.mlm_head(hidden)
 
     def flops(
@@ -82,8 +74,6 @@ class TextFusionEncoder(nn.Module):
     ) -> float:
         """Training FLOPs per sample for the given numbers of text-encoder and fusion passes and of rows the
         MLM head scores (a fraction of `text_tokens` when only masked positions are scored)."""
-        return (
-            text_passes * self.encoder.flops_per_sample(text_tokens)
-            + fusion_passes * self.fusion.flops(text_tokens, image_tokens)
-            + self.mlm_head.flops(mlm_rows)
-        )
+        fusion = fusion_passes * self.fusion.flops(text_tokens, image_tokens) if self.fusion is not None else 0.0
+        mlm = self.mlm_head.flops(mlm_rows) if self.mlm_head is not None and mlm_rows else 0.0
+        return text_passes * self.encoder.flops_per_sample(text_tokens) + fusion + mlm

@@ -21,15 +21,15 @@ from einops import rearrange
 from torch import nn
 
 from mmpt.data.batch import Batch, MixedBatch
-from mmpt.models.beit3_config import OBJECTIVES, BEiT3Config
+from mmpt.models.beit3_config import PRESETS, BEiT3Config
+from mmpt.models.config_parts import build_contrastive_loss, check_kind
+from mmpt.models.freezing import freeze_idle
 from mmpt.models.masked_image_head import MaskedImageHead
-from mmpt.models.protocol import ModelOutput
+from mmpt.models.multiway_presets import param_counts_by_part
+from mmpt.models.protocol import ModelOutput, data_kinds_of
 from mmpt.models.registry import register_arch
-from mmpt.modules.block import no_weight_decay_names
 from mmpt.modules.heads import MLMHead, ProjectionHead, l2_normalize
 from mmpt.modules.multiway_encoder import MultiwayEncoder
-from mmpt.modules.multiway_presets import param_counts_by_part
-from mmpt.objectives.itc import ContrastiveLoss
 from mmpt.objectives.mlm import mask_tokens, mlm_loss
 from mmpt.objectives.pair_codes import itc_codes
 
@@ -38,25 +38,43 @@ class BEiT3(nn.Module):
     """Multiway encoder + MDM heads (MLM over the vocabulary, MIM over the visual tokenizer's targets) + ITC."""
 
     data_kinds: tuple[str, ...] = ("pairs", "images", "texts")  # narrowed per instance to what its objectives read
-    objectives: tuple[str, ...] = OBJECTIVES  # narrowed per instance to config.objectives
+    objectives: tuple[str, ...] = ("mdm_text", "mdm_image")  # per instance: config.objectives
+    capabilities: frozenset[str] = frozenset()
     default_loss_weights = {"mdm_text": 1.0, "mdm_image": 1.0, "itc": 1.0}
 
     def __init__(self, cfg: BEiT3Config) -> None:
         super().__init__()
         self.config = cfg
-        self.objectives = tuple(name for name in OBJECTIVES if name in cfg.objectives)
-        self.data_kinds = cfg.data_kinds()
-        self.encoder = MultiwayEncoder(**cfg.encoder_kwargs())
-        # retrieval heads always exist: evaluation embeds through them whatever the stage trains
-        self.vision_proj = ProjectionHead(cfg.width, cfg.embed_dim)
-        self.text_proj = ProjectionHead(cfg.width, cfg.embed_dim)
-        self.itc = ContrastiveLoss(cfg.temperature_init, cfg.max_logit_scale)
+        self.objectives = tuple(name for name in cfg.supported_objectives if name in cfg.objectives)
+        self.data_kinds = data_kinds_of(self.objectives)
+        width, embed_dim = cfg.multiway.width, cfg.contrastive.embed_dim
+        self.encoder = MultiwayEncoder(**vars(cfg.multiway))
+        # retrieval heads always exist: evaluation embeds through them whatever the stage trains (frozen without itc)
+        self.vision_proj = ProjectionHead(width, embed_dim)
+        self.text_proj = ProjectionHead(width, embed_dim)
+        self.itc = build_contrastive_loss(cfg.contrastive)
+        if not cfg.uses("itc"):
+            for module in (self.vision_proj, self.text_proj, self.itc):
+                module.requires_grad_(False)
         # untied vocabulary projection straight from the final norm (torchscale BEiT-3's output projection)
         self.mlm_head = (
-            MLMHead(cfg.width, cfg.vocab_size, transform=False, bias=False) if "mdm_text" in self.objectives else None
+            MLMHead(width, cfg.multiway.vocab_size, transform=False, bias=False) if cfg.uses("mdm_text") else None
         )
-        self.mim_head = MaskedImageHead(cfg.width, cfg.tokenizer_config()) if "mdm_image" in self.objectives else None
-        self.special_ids = (cfg.pad_token_id, cfg.cls_token_id, cfg.sep_token_id)
+        self.mim_head = MaskedImageHead(width, cfg.tokenizer_config()) if cfg.uses("mdm_image") else None
+        freeze_idle(self, self._idle_patterns())
+
+    def _idle_patterns(self) -> list[str]:
+        """Parameters no configured objective reaches: the [MASK] patch without mdm_image, and the last block's
+        per-modality output path (attention out-projection, Sub-LN, expert, final norm) of a modality whose
+        outputs no loss reads (text outputs: mdm_text, itc; patch outputs: mdm_image, itc)."""
+        cfg = self.config
+        last = f"encoder.transformer.blocks.{cfg.multiway.layers - 1}."
+        idle = [] if cfg.uses("mdm_image") else ["encoder.patch_embed.mask_token"]
+        for side, read in (("v", cfg.uses("mdm_image") or cfg.uses("itc")), ("l", cfg.uses("mdm_text") or cfg.uses("itc"))):
+            if not read:
+                idle += [f"{last}attn.{side}.proj.*", f"{last}attn.sub_norm_{side}.*", f"{last}ffn_{side}.*",
+                         f"encoder.norm_{side}.*"]
+        return idle
 
     # ---- retrieval (dual encoder) -------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -78,7 +96,7 @@ class BEiT3(nn.Module):
         pairs = parts.get("pairs")
         if "itc" in self.objectives and pairs is not None:
             assert pairs.images is not None and pairs.input_ids is not None and pairs.attention_mask is not None
-            codes = itc_codes(self.config.itc_duplicate_positives, pairs.image_ids, pairs.input_ids, pairs.attention_mask)
+            codes = itc_codes(self.config.contrastive.duplicate_positives, pairs.image_ids, pairs.input_ids, pairs.attention_mask)
             loss, m = self.itc(self.encode_image(pairs.images), self.encode_text(pairs.input_ids, pairs.attention_mask), codes)
             losses["itc"] = loss
             metrics.update(m)
@@ -109,8 +127,9 @@ class BEiT3(nn.Module):
 
     def _mask_text(self, part: Batch, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
         assert part.input_ids is not None and part.attention_mask is not None
-        return mask_tokens(part.input_ids, part.attention_mask, self.config.vocab_size, self.config.mask_token_id,
-                           self.special_ids, prob=ratio)
+        cfg = self.config
+        return mask_tokens(part.input_ids, part.attention_mask, cfg.multiway.vocab_size, cfg.tokens.id("mask"),
+                           cfg.tokens.never_masked(), prob=ratio)
 
     def _mdm(self, parts: dict[str, Batch]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One pass per kind, then ONE MLM head call and ONE MIM head call over the pooled positions.
@@ -162,18 +181,18 @@ class BEiT3(nn.Module):
         return losses, metrics
 
     # ---- accounting ---------------------------------------------------------------------------------------
-    def flops_per_sample(self, kind: str = "pairs", text_len: int | None = None) -> float:
+    def flops_per_sample(self, kind: str = "pairs", batch_size: int = 1) -> float:
         """Training FLOPs for one sample of `kind` under this model's objectives, for MFU.
 
         A mixed step costs sum over kinds of (samples of that kind) x flops_per_sample(kind). Text runs over
-        `text_len` tokens (default max_text_len; padding is computed too); the MLM head scores every text
+        max_text_len tokens (padding is computed too); the MLM head scores every text
         position and the MIM head every patch (no host sync to gather the masked ones). ITC adds an image-only
         and a text-only pass per pair plus the two projections. Not counted: norms, softmax, embedding
         lookups, the visual tokenizer (frozen, forward only), the ITC logits.
         """
-        if kind not in ("pairs", "images", "texts"):
-            raise ValueError(f"kind={kind!r} must be pairs, images or texts")
-        enc, length = self.encoder, self.config.max_text_len if text_len is None else text_len
+        if not check_kind(kind, self.data_kinds):
+            return 0.0
+        enc, length = self.encoder, self.config.multiway.max_text_len
         mlm = self.mlm_head.flops(length) if self.mlm_head is not None else 0.0
         mim = self.mim_head.flops(enc.num_patches) if self.mim_head is not None else 0.0
         if kind == "texts":
@@ -198,11 +217,7 @@ class BEiT3(nn.Module):
         counts["itc_heads"] = count(self.vision_proj) + count(self.text_proj) + count(self.itc)
         return counts
 
-    def no_weight_decay_names(self) -> set[str]:
-        """ndim < 2 tensors (norms, biases, `itc.logit_scale`) and `pos_embed` / `cls_token` / `mask_token`."""
-        return no_weight_decay_names(self)
 
-
-@register_arch("beit3", BEiT3Config)
+@register_arch("beit3", BEiT3Config, PRESETS)
 def build_beit3(cfg: BEiT3Config) -> BEiT3:
     return BEiT3(cfg)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -9,79 +10,57 @@ from torch import nn
 from mmpt.data.batch import Batch
 from mmpt.models.protocol import ModelOutput
 from mmpt.models.registry import register_arch
-from mmpt.modules.block import no_weight_decay_names
-from mmpt.modules.encoders import TextTransformer, vision_tower_from
+from mmpt.modules.encoders import text_tower_from, vision_tower_from
 from mmpt.modules.heads import ProjectionHead, l2_normalize
-from mmpt.objectives.itc import ContrastiveLoss
-from mmpt.models.config_base import ModelConfigBase
-from mmpt.models.config_checks import tower_problems
+from mmpt.models.config_parts import DualTowerConfig, build_contrastive_loss, check_kind
 from mmpt.objectives.pair_codes import itc_codes
 
 
 @dataclass
-class CLIPConfig(ModelConfigBase):
-    """Defaults are the tiny CPU test size; see `vit_b16_config` / conf/model/clip/base.yaml for ViT-B/16.
+class CLIPConfig(DualTowerConfig):
+    """Defaults are the tiny CPU size (preset `tiny`); preset `base` is OpenAI CLIP ViT-B/16.
 
     text_causal: False = bidirectional text tower pooled at [CLS] (position 0; our tokenizer writes
     [CLS] ... [SEP]); True = causal tower pooled at the last real token ([SEP], CLIP's EOT), since under a
     causal mask [CLS] sees only itself.
     """
 
-    arch: str = "clip"
-    image_size: int = 64
-    patch_size: int = 8
-    vision_width: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 2
-    text_width: int = 64
-    text_layers: int = 2
-    text_heads: int = 2
-    vocab_size: int = 1000
-    max_text_len: int = 32
-    embed_dim: int = 64
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    temperature_init: float = 0.07
-    max_logit_scale: float = 100.0
+    supported_objectives: ClassVar[tuple[str, ...]] = ("itc",)
+    default_objectives: ClassVar[tuple[str, ...]] = ("itc",)
+
+    arch_name: ClassVar[str] = "clip"
     text_causal: bool = False
 
-    def __post_init__(self) -> None:
-        problems: list[str] = tower_problems(self)
-        if self.temperature_init <= 0 or 1.0 / self.temperature_init > self.max_logit_scale:
-            problems.append(
-                f"temperature_init={self.temperature_init} must be > 0 and >= 1/max_logit_scale={1.0 / self.max_logit_scale}"
-            )
-        if problems:
-            raise ValueError("invalid CLIP config: " + "; ".join(problems))
 
-
-def vit_b16_config(**overrides: object) -> CLIPConfig:
-    """OpenAI CLIP ViT-B/16 shapes (149.6M parameters): 224 px, 12x768 ViT, 12x512 text, 512-d embedding."""
-    base: dict[str, object] = dict(
-        image_size=224, patch_size=16, vision_width=768, vision_layers=12, vision_heads=12,
-        text_width=512, text_layers=12, text_heads=8, vocab_size=49408, max_text_len=77, embed_dim=512,
-    )  # fmt: skip
-    base.update(overrides)
-    return CLIPConfig(**base)  # type: ignore[arg-type]
+PRESETS: dict[str, dict[str, Any]] = {
+    # 64 px / patch 8, 64 wide x 2 blocks per tower, 64-d ITC; temperature from 0.03 (0.07: t2i R@1 0.203 vs 0.274
+    # on data no preset was tuned on, docs/RESULTS.md issue 11)
+    "tiny": {"contrastive": {"temperature_init": 0.03}},
+    # OpenAI CLIP ViT-B/16 shapes (149.6M parameters): 224 px, 12x768 ViT, 12x512 text, 512-d embedding
+    "base": {
+        "vision": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "heads": 12},
+        "text": {"width": 512, "layers": 12, "heads": 8, "vocab_size": 49408, "max_text_len": 77},
+        "contrastive": {"embed_dim": 512},
+    },
+}
 
 
 class CLIP(nn.Module):
     """Dual encoder + ITC; implements the `PretrainModel` protocol."""
 
     objectives: tuple[str, ...] = ("itc",)
+    data_kinds: tuple[str, ...] = ("pairs",)
+    capabilities: frozenset[str] = frozenset()
     default_loss_weights = {"itc": 1.0}  # loss.weights.<name> overrides
 
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.visual = vision_tower_from(cfg)
-        self.text = TextTransformer(
-            cfg.vocab_size, cfg.max_text_len, cfg.text_width, cfg.text_layers, cfg.text_heads,
-            mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, attn_dropout=cfg.dropout, causal=cfg.text_causal,
-        )  # fmt: skip
-        self.vision_proj = ProjectionHead(cfg.vision_width, cfg.embed_dim)
-        self.text_proj = ProjectionHead(cfg.text_width, cfg.embed_dim)
-        self.itc = ContrastiveLoss(cfg.temperature_init, cfg.max_logit_scale)
+        self.visual = vision_tower_from(cfg.vision)
+        self.text = text_tower_from(cfg.text, causal=cfg.text_causal)
+        self.vision_proj = ProjectionHead(cfg.vision.width, cfg.contrastive.embed_dim)
+        self.text_proj = ProjectionHead(cfg.text.width, cfg.contrastive.embed_dim)
+        self.itc = build_contrastive_loss(cfg.contrastive)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images `b c h w` -> L2-normalised `b e` from the [CLS] token."""
@@ -101,10 +80,10 @@ class CLIP(nn.Module):
         image_features = self.encode_image(batch.images)
         text_features = self.encode_text(batch.input_ids, batch.attention_mask)
         loss, metrics = self.itc(image_features, text_features, itc_codes(
-            self.config.itc_duplicate_positives, batch.image_ids, batch.input_ids, batch.attention_mask))
+            self.config.contrastive.duplicate_positives, batch.image_ids, batch.input_ids, batch.attention_mask))
         return ModelOutput(losses={"itc": loss}, metrics=metrics)
 
-    def flops_per_sample(self) -> float:
+    def flops_per_sample(self, kind: str = "pairs", batch_size: int = 1) -> float:
         """Training (forward + backward) FLOPs per image-text pair, for MFU.
 
         Sum over towers of 6 * (matmul weights) * tokens + 12 * layers * tokens^2 * width (attention
@@ -113,6 +92,8 @@ class CLIP(nn.Module):
         images) and 6 * weights for each projection head. Not counted: norms, softmax, GELU, the embedding lookup, and
         the ITC logits (12 * global_batch * embed_dim per pair: ~0.2% at ViT-B/16 with a 32k batch).
         """
+        if not check_kind(kind, self.data_kinds):
+            return 0.0
         return (
             self.visual.flops_per_sample()
             + self.text.flops_per_sample()
@@ -120,12 +101,7 @@ class CLIP(nn.Module):
             + self.text_proj.flops_per_sample()
         )
 
-    def no_weight_decay_names(self) -> set[str]:
-        """Parameter names exempt from weight decay: every ndim < 2 tensor (LayerNorm weights, biases,
-        `itc.logit_scale`) and anything named `pos_embed` / `cls_token` (see `mmpt.modules.block`)."""
-        return no_weight_decay_names(self)
 
-
-@register_arch("clip", CLIPConfig)
+@register_arch("clip", CLIPConfig, PRESETS)
 def build_clip(cfg: CLIPConfig) -> CLIP:
     return CLIP(cfg)

@@ -9,10 +9,11 @@ forward pass serves both losses: the unimodal stack runs once, the caption decod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange, reduce, repeat
 from torch import nn
 
 from mmpt.data.batch import Batch
@@ -26,114 +27,129 @@ from mmpt.models.generation import (
 )
 from mmpt.models.protocol import ModelOutput
 from mmpt.models.registry import register_arch
-from mmpt.modules.block import Transformer, no_weight_decay_names
+from mmpt.modules.block import Transformer
 from mmpt.modules.embeddings import TextEmbedding
 from mmpt.modules.encoders import vision_tower_from
 from mmpt.modules.heads import LMHead, ProjectionHead, l2_normalize
 from mmpt.modules.kv_cache import TransformerCache
 from mmpt.modules.pooler import AttentionalPooler
-from mmpt.objectives.itc import ContrastiveLoss
-from mmpt.models.config_base import ModelConfigBase
-from mmpt.models.config_checks import tower_problems
+from mmpt.models.config_parts import DualTowerConfig, build_contrastive_loss, check_kind
 from mmpt.objectives.pair_codes import itc_codes
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: padded targets
 
 
 @dataclass
-class CoCaConfig(ModelConfigBase):
-    """Defaults are the tiny CPU test size; conf/model/coca/base.yaml is the paper's CoCa-Base (383M).
+class CoCaConfig(DualTowerConfig):
+    """Defaults are the tiny CPU size (preset `tiny`); preset `base` is the paper's CoCa-Base (383M).
 
-    Token ids follow mmpt's tokenizer: every caption is `[CLS] tokens [SEP] [PAD]...`, so [CLS] (2) is the
-    decoder's BOS and [SEP] (3) its EOS. Loss weights: `CoCa.default_loss_weights` (paper: itc 1.0, caption
-    2.0), overridden by `loss.weights`.
+    `text.layers` is the unimodal half of the decoder, `multimodal_layers` the half that cross-attends to
+    `num_decoder_queries` pooled image tokens. Captions are `[BOS] tokens [EOS] [PAD]...` (`model.tokens`;
+    [CLS]/[SEP] with mmpt's tokenizer). Loss weights: `CoCa.default_loss_weights` (paper: itc 1.0, caption
+    2.0), overridden by `loss.weights`. objectives=[itc] builds no decoder half; [caption] keeps the
+    contrastive heads frozen (retrieval still embeds through them).
     """
 
-    arch: str = "coca"
-    image_size: int = 64
-    patch_size: int = 8
-    vision_width: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 2
-    text_width: int = 64
-    unimodal_layers: int = 1
-    multimodal_layers: int = 1
-    text_heads: int = 2
-    vocab_size: int = 1000
-    max_text_len: int = 32
-    embed_dim: int = 64
-    num_decoder_queries: int = 8  # paper: 256
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    temperature_init: float = 0.07
-    max_logit_scale: float = 100.0
-    bos_id: int = 2
-    eos_id: int = 3
-    pad_id: int = 0
+    supported_objectives: ClassVar[tuple[str, ...]] = ("itc", "caption")
+    default_objectives: ClassVar[tuple[str, ...]] = ("itc", "caption")
 
-    def __post_init__(self) -> None:
-        problems: list[str] = tower_problems(self)
-        for name in ("vision_layers", "unimodal_layers", "multimodal_layers", "num_decoder_queries", "embed_dim"):
+    arch_name: ClassVar[str] = "coca"
+    multimodal_layers: int = 1
+    num_decoder_queries: int = 8  # paper: 256
+    # the image embedding: "attention" = an attentional pooler with one query (the paper), "mean" = the mean
+    # of the ViT's patch tokens (no pooler parameters to learn first)
+    image_pool: str = "attention"
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        for name in ("multimodal_layers", "num_decoder_queries"):
             if getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)} must be >= 1")
-        if self.max_text_len < 2:
-            problems.append(f"max_text_len={self.max_text_len} must be >= 2 (BOS + one target)")
-        ids = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
-        if len(set(ids.values())) != 3:
-            problems.append(f"bos_id, eos_id and pad_id must differ, got {ids}")
-        v = self.vocab_size
-        problems += [f"{k}={i} must be in [0, vocab_size={v})" for k, i in ids.items() if not 0 <= i < v]
-        if self.temperature_init <= 0 or 1.0 / self.temperature_init > self.max_logit_scale:
-            problems.append(
-                f"temperature_init={self.temperature_init} must be > 0 and >= "
-                f"1/max_logit_scale={1.0 / self.max_logit_scale}"
-            )
-        if problems:
-            raise ValueError("invalid CoCa config: " + "; ".join(problems))
+                p.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.vision.layers < 1 or self.text.layers < 1:
+            p.append(f"vision.layers={self.vision.layers} and text.layers={self.text.layers} must be >= 1")
+        if self.image_pool not in ("attention", "mean"):
+            p.append(f"image_pool={self.image_pool!r} must be 'attention' or 'mean'")
+        if self.text.max_text_len < 2:
+            p.append(f"text.max_text_len={self.text.max_text_len} must be >= 2 (BOS + one target)")
+        return p
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 64 px / patch 8 ViT 64 x 2, 1 unimodal + 1 multimodal layer, 8 queries, ITC from temperature 0.03
+    "tiny": {"text": {"layers": 1}, "contrastive": {"temperature_init": 0.03}},
+    # CoCa-Base (Yu et al. 2022): ViT-B/16, 12 + 12 decoder layers 768 wide, 256 decoder queries, 512-d ITC
+    "base": {
+        "vision": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "heads": 12},
+        "text": {"width": 768, "layers": 12, "heads": 12},
+        "multimodal_layers": 12, "num_decoder_queries": 256, "contrastive": {"embed_dim": 512},
+    },
+}  # fmt: skip
 
 
 class CoCa(nn.Module):
     """Contrastive captioner; implements the `PretrainModel` protocol plus `generate` and `caption_logits`."""
 
     objectives: tuple[str, ...] = ("itc", "caption")
+    data_kinds: tuple[str, ...] = ("pairs",)
     default_loss_weights = {"itc": 1.0, "caption": 2.0}  # the paper's weights; loss.weights.<name> overrides
 
     def __init__(self, cfg: CoCaConfig) -> None:
         super().__init__()
         self.config = cfg
-        drop = dict(mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, attn_dropout=cfg.dropout)
+        self.objectives = tuple(cfg.objectives)
+        captions = cfg.uses("caption")
+        self.capabilities = frozenset({"generate"} if captions else ())
+        t, embed_dim = cfg.text, cfg.contrastive.embed_dim
+        drop = dict(mlp_ratio=t.mlp_ratio, dropout=t.dropout, attn_dropout=t.dropout, norm_eps=t.norm_eps)
         # No ViT [CLS]: both summaries come from attentional pooling over all patch tokens.
-        self.visual = vision_tower_from(cfg, cls_token=False)
-        vw, vh = cfg.vision_width, cfg.vision_heads
-        self.contrastive_pooler = AttentionalPooler(vw, vw, 1, vh)
-        self.decoder_pooler = AttentionalPooler(vw, vw, cfg.num_decoder_queries, vh)
-        self.vision_proj = ProjectionHead(cfg.vision_width, cfg.embed_dim)
+        self.visual = vision_tower_from(cfg.vision, cls_token=False)
+        vw, vh = cfg.vision.width, cfg.vision.heads
+        self.contrastive_pooler = AttentionalPooler(vw, vw, 1, vh) if cfg.image_pool == "attention" else None
+        self.decoder_pooler = AttentionalPooler(vw, vw, cfg.num_decoder_queries, vh) if captions else None
+        self.vision_proj = ProjectionHead(vw, embed_dim)
         # One extra position: the text [CLS] sits right after the last real token, which may be position L.
-        self.text_embed = TextEmbedding(cfg.vocab_size, cfg.max_text_len + 1, cfg.text_width, dropout=cfg.dropout)
-        self.text_cls_token = nn.Parameter(torch.zeros(cfg.text_width))  # name contains `cls_token`: no decay
+        self.text_embed = TextEmbedding(t.vocab_size, t.max_text_len + 1, t.width, dropout=t.dropout)
+        self.text_cls_token = nn.Parameter(torch.zeros(t.width))  # name contains `cls_token`: no decay
         nn.init.trunc_normal_(self.text_cls_token, std=0.02, a=-0.04, b=0.04)
-        self.unimodal = Transformer(cfg.text_width, cfg.unimodal_layers, cfg.text_heads, **drop)
-        self.text_norm = nn.LayerNorm(cfg.text_width)
-        self.text_proj = ProjectionHead(cfg.text_width, cfg.embed_dim)
-        self.multimodal = Transformer(
-            cfg.text_width, cfg.multimodal_layers, cfg.text_heads,
-            cross_attention=True, context_dim=cfg.vision_width, **drop,
-        )  # fmt: skip
-        self.decoder_norm = nn.LayerNorm(cfg.text_width)
-        self.lm_head = LMHead(cfg.text_width, cfg.vocab_size)  # untied, as in the paper
-        self.itc = ContrastiveLoss(cfg.temperature_init, cfg.max_logit_scale)
+        self.unimodal = Transformer(t.width, t.layers, t.heads, **drop)
+        self.text_norm = nn.LayerNorm(t.width)
+        self.text_proj = ProjectionHead(t.width, embed_dim)
+        self.multimodal: Transformer | None = None
+        if captions:
+            self.multimodal = Transformer(t.width, cfg.multimodal_layers, t.heads, cross_attention=True, context_dim=vw,
+                                          **drop)  # fmt: skip
+            self.decoder_norm = nn.LayerNorm(t.width)
+            self.lm_head = LMHead(t.width, t.vocab_size)  # untied, as in the paper
+        self.itc = build_contrastive_loss(cfg.contrastive)
+        if not cfg.uses("itc"):  # kept for retrieval embeddings, but no objective trains them
+            for module in (self.contrastive_pooler, self.vision_proj, self.text_norm, self.text_proj, self.itc):
+                if module is not None:
+                    module.requires_grad_(False)
+            self.text_cls_token.requires_grad_(False)
 
     # ---- image side ------------------------------------------------------------------------------------
     def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images `b c h w` -> (normalised embedding `b e`, decoder context `b q c`) from one ViT pass."""
         tokens = self.visual(images)  # `b n c`
-        pooled = rearrange(self.contrastive_pooler(tokens), "b 1 c -> b c")
-        return l2_normalize(self.vision_proj(pooled)), self.decoder_pooler(tokens)
+        return self._embed_image(tokens), self._context(tokens)
+
+    def _embed_image(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ViT tokens `b n c` -> L2-normalised image embedding `b e` (`config.image_pool`)."""
+        if self.contrastive_pooler is None:
+            pooled = reduce(tokens, "b n c -> b c", "mean")
+        else:
+            pooled = rearrange(self.contrastive_pooler(tokens), "b 1 c -> b c")
+        return l2_normalize(self.vision_proj(pooled))
+
+    def _context(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ViT tokens `b n c` -> decoder context `b q c`."""
+        if self.decoder_pooler is None:
+            raise ValueError("CoCa without caption in model.objectives has no decoder")
+        return self.decoder_pooler(tokens)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Images `b c h w` -> L2-normalised `b e` (contrastive pooler; the decoder pooler is skipped)."""
-        pooled = rearrange(self.contrastive_pooler(self.visual(images)), "b 1 c -> b c")
-        return l2_normalize(self.vision_proj(pooled))
+        """Images `b c h w` -> L2-normalised `b e` (contrastive pooling; the decoder pooler is skipped)."""
+        return self._embed_image(self.visual(images))
 
     # ---- text side -------------------------------------------------------------------------------------
     def _embed(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -150,8 +166,8 @@ class CoCa(nn.Module):
         outputs, which feed the caption decoder, are those of the plain causal sequence.
         """
         b, l = input_ids.shape
-        if l > self.config.max_text_len:
-            raise ValueError(f"text length {l} exceeds max_text_len={self.config.max_text_len}")
+        if l > self.config.text.max_text_len:
+            raise ValueError(f"text length {l} exceeds text.max_text_len={self.config.text.max_text_len}")
         lengths = attention_mask.sum(dim=1)  # `b`: [CLS] position under right padding
         cls = self.text_embed.drop(self.text_cls_token + self.text_embed.pos_embed[0, lengths])  # `b d`
         x = torch.cat([self.text_embed(input_ids), rearrange(cls, "b d -> b 1 d")], dim=1)
@@ -169,6 +185,7 @@ class CoCa(nn.Module):
         self, text_tokens: torch.Tensor, context: torch.Tensor, cache: TransformerCache | None = None
     ) -> torch.Tensor:
         """Unimodal outputs `b t d` + image context `b q c` -> next-token logits `b t v` (causal)."""
+        assert self.multimodal is not None, "CoCa without caption in model.objectives has no decoder"
         h = self.multimodal(text_tokens, is_causal=True, context=context, cache=cache)
         return self.lm_head(self.decoder_norm(h))
 
@@ -181,11 +198,23 @@ class CoCa(nn.Module):
 
     # ---- training ------------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> ModelOutput:
-        image_features, context = self._image(batch.images)
+        losses: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
+        image_tokens = self.visual(batch.images)  # `b n c`
         tokens, text_features = self._unimodal(batch.input_ids, batch.attention_mask)
-        itc_loss, metrics = self.itc(image_features, text_features, itc_codes(
-            self.config.itc_duplicate_positives, batch.image_ids, batch.input_ids, batch.attention_mask))
-        # Caption: input ids[:, :-1] (their unimodal outputs; the [CLS] column is not among them) predict ids[:, 1:].
+        if self.config.uses("itc"):
+            image_features = self._embed_image(image_tokens)
+            losses["itc"], metrics = self.itc(image_features, text_features, itc_codes(
+                self.config.contrastive.duplicate_positives, batch.image_ids, batch.input_ids, batch.attention_mask))
+        if self.config.uses("caption"):
+            losses["caption"], metrics["caption_acc"] = self._caption_loss(batch, tokens, self._context(image_tokens))
+        return ModelOutput(losses=losses, metrics=metrics)
+
+    def _caption_loss(
+        self, batch: Batch, tokens: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced next-token loss and accuracy over the real target tokens."""
+        # input ids[:, :-1] (their unimodal outputs; the [CLS] column is not among them) predict ids[:, 1:].
         logits = self._decode(tokens[:, :-1], context)  # `b (l-1) v`
         targets = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, IGNORE_INDEX)
         caption_loss = F.cross_entropy(
@@ -193,8 +222,8 @@ class CoCa(nn.Module):
         )
         with torch.no_grad():
             real = targets != IGNORE_INDEX
-            metrics["caption_acc"] = ((logits.argmax(dim=-1) == targets) & real).sum() / real.sum().clamp(min=1)
-        return ModelOutput(losses={"itc": itc_loss, "caption": caption_loss}, metrics=metrics)
+            acc = ((logits.argmax(dim=-1) == targets) & real).sum() / real.sum().clamp(min=1)
+        return caption_loss, acc
 
     # ---- captioning --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -217,14 +246,15 @@ class CoCa(nn.Module):
         cfg = self.config
         if strategy not in ("greedy", "beam"):
             raise ValueError(f"strategy={strategy!r} must be 'greedy' or 'beam'")
-        if not 1 <= max_len <= cfg.max_text_len - 1:
+        if not 1 <= max_len <= cfg.text.max_text_len - 1:
             raise ValueError(
-                f"max_len={max_len} must be in [1, max_text_len - 1 = {cfg.max_text_len - 1}] (BOS takes a position)"
+                f"max_len={max_len} must be in [1, max_text_len - 1 = {cfg.text.max_text_len - 1}] (BOS takes a position)"
             )
         if num_beams < 1:
             raise ValueError(f"num_beams={num_beams} must be >= 1")
-        gen = GenerationConfig(cfg.bos_id, cfg.eos_id, cfg.pad_id, max_len, min_len, length_penalty)
-        context = self.decoder_pooler(self.visual(images))  # `b q c`, computed once
+        tok = cfg.tokens
+        gen = GenerationConfig(tok.id("bos"), tok.id("eos"), tok.id("pad"), max_len, min_len, length_penalty)
+        context = self._context(self.visual(images))  # `b q c`, computed once
         k = num_beams if strategy == "beam" else 1
         context = repeat(context, "b q c -> (b k) q c", k=k)
         if use_cache:
@@ -240,6 +270,7 @@ class CoCa(nn.Module):
         return self._decode(self.unimodal(self._embed(ids, 0), is_causal=True), context)
 
     def _cached_decoder(self, context: torch.Tensor) -> CachedDecoder:
+        assert self.multimodal is not None
         unimodal_cache, multimodal_cache = self.unimodal.new_cache(), self.multimodal.new_cache()
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
@@ -250,26 +281,28 @@ class CoCa(nn.Module):
         return CachedDecoder(step, [unimodal_cache, multimodal_cache])
 
     # ---- bookkeeping ---------------------------------------------------------------------------------------
-    def flops_per_sample(self) -> float:
+    def flops_per_sample(self, kind: str = "pairs", batch_size: int = 1) -> float:
         """Training (forward + backward) FLOPs per image-text pair, for MFU, from the modules' helpers.
 
-        ViT over n = (image/patch)^2 tokens (no [CLS]); both poolers over those n tokens; the unimodal stack
-        over L + 1 tokens (L = max_text_len, padding computed too, + the text [CLS]); the multimodal stack
-        over L - 1 tokens cross-attending to num_decoder_queries tokens; the LM head on L - 1 tokens; the two
-        projection heads. Not counted: norms, softmax, GELU, embedding lookups, the loss, the ITC logits.
+        ViT over n = (image/patch)^2 tokens (no [CLS]); the unimodal stack over L + 1 tokens (L =
+        max_text_len, padding computed too, + the text [CLS]); with itc the contrastive pooler over the n
+        tokens and the two projection heads; with caption the decoder pooler, the multimodal stack over L - 1
+        tokens cross-attending to num_decoder_queries tokens and the LM head on L - 1 tokens. Not counted:
+        norms, softmax, GELU, embedding lookups, the loss, the ITC logits.
         """
+        if not check_kind(kind, self.data_kinds):
+            return 0.0
         cfg = self.config
-        n_img, n_txt = self.visual.num_tokens, cfg.max_text_len
-        return (
-            self.visual.flops_per_sample()
-            + self.contrastive_pooler.flops_per_sample(n_img)
-            + self.decoder_pooler.flops_per_sample(n_img)
-            + self.unimodal.flops(n_txt + 1)
-            + self.multimodal.flops(n_txt - 1, context_tokens=cfg.num_decoder_queries)
-            + self.lm_head.flops(n_txt - 1)
-            + self.vision_proj.flops_per_sample()
-            + self.text_proj.flops_per_sample()
-        )
+        n_img, n_txt = self.visual.num_tokens, cfg.text.max_text_len
+        total = self.visual.flops_per_sample() + self.unimodal.flops(n_txt + 1)
+        if cfg.uses("itc"):
+            total += self.contrastive_pooler.flops_per_sample(n_img) if self.contrastive_pooler is not None else 0.0
+            total += self.vision_proj.flops_per_sample() + self.text_proj.flops_per_sample()
+        if self.multimodal is not None and self.decoder_pooler is not None:
+            total += self.decoder_pooler.flops_per_sample(n_img)
+            total += self.multimodal.flops(n_txt - 1, context_tokens=cfg.num_decoder_queries)
+            total += self.lm_head.flops(n_txt - 1)
+        return total
 
     def param_counts(self) -> dict[str, int]:
         """Parameters by part, as the paper reports them: image encoder, poolers (+ image projection), text decoder."""
@@ -281,11 +314,7 @@ class CoCa(nn.Module):
         counts["total"] = sum(counts.values())
         return counts
 
-    def no_weight_decay_names(self) -> set[str]:
-        """ndim < 2 tensors plus names with `pos_embed` / `cls_token` (pooler queries, text [CLS]) / `logit_scale`."""
-        return no_weight_decay_names(self)
 
-
-@register_arch("coca", CoCaConfig)
+@register_arch("coca", CoCaConfig, PRESETS)
 def build_coca(cfg: CoCaConfig) -> CoCa:
     return CoCa(cfg)

@@ -63,6 +63,14 @@ def wanted_trainable(name: str, train: Sequence[str], freeze: Sequence[str]) -> 
     return selected and not any(fnmatchcase(name, pat) for pat in freeze)
 
 
+def freeze_idle(model: nn.Module, patterns: Sequence[str]) -> None:
+    """Freeze, at build time, what no configured objective can train (same patterns as `model.freeze`; a
+    pattern may match nothing, e.g. an expert a layout lacks): no optimizer state, no weight decay drift."""
+    for name, p in model.named_parameters():
+        if any(fnmatchcase(name, pat) for pat in patterns):
+            p.requires_grad_(False)
+
+
 def name_hints(pattern: str, names: Iterable[str], n: int = 3) -> str:
     """' Did you mean ...? Top-level names: ...' from the real names and their module prefixes (`a.b.*`)."""
     names = list(names)

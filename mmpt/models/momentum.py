@@ -34,7 +34,7 @@ class MomentumConfig:
     """`model.momentum` of any architecture that supports distillation from an EMA teacher."""
 
     enabled: bool = False
-    momentum: float = 0.995
+    decay: float = 0.995  # EMA: teacher <- decay * teacher + (1 - decay) * student
     queue_size: int = 65536  # must be a multiple of the global batch (checked before launch)
     alpha: float = 0.4  # weight of the teacher's soft targets, reached after alpha_warmup_steps
     alpha_warmup_steps: int = 1000

@@ -391,6 +391,9 @@ class InitConfig:
     checkpoint: Optional[str] = None  # mmpt run dir, checkpoints/step_* tag dir, or a .pt/.safetensors state dict
     vision: Optional[str] = None  # timm-style ViT state dict (file or directory) -> model.visual
     text: Optional[str] = None  # Hugging Face BERT checkpoint -> the model's text (+ fusion) layers
+    # a later training stage: refuse to train without `checkpoint` (a `???` in a preset cannot say it, since the
+    # typed model presets already set checkpoint: null underneath)
+    checkpoint_required: bool = False
 
 
 def apply_init(

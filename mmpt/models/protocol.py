@@ -1,4 +1,4 @@
-"""The model protocol every architecture implements; the trainer knows models only through it."""
+"""The model protocol every architecture implements; the engine and eval know models only through it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,7 +6,17 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from mmpt.data.batch import Batch
+from mmpt.data.batch import Batch, MixedBatch
+
+# Optional methods a model may offer; `capabilities` says which this instance has (ALBEF without `itm` in its
+# objectives builds no ITM head, so it cannot re-rank).
+CAPABILITIES = ("itm_score", "generate")
+# Objective -> the data kinds it reads, for every architecture (a model's `data_kinds` is the union over its
+# configured objectives).
+OBJECTIVE_KINDS: dict[str, tuple[str, ...]] = {
+    "itc": ("pairs",), "itm": ("pairs",), "mlm": ("pairs", "texts"), "mim": ("images",), "caption": ("pairs",),
+    "mdm_text": ("texts", "pairs"), "mdm_image": ("images", "pairs"),
+}  # fmt: skip
 
 
 @dataclass
@@ -19,17 +29,42 @@ class ModelOutput:
 
 @runtime_checkable
 class PretrainModel(Protocol):
-    """Optional extras the engine uses when present: `after_optimizer_step(step)` (called after every
-    optimizer step, outside forward: momentum teachers, schedules kept in buffers), `itm_score(images,
-    input_ids, attention_mask)` (retrieval re-ranking), `generate(images, ...)` (captioning eval)."""
+    """What the trainer and evaluation call. `objectives`: the configured objectives (forward returns exactly
+    these losses for data of every kind it reads); `data_kinds`: the kinds of sample it trains on;
+    `capabilities`: the optional methods of CAPABILITIES it offers — `itm_score(images, input_ids,
+    attention_mask)` (retrieval re-ranking), `generate(images, ...)` (captioning eval). Optional hook:
+    `after_optimizer_step(step)` (called after every optimizer step, outside forward: momentum teachers,
+    schedules kept in buffers)."""
 
     objectives: tuple[str, ...]
+    data_kinds: tuple[str, ...]
+    capabilities: frozenset[str]
     default_loss_weights: dict[str, float]
 
-    def forward(self, batch: Batch) -> ModelOutput: ...
+    def forward(self, batch: Batch | MixedBatch) -> ModelOutput: ...
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor: ...
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
 
-    def flops_per_sample(self) -> float: ...
+    def flops_per_sample(self, kind: str = "pairs", batch_size: int = 1) -> float:
+        """Training (forward + backward) FLOPs for one sample of `kind` in a micro-batch holding `batch_size`
+        samples of that kind (a cost that depends on the batch, e.g. ALBEF's masked-row capacity, is spread
+        over it); text over max_text_len positions. 0 for a kind the objectives do not read."""
+        ...
+
+
+def data_kinds_of(objectives: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The kinds some objective reads, in `mmpt.data.batch.KINDS` order."""
+    used = {kind for name in objectives for kind in OBJECTIVE_KINDS[name]}
+    return tuple(kind for kind in ("pairs", "images", "texts") if kind in used)
+
+
+def has_capability(model: object, name: str) -> bool:
+    return name in getattr(model, "capabilities", frozenset())
+
+
+def step_flops(model: PretrainModel, batch: Batch | MixedBatch) -> float:
+    """Training FLOPs of one micro-batch: sum over its kinds of samples x `flops_per_sample`."""
+    parts = batch.parts if isinstance(batch, MixedBatch) else {batch.kind: batch}
+    return sum(len(part) * model.flops_per_sample(kind, batch_size=len(part)) for kind, part in parts.items())

@@ -114,9 +114,16 @@ class TextTransformer(nn.Module):
 
 
 def vision_tower_from(cfg: Any, cls_token: bool = True) -> VisionTransformer:
-    """The image encoder every architecture config describes the same way (image_size, patch_size,
-    vision_width/layers/heads, mlp_ratio, dropout)."""
+    """The ViT of a `model.vision` config (mmpt.models.config_parts.VisionConfig: patch grid + tower geometry)."""
     return VisionTransformer(
-        cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers, cfg.vision_heads,
-        mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, attn_dropout=cfg.dropout, cls_token=cls_token,
+        cfg.image_size, cfg.patch_size, cfg.width, cfg.layers, cfg.heads, mlp_ratio=cfg.mlp_ratio,
+        dropout=cfg.dropout, attn_dropout=cfg.dropout, cls_token=cls_token, norm_eps=cfg.norm_eps,
+    )  # fmt: skip
+
+
+def text_tower_from(cfg: Any, causal: bool = False) -> TextTransformer:
+    """The text transformer of a `model.text` config (mmpt.models.config_parts.TextConfig)."""
+    return TextTransformer(
+        cfg.vocab_size, cfg.max_text_len, cfg.width, cfg.layers, cfg.heads, mlp_ratio=cfg.mlp_ratio,
+        dropout=cfg.dropout, attn_dropout=cfg.dropout, causal=causal, norm_eps=cfg.norm_eps, norm_first=cfg.norm_first,
     )  # fmt: skip

@@ -8,7 +8,7 @@ One module, three passes (image tokens always first, so `split` = image tokens):
   blocks use VL-FFN (VLMo ITM/MLM; BEiT-3 masked data modeling on pairs).
 Model classes are thin wrappers: they pick a pass, pool ([CLS] of each side), and add heads.
 
-Layout switches (presets in mmpt/modules/multiway_presets.py):
+Layout switches (presets in mmpt/models/multiway_presets.py):
 - `type_embed`: a 2-row modality-type embedding (row 0 image, row 1 text) added in every pass (VLMo);
 - `text_embed_norm`: BERT's LayerNorm on the text embedding sum (VLMo uses HF `BertEmbeddings`);
 - `decoupled_attention`: per-modality attention (released BEiT-3) and per-modality final norms `norm_v` /

@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from mmpt.distributed import all_gather_no_grad, gather_rows, rank
-from mmpt.objectives.pair_codes import image_id_codes, pair_image_codes, text_codes
+from mmpt.objectives.pair_codes import pair_image_codes, text_codes
 
-__all__ = ["HardNegatives", "hard_negative_rows", "hardness_ramp", "image_id_codes", "itm_labels", "itm_loss",
-           "pair_image_codes", "sample_hard_negatives", "text_codes"]  # codes: re-exported from pair_codes
+__all__ = ["HardNegatives", "hard_negative_rows", "hardness_ramp", "itm_labels", "itm_loss", "sample_hard_negatives"]
 
 
 def _negative_weights(

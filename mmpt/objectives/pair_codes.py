@@ -3,7 +3,7 @@
 Two pairs are duplicates when they share an image id (two captions of one image) or their captions are
 identical token for token (web data repeats captions such as "stock photo"; the synthetic demo repeats
 "a small red circle" by design). ITM never uses a duplicate as a negative (`objectives/itm.py`); with
-`model.itc_duplicate_positives` ITC counts duplicates as positives too (`duplicate_mask`), as ALBEF's
+`model.contrastive.duplicate_positives` ITC counts duplicates as positives too (`duplicate_mask`), as ALBEF's
 retrieval fine-tuning does with image ids. Codes are equal on every rank and every run, so they can be
 all-gathered and kept in queues next to the features they describe.
 """
@@ -54,7 +54,7 @@ def pair_codes(image_ids: Sequence[str], input_ids: torch.Tensor, attention_mask
 
 def itc_codes(enabled: bool, image_ids: Sequence[str], input_ids: torch.Tensor, attention_mask: torch.Tensor
               ) -> torch.Tensor | None:
-    """The `codes` argument of the ITC losses: `pair_codes` when `model.itc_duplicate_positives`, else None."""
+    """The `codes` argument of the ITC losses: `pair_codes` when `model.contrastive.duplicate_positives`, else None."""
     return pair_codes(image_ids, input_ids, attention_mask) if enabled else None
 
 

@@ -7,7 +7,7 @@ encoder sees: `b c h w`, normalised exactly as the data pipeline normalises them
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -54,8 +54,8 @@ class VisualTokenizerConfig:
     path: str | None = None
     patch_size: int | None = None
     image_size: int | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
     eps: float = 1e-2
 
 

@@ -35,17 +35,16 @@ def main() -> None:
 
     import mmpt.models.albef as albef_module
     from mmpt.data.batch import Batch
-    from mmpt.models.albef_config import ALBEFConfig
-    from mmpt.models.momentum import MomentumConfig
+    from mmpt.models.registry import preset_config
     from mmpt.objectives.mlm import masked_rows
 
-    cfg = ALBEFConfig(image_size=64, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2,
-                      text_width=64, text_layers=2, fusion_layers=2, text_heads=2, vocab_size=1000,
-                      max_text_len=24, embed_dim=64, itc_duplicate_positives=True,
-                      momentum=MomentumConfig(enabled=True, momentum=0.99, queue_size=1024))
+    # conf/experiment/albef_tiny.yaml's model with model.momentum.enabled=true: the tiny preset (64 px / patch 8,
+    # ViT 64 x 2, 64-d ITC, queue 1,024) with 2 text + 2 fusion layers, 24 tokens, the default 1,000-token vocab
+    cfg = preset_config("albef", "tiny", text={"layers": 2, "max_text_len": 24}, fusion_layers=2,
+                        contrastive={"duplicate_positives": True}, momentum={"enabled": True, "decay": 0.99})
     gen = torch.Generator().manual_seed(0)
-    b, seq = args.batch, cfg.max_text_len
-    ids = torch.randint(5, cfg.vocab_size, (b, seq), generator=gen)
+    b, seq = args.batch, cfg.text.max_text_len
+    ids = torch.randint(5, cfg.text.vocab_size, (b, seq), generator=gen)
     ids[:, 0] = 2
     mask = torch.ones_like(ids)
     mask[:, seq // 2:] = 0

@@ -49,14 +49,16 @@ def main() -> None:
     from mmpt.engine.ds_config import build_deepspeed_config
     from mmpt.engine.optim import build_optimizer, build_scheduler
     from mmpt.engine.trainer import PRECISION_DTYPES, micro_step
-    from mmpt.models.clip import CLIPConfig, build_clip
+    from mmpt.models.clip import build_clip
+    from mmpt.models.registry import preset_config
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = PRECISION_DTYPES[args.precision]
-    model_cfg = CLIPConfig(vocab_size=1000, max_text_len=32)  # = conf/model/clip/tiny.yaml
+    model_cfg = preset_config("clip", "tiny", text={"vocab_size": 1000, "max_text_len": 32})  # = model=clip/tiny
     opt_cfg, sched_cfg = OptimizerConfig(lr=1e-3), SchedulerConfig(warmup_steps=10)
-    batch = make_batch(args.batch, model_cfg.image_size, model_cfg.max_text_len, model_cfg.vocab_size).to(device, dtype)
+    text = model_cfg.text
+    batch = make_batch(args.batch, model_cfg.vision.image_size, text.max_text_len, text.vocab_size).to(device, dtype)
     total_steps = (args.steps + 5) * args.rounds + 10
 
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ wandb 0.31 (wandb-core writes it):
   boundaries are file offsets, so the file header eats into block 0;
 * each reassembled record is a ``wandb.proto.wandb_internal_pb2.Record``.
 
-Usage: ``python -m mmpt.engine.wandb_offline PATH [--run-id ID]``.
+Usage: ``python -m mmpt.tools.wandb_offline PATH [--run-id ID]``.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def _short(obj: Any, limit: int = 400) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Print a short report per run id found under PATH (file, run dir or root)."""
     ap = argparse.ArgumentParser(
-        prog="python -m mmpt.engine.wandb_offline", description="Summarize W&B offline run files."
+        prog="python -m mmpt.tools.wandb_offline", description="Summarize W&B offline run files."
     )
     ap.add_argument("path", type=Path, help="a run-*.wandb file, an offline run dir or a wandb root")
     ap.add_argument("--run-id", help="only this run id")

@@ -49,7 +49,7 @@ def beit3_base_dims() -> dict[str, Any]:
     """Released BEiT-3 base (torchscale layout): decoupled Multiway attention with Sub-LN, no VL-FFN."""
     return dict(
         width=768, layers=12, heads=12, ffn_dim=3072, vl_layers=0, decoupled_attention=True, sub_norm=True,
-        image_size=224, patch_size=16, vocab_size=64010, max_text_len=1024,
+        type_embed=False, image_size=224, patch_size=16, vocab_size=64010, max_text_len=1024,
     )  # fmt: skip
 
 
@@ -61,7 +61,8 @@ def beit3_large_dims() -> dict[str, Any]:
 def beit3_giant_dims() -> dict[str, Any]:
     """BEiT-3 paper giant (1.9B): shared attention, VL-FFN in the top 3 of 40 blocks, patch 14."""
     return dict(
-        width=1408, layers=40, heads=16, ffn_dim=6144, vl_layers=3, image_size=224, patch_size=14,
+        width=1408, layers=40, heads=16, ffn_dim=6144, vl_layers=3, decoupled_attention=False, sub_norm=False,
+        type_embed=False, image_size=224, patch_size=14,
         vocab_size=64010, max_text_len=1024,
     )  # fmt: skip
 

@@ -1,0 +1,378 @@
+"""The pieces every architecture config is composed from: one dataclass per idea, each field declared once.
+
+An architecture config (`mmpt/models/*_config.py`) inherits `ModelConfigBase` (arch, preset, objectives,
+special tokens, contrastive head, init / freeze / train) plus the towers it has (`DualTowerConfig`: a ViT and
+a text tower; `MultiwayModelConfig`: one Multiway backbone) and adds only what is its own. Checks that need
+only the config live next to the fields (`problems()`), checks that need the run (world size, ZeRO stage,
+tokenizer, data geometry) in `launch_problems`, which the engine calls without knowing the architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any, ClassVar, Optional, Protocol
+
+from mmpt.models.pretrained import InitConfig
+from mmpt.visual_tokenizer import KINDS as VISUAL_TOKENIZER_KINDS
+from mmpt.visual_tokenizer import VisualTokenizerConfig
+
+# Ids that `mmpt-data tokenizer` writes ([PAD] [UNK] [CLS] [SEP] [MASK]): what a model built in code without a
+# tokenizer uses for ids left unset. Training always fills unset ids from the configured tokenizer.
+MMPT_TOKENIZER_IDS = {"pad": 0, "bos": 2, "eos": 3, "mask": 4}
+
+
+@dataclass
+class PatchGrid:
+    """How images become patch tokens."""
+
+    image_size: int = 64
+    patch_size: int = 8
+
+
+@dataclass
+class TextInput:
+    """How captions become token ids: embedding rows and positions."""
+
+    vocab_size: int = 1000
+    max_text_len: int = 32
+
+
+@dataclass
+class TowerConfig:
+    """Geometry of one transformer stack."""
+
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class VisionConfig(TowerConfig, PatchGrid):
+    """`model.vision`: the ViT of a two-tower model."""
+
+
+@dataclass
+class TextConfig(TowerConfig, TextInput):
+    """`model.text`: the text tower (ALBEF: its text-only layers; CoCa: the unimodal decoder half)."""
+
+    norm_first: bool = True  # False: BERT's post-LN layout (loading BERT weights into ALBEF needs it)
+
+
+@dataclass
+class MultiwayConfig(TowerConfig, PatchGrid, TextInput):
+    """`model.multiway`: the one Multiway (MoME) backbone of VLMo and BEiT-3; presets in multiway_presets.py."""
+
+    vl_layers: int = 1  # top blocks with a vision-language FFN
+    ffn_dim: Optional[int] = None  # None = width x mlp_ratio
+    type_embed: bool = True  # modality-type embedding (VLMo)
+    text_embed_norm: bool = False  # BERT's LayerNorm on the text embedding sum (VLMo base/large)
+    layer_scale: Optional[float] = None  # per-channel residual scales (VLMo base/large: 0.1)
+    decoupled_attention: bool = False  # per-modality attention (released BEiT-3); False = shared (VLMo)
+    sub_norm: bool = False  # torchscale Sub-LN (needs decoupled_attention)
+
+
+@dataclass
+class ContrastiveConfig:
+    """`model.contrastive`: the ITC head. Temperature is learnable from temperature_init and clamped to
+    [min, max]_temperature (logit scale 1/T); learnable_temperature=false keeps it fixed at init.
+    duplicate_positives: pairs sharing an image id or an identical caption are positives, not negatives."""
+
+    embed_dim: int = 64
+    temperature_init: float = 0.07
+    min_temperature: float = 0.01  # logit scale <= 100 (CLIP's clamp)
+    max_temperature: float = 1.0
+    learnable_temperature: bool = True
+    duplicate_positives: bool = False
+
+
+@dataclass
+class SpecialTokens:
+    """`model.tokens`: ids the model writes or reads itself (MLM masks, caption BOS/EOS, padding).
+
+    bos/eos are [CLS]/[SEP] for BERT-style tokenizers. null = the configured tokenizer's id (filled in before
+    launch); a set id that disagrees with the tokenizer is refused."""
+
+    pad: Optional[int] = None
+    bos: Optional[int] = None
+    eos: Optional[int] = None
+    mask: Optional[int] = None
+
+    def id(self, name: str) -> int:
+        """The id, or mmpt's tokenizer layout where unset (models built in code without a tokenizer)."""
+        value = getattr(self, name)
+        return MMPT_TOKENIZER_IDS[name] if value is None else int(value)
+
+    def never_masked(self) -> tuple[int, int, int]:
+        """pad, bos, eos: the ids MLM never masks."""
+        return self.id("pad"), self.id("bos"), self.id("eos")
+
+
+@dataclass
+class ITMConfig:
+    """`model.itm`: hard negatives of image-text matching."""
+
+    hardness_warmup_steps: int = 0  # negatives sharpen from uniform to softmax(sim) over these steps
+    global_negatives: bool = True  # False: from the local batch only (no gather), as official ALBEF
+
+
+@dataclass
+class MLMConfig:
+    """`model.mlm`: BERT masking of captions for masked language modeling."""
+
+    mask_prob: float = 0.15
+
+
+class TokenizerIds(Protocol):
+    """What `mmpt.data.tokenizer.TextTokenizer` says about its special tokens."""
+
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    mask_id: Optional[int]
+
+
+@dataclass
+class Launch:
+    """What `launch_problems` may check a model config against: the run, not the model."""
+
+    world_size: int
+    micro_batch: int
+    zero_stage: int
+    image_size: int  # data.image_size
+    image_mask_patch: Optional[int] = None  # data.image_mask.patch_size when masks are made
+    tokenizer: Optional[TokenizerIds] = None
+    mean: Optional[list[float]] = None  # data.mean / data.std: how images are normalised
+    std: Optional[list[float]] = None
+
+
+@dataclass
+class ModelConfigBase:
+    """Keys every architecture shares. Subclasses set the class attributes `arch_name` (their registered name,
+    the default of `arch`) and `supported_objectives` / `default_objectives`.
+
+    preset: a named preset of the arch (`mmpt/models/presets.py`) merged under the YAML, so a preset has one
+    source. objectives: what forward computes; empty = the arch's default set. freeze / train: fnmatch
+    patterns over `named_parameters()` names (mmpt/models/freezing.py).
+    """
+
+    arch_name: ClassVar[str] = ""  # the registered name; `arch` defaults to it
+    supported_objectives: ClassVar[tuple[str, ...]] = ()
+    default_objectives: ClassVar[tuple[str, ...]] = ()
+
+    arch: str = ""
+    preset: Optional[str] = None
+    objectives: list[str] = field(default_factory=list)
+    tokens: SpecialTokens = field(default_factory=SpecialTokens)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    init: InitConfig = field(default_factory=InitConfig)  # starting weights from local files / earlier runs
+    freeze: list[str] = field(default_factory=list)  # e.g. ["visual.*", "text.embed.*"]
+    train: list[str] = field(default_factory=list)  # empty = everything not frozen; e.g. ["*.mlp_text.*"]
+    # a preset's objective weights over the arch's defaults (`default_loss_weights`); `loss.weights` overrides
+    # both. Weights of objectives that are not configured are ignored (a preset's defaults, not a user's choice).
+    loss_weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.arch = self.arch or self.arch_name
+        if self.arch != self.arch_name:
+            raise ValueError(f"{type(self).__name__} is the config of arch {self.arch_name!r}, got arch={self.arch!r}")
+        _coerce_nested(self)
+        self.objectives = list(self.objectives) or list(self.default_objectives)
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"invalid {self.arch} config: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Consistency of the config alone; subclasses extend the list."""
+        p: list[str] = []
+        known = self.supported_objectives
+        if not self.objectives or len(set(self.objectives)) != len(self.objectives) or set(self.objectives) - set(known):
+            p.append(f"objectives={self.objectives} must be distinct names from {list(known)}, at least one")
+        unknown = sorted(set(self.loss_weights) - set(known))
+        if unknown:
+            p.append(f"loss_weights {unknown} are not objectives of {self.arch_name} ({list(known)})")
+        c = self.contrastive
+        if not 0 < c.min_temperature <= c.temperature_init <= c.max_temperature:
+            p.append("need 0 < contrastive.min_temperature <= temperature_init <= max_temperature, got "
+                     f"{c.min_temperature}, {c.temperature_init}, {c.max_temperature}")
+        if c.embed_dim < 1:
+            p.append(f"contrastive.embed_dim={c.embed_dim} must be >= 1")
+        ids = {k: self.tokens.id(k) for k in vars(self.tokens)}  # unset: mmpt's layout until the tokenizer fills them
+        if len(set(ids.values())) != len(ids):
+            p.append(f"tokens {ids} must be distinct")
+        vocab = self.vocab_size()
+        p += [f"tokens.{k}={v} must be in [0, vocab_size={vocab})" for k, v in ids.items() if not 0 <= v < vocab]
+        return p
+
+    def vocab_size(self) -> int:
+        """Embedding rows of the text side (subclasses say which tower holds them)."""
+        raise NotImplementedError
+
+    def patch_grid(self) -> PatchGrid:
+        """The image geometry (subclasses say which tower holds it)."""
+        raise NotImplementedError
+
+    def uses(self, objective: str) -> bool:
+        return objective in self.objectives
+
+    def launch_problems(self, launch: Launch) -> list[str]:
+        """Checks against the run; the engine raises one ConfigError listing them. Subclasses extend it."""
+        p: list[str] = []
+        grid = self.patch_grid()
+        if grid.image_size != launch.image_size:
+            p.append(f"model image_size={grid.image_size} but data.image_size={launch.image_size}; make them equal")
+        if launch.image_mask_patch is not None and launch.image_mask_patch != grid.patch_size:
+            p.append(f"data.image_mask.patch_size={launch.image_mask_patch} but the model's patch_size="
+                     f"{grid.patch_size}: the masks would not line up with the patches; make them equal")
+        tok = launch.tokenizer
+        if tok is not None:
+            want = {"pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id, "mask": tok.mask_id}
+            for key, have in vars(self.tokens).items():
+                if have is not None and want[key] is not None and have != want[key]:
+                    p.append(f"model.tokens.{key}={have} but the tokenizer has id {want[key]} there; "
+                             f"set model.tokens.{key}={want[key]} or null (= the tokenizer's)")
+            masks_text = {"mlm", "mdm_text"} & set(self.objectives)
+            if masks_text and tok.mask_id is None and self.tokens.mask is None:
+                p.append(f"objectives {sorted(masks_text)} mask captions but the tokenizer has no [MASK]/<mask> token; "
+                         "use a tokenizer with one or drop those objectives")
+        return p
+
+
+def fill_tokens(tokens: SpecialTokens, tok: TokenizerIds) -> None:
+    """Unset ids take the tokenizer's ([PAD], [CLS] or <s> as BOS, [SEP] or </s> as EOS, [MASK])."""
+    for key, value in (("pad", tok.pad_id), ("bos", tok.bos_id), ("eos", tok.eos_id), ("mask", tok.mask_id)):
+        if getattr(tokens, key) is None:
+            setattr(tokens, key, value)
+
+
+@dataclass
+class DualTowerConfig(ModelConfigBase):
+    """A ViT (`model.vision`) and a text tower (`model.text`): CLIP, ALBEF, CoCa."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    def patch_grid(self) -> PatchGrid:
+        return self.vision
+
+    def problems(self) -> list[str]:
+        return super().problems() + tower_problems("vision", self.vision) + tower_problems("text", self.text) + (
+            grid_problems("vision", self.vision))
+
+
+@dataclass
+class MultiwayModelConfig(ModelConfigBase):
+    """One Multiway backbone (`model.multiway`) and the visual tokenizer of masked image modeling."""
+
+    multiway: MultiwayConfig = field(default_factory=MultiwayConfig)
+    visual_tokenizer: VisualTokenizerConfig = field(default_factory=VisualTokenizerConfig)
+
+    def vocab_size(self) -> int:
+        return self.multiway.vocab_size
+
+    def patch_grid(self) -> PatchGrid:
+        return self.multiway
+
+    def problems(self) -> list[str]:
+        m = self.multiway
+        p = super().problems() + tower_problems("multiway", m) + grid_problems("multiway", m)
+        if not 0 <= m.vl_layers <= m.layers:
+            p.append(f"multiway.vl_layers={m.vl_layers} must be in [0, layers={m.layers}]")
+        if m.sub_norm and not m.decoupled_attention:
+            p.append("multiway.sub_norm=true (released BEiT-3) needs decoupled_attention=true")
+        vt = self.visual_tokenizer
+        if vt.kind not in VISUAL_TOKENIZER_KINDS:
+            p.append(f"visual_tokenizer.kind={vt.kind!r} must be one of {list(VISUAL_TOKENIZER_KINDS)}")
+        for key in ("patch_size", "image_size"):
+            have, want = getattr(vt, key), getattr(m, key)
+            if have is not None and have != want:
+                p.append(f"visual_tokenizer.{key}={have} differs from multiway.{key}={want}; leave it null (= the model's)")
+        return p
+
+    def launch_problems(self, launch: Launch) -> list[str]:
+        p = super().launch_problems(launch)
+        vt = self.visual_tokenizer
+        if vt.kind == "pixels" and vt.mean is None and launch.mean is not None:
+            from mmpt.visual_tokenizer.pixels import CLIP_MEAN, CLIP_STD
+
+            if list(launch.mean) != list(CLIP_MEAN) or list(launch.std or []) != list(CLIP_STD):
+                p.append("data.mean/std are not CLIP's, which pixel MIM targets assume by default: set "
+                         "model.visual_tokenizer.mean and .std to data.mean and data.std")
+        return p
+
+    def tokenizer_config(self) -> VisualTokenizerConfig:
+        """The visual tokenizer config with the model's patch grid filled in."""
+        vt, m = self.visual_tokenizer, self.multiway
+        return VisualTokenizerConfig(**{**vars(vt), "patch_size": vt.patch_size or m.patch_size,
+                                        "image_size": vt.image_size or m.image_size})
+
+    def tokenizer_file_problems(self, objective: str) -> list[str]:
+        """A file-backed visual tokenizer needs its file when `objective` (masked image modeling) is trained."""
+        vt = self.visual_tokenizer
+        if self.uses(objective) and vt.kind in ("kmeans", "frozen") and not vt.path:
+            return [f"visual_tokenizer.kind={vt.kind} needs visual_tokenizer.path (kmeans: `mmpt-data visual-tokenizer "
+                    "--shards ... --codebook-size K --out FILE`), or use kind=pixels"]
+        return []
+
+
+@dataclass
+class FusionObjectivesConfig:
+    """ITM and MLM settings of the fusion-encoder models (ALBEF, VLMo)."""
+
+    itm: ITMConfig = field(default_factory=ITMConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+
+    def fusion_problems(self) -> list[str]:
+        p = []
+        if not 0.0 < self.mlm.mask_prob < 1.0:
+            p.append(f"mlm.mask_prob={self.mlm.mask_prob} must be in (0, 1)")
+        if self.itm.hardness_warmup_steps < 0:
+            p.append(f"itm.hardness_warmup_steps={self.itm.hardness_warmup_steps} must be >= 0")
+        return p
+
+
+def tower_problems(name: str, tower: TowerConfig) -> list[str]:
+    p = []
+    if tower.layers < 0 or tower.heads < 1 or tower.width % tower.heads:
+        p.append(f"{name}.width={tower.width} must be divisible by {name}.heads={tower.heads} (layers >= 0)")
+    if not 0.0 <= tower.dropout < 1.0:
+        p.append(f"{name}.dropout={tower.dropout} must be in [0, 1)")
+    return p
+
+
+def grid_problems(name: str, grid: PatchGrid) -> list[str]:
+    if grid.patch_size < 1 or grid.image_size % grid.patch_size:
+        return [f"{name}.image_size={grid.image_size} must be a multiple of {name}.patch_size={grid.patch_size}"]
+    return []
+
+
+def _coerce_nested(cfg: Any) -> None:
+    """`XConfig(vision={...})` in code: nested dicts become their dataclasses (OmegaConf does it for YAML),
+    starting from the field's default so a partial dict overrides only what it names."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, dict) and callable(f.default_factory):  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+            if is_dataclass(default):
+                setattr(cfg, f.name, replace(default, **value))
+
+
+def build_contrastive_loss(c: ContrastiveConfig) -> Any:
+    """The ITC module for `model.contrastive` (logit scale clamped to [1/max_T, 1/min_T])."""
+    from mmpt.objectives.itc import ContrastiveLoss
+
+    loss = ContrastiveLoss(c.temperature_init, max_logit_scale=1.0 / c.min_temperature,
+                           min_logit_scale=1.0 / c.max_temperature)
+    loss.logit_scale.requires_grad_(c.learnable_temperature)
+    return loss
+
+
+def check_kind(kind: str, data_kinds: tuple[str, ...]) -> bool:
+    """For `flops_per_sample`: False for a kind this model does not read; an unknown kind is an error."""
+    if kind not in ("pairs", "images", "texts"):
+        raise ValueError(f"flops_per_sample: kind={kind!r} must be pairs, images or texts")
+    return kind in data_kinds
