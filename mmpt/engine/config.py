@@ -64,9 +64,9 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     image_size: int = 64
-    max_text_len: int = 32
+    max_text_len: int = 24
     num_workers: int = 1
-    rrc_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    rrc_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
     hflip: bool = False
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
@@ -102,8 +102,8 @@ class TrainerConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
 
