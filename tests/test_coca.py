@@ -28,7 +28,9 @@ def tiny_config(**overrides: object) -> CoCaConfig:
     """The `tiny` preset (64 wide ViT x 2, 1 unimodal + 1 multimodal layer, 8 decoder queries) at 32 px,
     100 tokens of vocabulary and 16 positions."""
     text = {"vocab_size": VOCAB, "max_text_len": L}
-    return preset_config("coca", "tiny", vision={"image_size": 32}, text=text, **overrides)  # type: ignore
+    contrastive = {"temperature_init": 0.07, **overrides.pop("contrastive", {})}  # type: ignore[dict-item]
+    return preset_config("coca", "tiny", vision={"image_size": 32}, text=text, contrastive=contrastive,
+                         **overrides)  # type: ignore
 
 
 def make_batch(seed: int = 0, b: int = B, min_len: int = 4, max_len: int = L) -> Batch:

@@ -104,7 +104,7 @@ def test_typo_in_a_nested_model_key_is_refused_with_the_closest_key(demo_env):
 
 @pytest.mark.parametrize("overrides", [
     ["model=albef/tiny", "model.objectives=[itc]", "+loss.weights.itm=1"],
-    ["experiment=albef_tiny", "model.objectives=[itc]"],  # the experiment's itm / mlm weights
+    ["experiment=albef_tiny", "model.objectives=[itc]", "+loss.weights.itm=0.25"],
 ])
 def test_loss_weights_must_name_listed_objectives(demo_env, overrides):
     with pytest.raises(ConfigError) as err:
@@ -202,3 +202,11 @@ def test_paper_presets_compose_and_validate(demo_env):
 def test_momentum_and_init_checks(demo_env, overrides, expected):
     with pytest.raises(ConfigError, match=expected):
         validate(composed(overrides), TWO)
+
+
+def test_preset_loss_weights_of_unlisted_objectives_are_ignored(demo_env):
+    """albef/tiny weighs ITM and MLM 0.25 (model.loss_weights, a preset's default): with objectives [itc] those
+    weights are dropped, not an error; the user's loss.weights are the ones that must name listed objectives."""
+    full = validate(composed(["experiment=albef_tiny"]), SINGLE).cfg.loss.weights
+    assert full == {"itc": 1.0, "itm": 0.25, "mlm": 0.25}
+    assert validate(composed(["experiment=albef_tiny", "model.objectives=[itc]"]), SINGLE).cfg.loss.weights == {"itc": 1.0}

@@ -78,7 +78,7 @@ def test_momentum_is_stated_once_for_the_quickstart() -> None:
     """The quickstart's ALBEF: the tiny preset has no teacher, and the experiment does not restate it."""
     assert not preset_config("albef", "tiny").momentum.enabled
     experiment = OmegaConf.load(CONF_DIR / "experiment" / "albef_tiny.yaml")
-    assert "enabled" not in experiment.model.momentum
+    assert "momentum" not in experiment.model
     assert preset_config("albef", "base").momentum.enabled  # ALBEF-base distils, as the paper
 
 
