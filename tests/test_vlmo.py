@@ -55,9 +55,12 @@ MULTIWAY = dict(image_size=IMG, patch_size=PATCH, width=32, heads=2, layers=2, v
 
 def config(mim: bool = True, multiway: dict | None = None, **overrides: object) -> VLMoConfig:
     """Preset `tiny` at test size; mim=True adds masked image modeling (pixel targets) to the default
-    objectives [itc, itm, mlm]. `multiway` / other nested overrides merge over the preset."""
-    kw: dict = dict(multiway={**MULTIWAY, **(multiway or {})}, contrastive={"embed_dim": 32},
-                    objectives=ALL if mim else [], visual_tokenizer={"kind": "pixels"})
+    objectives [itc, itm, mlm]. `multiway` / other nested overrides merge over the preset. The ITC temperature
+    (0.07) and ITM negatives (hard from step 0) are VLMo's own, which these tests were written against (the
+    tiny preset starts at 0.03 with an ITM curriculum)."""
+    kw: dict = dict(multiway={**MULTIWAY, **(multiway or {})}, contrastive={"embed_dim": 32, "temperature_init": 0.07},
+                    objectives=ALL if mim else [], visual_tokenizer={"kind": "pixels"},
+                    itm={"hardness_warmup_steps": 0})
     kw.update(overrides)
     return preset_config("vlmo", "tiny", **kw)
 
