@@ -24,11 +24,11 @@ from mmpt.data.batch import Batch
 from mmpt.models.albef_config import PRESETS, ALBEFConfig
 from mmpt.models.albef_parts import TextFusionEncoder
 from mmpt.models.momentum import MomentumTeacher
-from mmpt.models.protocol import ModelOutput
+from mmpt.models.protocol import ModelOutput, check_kind
 from mmpt.models.registry import register_arch
 from mmpt.modules.encoders import vision_tower_from
 from mmpt.modules.heads import ITMHead, ProjectionHead, l2_normalize
-from mmpt.models.config_parts import build_contrastive_loss, check_kind
+from mmpt.models.config_parts import build_contrastive_loss
 from mmpt.objectives.itc_distill import DistillContrastiveLoss
 from mmpt.objectives.itm import hard_negative_rows, hardness_ramp, itm_loss
 from mmpt.objectives.mlm import mask_tokens, masked_rows, masked_rows_capacity, mlm_loss

@@ -22,11 +22,11 @@ from torch import nn
 
 from mmpt.data.batch import Batch, MixedBatch
 from mmpt.models.beit3_config import PRESETS, BEiT3Config
-from mmpt.models.config_parts import build_contrastive_loss, check_kind
+from mmpt.models.config_parts import build_contrastive_loss
 from mmpt.models.freezing import freeze_idle
 from mmpt.models.masked_image_head import MaskedImageHead
 from mmpt.models.multiway_presets import param_counts_by_part
-from mmpt.models.protocol import ModelOutput, data_kinds_of
+from mmpt.models.protocol import ModelOutput, check_kind, data_kinds_of
 from mmpt.models.registry import register_arch
 from mmpt.modules.heads import MLMHead, ProjectionHead, l2_normalize
 from mmpt.modules.multiway_encoder import MultiwayEncoder

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from mmpt.data.batch import Batch
-from mmpt.models.protocol import ModelOutput
+from mmpt.models.protocol import ModelOutput, check_kind
 from mmpt.models.registry import register_arch
 from mmpt.modules.encoders import text_tower_from, vision_tower_from
 from mmpt.modules.heads import ProjectionHead, l2_normalize
-from mmpt.models.config_parts import DualTowerConfig, build_contrastive_loss, check_kind
+from mmpt.models.config_parts import DualTowerConfig, build_contrastive_loss
 from mmpt.objectives.pair_codes import itc_codes
 
 

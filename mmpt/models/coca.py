@@ -25,7 +25,7 @@ from mmpt.models.generation import (
     beam_search,
     greedy_search,
 )
-from mmpt.models.protocol import ModelOutput
+from mmpt.models.protocol import ModelOutput, check_kind
 from mmpt.models.registry import register_arch
 from mmpt.modules.block import Transformer
 from mmpt.modules.embeddings import TextEmbedding
@@ -33,7 +33,7 @@ from mmpt.modules.encoders import vision_tower_from
 from mmpt.modules.heads import LMHead, ProjectionHead, l2_normalize
 from mmpt.modules.kv_cache import TransformerCache
 from mmpt.modules.pooler import AttentionalPooler
-from mmpt.models.config_parts import DualTowerConfig, build_contrastive_loss, check_kind
+from mmpt.models.config_parts import DualTowerConfig, build_contrastive_loss
 from mmpt.objectives.pair_codes import itc_codes
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: padded targets

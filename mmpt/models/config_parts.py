@@ -370,9 +370,3 @@ def build_contrastive_loss(c: ContrastiveConfig) -> Any:
     loss.logit_scale.requires_grad_(c.learnable_temperature)
     return loss
 
-
-def check_kind(kind: str, data_kinds: tuple[str, ...]) -> bool:
-    """For `flops_per_sample`: False for a kind this model does not read; an unknown kind is an error."""
-    if kind not in ("pairs", "images", "texts"):
-        raise ValueError(f"flops_per_sample: kind={kind!r} must be pairs, images or texts")
-    return kind in data_kinds

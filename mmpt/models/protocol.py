@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from mmpt.data.batch import Batch, MixedBatch
+from mmpt.data.batch import KINDS, Batch, MixedBatch
 
 # Optional methods a model may offer; `capabilities` says which this instance has (ALBEF without `itm` in its
 # objectives builds no ITM head, so it cannot re-rank).
@@ -57,7 +57,14 @@ class PretrainModel(Protocol):
 def data_kinds_of(objectives: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The kinds some objective reads, in `mmpt.data.batch.KINDS` order."""
     used = {kind for name in objectives for kind in OBJECTIVE_KINDS[name]}
-    return tuple(kind for kind in ("pairs", "images", "texts") if kind in used)
+    return tuple(kind for kind in KINDS if kind in used)
+
+
+def check_kind(kind: str, data_kinds: tuple[str, ...]) -> bool:
+    """For `flops_per_sample`: False for a kind this model does not read; an unknown kind is an error."""
+    if kind not in KINDS:
+        raise ValueError(f"flops_per_sample: kind={kind!r} must be one of {list(KINDS)}")
+    return kind in data_kinds
 
 
 def has_capability(model: object, name: str) -> bool:

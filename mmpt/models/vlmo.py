@@ -35,9 +35,9 @@ from torch import nn
 
 from mmpt.data.batch import Batch, MixedBatch
 from mmpt.models.masked_image_head import MaskedImageHead
-from mmpt.models.config_parts import build_contrastive_loss, check_kind
+from mmpt.models.config_parts import build_contrastive_loss
 from mmpt.models.freezing import freeze_idle
-from mmpt.models.protocol import ModelOutput, data_kinds_of
+from mmpt.models.protocol import ModelOutput, check_kind, data_kinds_of
 from mmpt.models.registry import register_arch
 from mmpt.models.vlmo_config import PRESETS, VLMoConfig
 from mmpt.modules.heads import ITMHead, MLMHead, ProjectionHead, l2_normalize
@@ -86,8 +86,9 @@ class VLMo(nn.Module):
         mlm (text-only data); fused: itm, mlm. The fused pass runs V/L-FFNs below the top `vl_layers` blocks and
         the VL-FFN in them, so the top blocks' V/L-FFNs train only through a unimodal pass."""
         cfg, m = self.config, self.config.multiway
-        image, text, fused = cfg.uses("itc") or cfg.uses("mim"), cfg.uses("itc") or cfg.uses("mlm"), cfg.uses(
-            "itm") or cfg.uses("mlm")
+        image = cfg.uses("itc") or cfg.uses("mim")
+        text = cfg.uses("itc") or cfg.uses("mlm")
+        fused = cfg.uses("itm") or cfg.uses("mlm")
         top = [f"encoder.transformer.blocks.{i}." for i in range(m.layers - m.vl_layers, m.layers)]
         idle = [] if cfg.uses("mim") else ["encoder.patch_embed.mask_token"]
         idle += [] if fused else [b + "ffn_vl.*" for b in top]
