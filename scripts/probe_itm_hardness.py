@@ -32,7 +32,7 @@ from mmpt.models.registry import build_model, model_config
 
 
 def build(model: str, vocab_size: int, hardness_warmup: int, overrides: list[str]) -> torch.nn.Module:
-    """The arch's `tiny` preset (what conf/model/<model>/tiny.yaml names) at 64 px, 24 tokens, no momentum
+    """The arch's `tiny` preset (what mmpt/conf/model/<model>/tiny.yaml names) at 64 px, 24 tokens, no momentum
     teacher, then the `key=value` overrides (nested keys: `multiway.vl_layers=2`, `text.layers=2`)."""
     text = {"vocab_size": max(1000, vocab_size), "max_text_len": 24}
     if model == "albef":

@@ -6,7 +6,7 @@
 #   -> stage 3: image-text pairs, ITC + ITM + MLM, everything trainable
 #   -> retrieval on the 1,000 held-out pairs (ITC, then ITM re-ranking of the top 16), text->image R@1.
 # Each stage starts from the previous one with model.init.checkpoint=<run dir>; the freezing is config only
-# (conf/experiment/vlmo_tiny_stage*.yaml). Re-running resumes/skips finished stages (trainer.resume=auto).
+# (mmpt/conf/experiment/vlmo_tiny_stage*.yaml). Re-running resumes/skips finished stages (trainer.resume=auto).
 # Knobs (env): MMPT_DEMO_DIR (demo), MMPT_RUN_DIR (runs/vlmo_stagewise), MMPT_NPROC (2 on CPU),
 #   MMPT_STAGE1_STEPS / MMPT_STAGE2_STEPS / MMPT_STAGE3_STEPS (300 / 300 / 400), MMPT_CODEBOOK (256); extra
 #   args are Hydra overrides for all three stages. Measured on 2 CPU cores (global batch 128): ~3 / ~5.5 / ~1
@@ -55,7 +55,7 @@ train stage1 experiment=vlmo_tiny_stage1_image trainer.max_steps="$S1" trainer.s
   model.visual_tokenizer.path="$VISUAL_TOKENIZER" "$@"
 train stage2 experiment=vlmo_tiny_stage2_text trainer.max_steps="$S2" trainer.save_every="$S2" \
   model.init.checkpoint="$RUNS/stage1" "$@"
-# stage 3 evaluates at its end, across both processes, on data.eval.urls: conf/data/demo.yaml's
+# stage 3 evaluates at its end, across both processes, on data.eval.urls: mmpt/conf/data/demo.yaml's
 # $MMPT_DEMO_DIR/eval/{00000..00003}.tar, the 1,000 held-out pairs
 train stage3 experiment=vlmo_tiny_stage3_pairs trainer.max_steps="$S3" trainer.save_every="$S3" \
   model.itm.hardness_warmup_steps="$S3" model.init.checkpoint="$RUNS/stage2" eval.at_end=true "$@"

@@ -48,9 +48,9 @@ def write_shards(tmp_path: Path) -> Callable[..., list[str]]:
     return write
 
 
-# ---- the demo dataset (synthetic shards + tokenizer) in the layout conf/data/demo.yaml expects ----------
+# ---- the demo dataset (synthetic shards + tokenizer) in the layout mmpt/conf/data/demo.yaml expects ----------
 
-DEMO_TRAIN_SHARDS = 20  # conf/data/demo.yaml: train/{00000..00019}.tar, eval/{00000..00003}.tar
+DEMO_TRAIN_SHARDS = 20  # mmpt/conf/data/demo.yaml: train/{00000..00019}.tar, eval/{00000..00003}.tar
 DEMO_EVAL_SHARDS = 4
 
 
@@ -79,7 +79,7 @@ def demo_env(demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return {**os.environ, **env}
 
 
-# Tests compose conf/ through Hydra's API: the model presets that conf/model/*/*.yaml name must be registered.
+# Tests compose mmpt/conf/ through Hydra's API: the model presets that mmpt/conf/model/*/*.yaml name must be registered.
 from mmpt.models.registry import register_model_presets  # noqa: E402
 
 register_model_presets()

@@ -105,7 +105,7 @@ def test_config_validation() -> None:
 
 @pytest.mark.parametrize("preset", ["tiny", "base"])
 def test_presets_validate(preset: str) -> None:
-    """conf/model/coca/<preset>.yaml composes (Hydra) to the Python preset with the data's geometry."""
+    """mmpt/conf/model/coca/<preset>.yaml composes (Hydra) to the Python preset with the data's geometry."""
     overrides = ["data.image_size=224", "data.max_text_len=76", "tokenizer.vocab_size=64000"]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         composed = compose("train", overrides=[f"model=coca/{preset}", *overrides])

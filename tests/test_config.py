@@ -1,4 +1,4 @@
-"""Config composition (Hydra, real conf/) and validation: every bad input is one clear ConfigError."""
+"""Config composition (Hydra, real mmpt/conf/) and validation: every bad input is one clear ConfigError."""
 from __future__ import annotations
 
 import subprocess

@@ -66,7 +66,7 @@ def build(arch: str, vocab: int, seed: int = SEED) -> torch.nn.Module:
     torch.manual_seed(seed)
     grid, text = {"image_size": IMG, "patch_size": 8}, {"vocab_size": vocab, "max_text_len": L}
     itm = {"hardness_warmup_steps": 10**9}  # hardness stays 0 at step 0: uniform negatives
-    if arch == "vlmo":  # the tiny preset's layout (conf/model/vlmo/tiny.yaml), 32 wide
+    if arch == "vlmo":  # the tiny preset's layout (mmpt/conf/model/vlmo/tiny.yaml), 32 wide
         multiway = {"width": 32, "layers": 2, "heads": 2, "vl_layers": 1, "type_embed": True, "norm_eps": 1e-6}
         return VLMo(VLMoConfig(multiway={**multiway, **grid, **text}, contrastive={"embed_dim": 32}, itm=itm))
     # the tiny preset's layout (1 text + 1 fusion layer, ALBEF's temperature clamp), 32 wide, no momentum

@@ -56,7 +56,7 @@ def test_every_field_is_declared_in_one_dataclass() -> None:
 
 @pytest.mark.parametrize("arch", arch_names())
 def test_yaml_presets_name_their_python_preset_and_state_only_data_links(arch: str) -> None:
-    """conf/model/<arch>/<preset>.yaml composes to exactly the Python preset (at the preset's own geometry)."""
+    """mmpt/conf/model/<arch>/<preset>.yaml composes to exactly the Python preset (at the preset's own geometry)."""
     for path in sorted((CONF_DIR / "model" / arch).glob("*.yaml")):
         text = yaml_body(path)
         assert f"/model_preset@_here_: {arch}_{path.stem}" in text

@@ -38,7 +38,7 @@ def test_albef_two_process_zero2_resume_restores_momentum_state(demo_env, tmp_pa
     summary, records, max_steps = run_to_end(tmp_path, "albef_tiny", ["model.momentum.enabled=true", "model.momentum.queue_size=96"])
     last = [r for r in records if "train/loss" in r][-1]
     assert {"train/itc", "train/itm", "train/mlm"} <= set(last)
-    # the preset weights ITM and MLM 0.25 (conf/experiment/albef_tiny.yaml); ITC keeps ALBEF's 1.0
+    # the preset weights ITM and MLM 0.25 (mmpt/conf/experiment/albef_tiny.yaml); ITC keeps ALBEF's 1.0
     total = last["train/itc"] + 0.25 * last["train/itm"] + 0.25 * last["train/mlm"]
     assert last["train/loss"] == pytest.approx(total, rel=1e-4)
     weights = load_model_weights(tmp_path / "run" / "checkpoints" / f"step_{max_steps:08d}")

@@ -1,4 +1,4 @@
-"""Sweeps: the W&B sweep specs in conf/sweep (`mmpt-sweep check|hydra|create`), Hydra multiruns on the
+"""Sweeps: the W&B sweep specs in mmpt/conf/sweep (`mmpt-sweep check|hydra|create`), Hydra multiruns on the
 submitit launchers (local, and a real local SLURM) whose runs share a W&B group and carry their swept values,
 and the submitit preemption signal reaching the trainer."""
 from __future__ import annotations

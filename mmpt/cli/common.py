@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: where conf/ lives, argv as Hydra wants it, and turning user errors into one line +
+"""Shared CLI plumbing: where mmpt/conf/ lives, argv as Hydra wants it, and turning user errors into one line +
 exit code 2."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 from mmpt.engine.config import ConfigError
 from mmpt.models.registry import register_model_presets
 
-CONF_DIR = Path(os.environ.get("MMPT_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
-register_model_presets()  # conf/model/*/*.yaml name their Python presets (model_preset/<arch>_<preset>)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # shipped inside the package (pip install / wheel)
+register_model_presets()  # mmpt/conf/model/*/*.yaml name their Python presets (model_preset/<arch>_<preset>)
 USER_ERRORS = (ConfigError, FileNotFoundError)
 
 

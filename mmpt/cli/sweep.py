@@ -1,7 +1,7 @@
-"""`mmpt-sweep`: hyper-parameter sweeps of `mmpt-train` from W&B sweep specs (conf/sweep/*.yaml).
+"""`mmpt-sweep`: hyper-parameter sweeps of `mmpt-train` from W&B sweep specs (mmpt/conf/sweep/*.yaml).
 
   mmpt-sweep check SPEC [OVERRIDE ...]            validate: method, metric, and that the command's fixed
-                                                  overrides and every parameter value compose against conf/
+                                                  overrides and every parameter value compose against mmpt/conf/
   mmpt-sweep hydra SPEC [OVERRIDE ...] [--run]    offline: the equivalent `mmpt-train -m ...` Hydra multirun
                                                   (printed; run with --run); extra overrides go before the
                                                   swept ones, e.g. hydra/launcher=slurm
@@ -31,7 +31,7 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def check_composes(spec, extra: list[str] | None = None) -> int:
-    """sweep_spec.check_composes against conf/ (imports torch and the models: only when checking)."""
+    """sweep_spec.check_composes against mmpt/conf/ (imports torch and the models: only when checking)."""
     from mmpt.cli.common import CONF_DIR
     from mmpt.cli.sweep_spec import check_composes as check
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mmpt-sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="validate a sweep spec against conf/")
+    p = sub.add_parser("check", help="validate a sweep spec against mmpt/conf/")
     p.add_argument("spec")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides to compose with (e.g. hydra/launcher=slurm)")
     p.set_defaults(fn=cmd_check)

@@ -1,4 +1,4 @@
-"""W&B sweep specs (conf/sweep/*.yaml) for `mmpt-train`: load, validate against conf/, turn into a Hydra multirun.
+"""W&B sweep specs (mmpt/conf/sweep/*.yaml) for `mmpt-train`: load, validate against mmpt/conf/, turn into a Hydra multirun.
 
 A spec is W&B's sweep YAML (method, metric, parameters, command) whose parameters are Hydra override keys
 and whose command runs `mmpt-train` with fixed overrides and the agent's `${args_no_hyphens}` (or `${args}`:
@@ -93,7 +93,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SpecError(f"no such sweep spec: {path} (the specs are in conf/sweep/)") from None
+        raise SpecError(f"no such sweep spec: {path} (the specs are in mmpt/conf/sweep/)") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -230,9 +230,9 @@ def override(key: str, value: Any) -> str:
     return f"{key}={format_value(value)}"
 
 
-# ---- checks against conf/ ---------------------------------------------------------------------------------
+# ---- checks against mmpt/conf/ ------------------------------------------------------------------------
 def check_composes(spec: SweepSpec, conf_dir: Path, extra: list[str] | None = None) -> int:
-    """Every value of every parameter, with the command's fixed overrides, composes against conf/ and passes
+    """Every value of every parameter, with the command's fixed overrides, composes against mmpt/conf/ and passes
     mmpt's schema and combination checks (no data files needed). Returns the configs checked; SpecError
     names the parameter value or override that fails.
 

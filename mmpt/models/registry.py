@@ -3,7 +3,7 @@
 A config is composed as dataclass defaults <- the named preset (`model.preset`, Python, one source per
 preset) <- the YAML / overrides, and validated (unknown keys, wrong types, `problems()`) before anything is
 built. Adding an architecture = one config module, one model module, `register_arch`, one line in
-`BUILTIN_MODULES`, and conf/model/<name>/*.yaml naming its presets.
+`BUILTIN_MODULES`, and mmpt/conf/model/<name>/*.yaml naming its presets.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def build_model(model_cfg: Any) -> nn.Module:
 
 def register_model_presets() -> None:
     """Put every arch's presets into Hydra's ConfigStore as typed nodes `model_preset/<arch>_<preset>`, so a
-    conf/model YAML names its preset (`defaults: [/model_preset@_here_: albef_tiny, _self_]`), states only what
+    mmpt/conf/model YAML names its preset (`defaults: [/model_preset@_here_: albef_tiny, _self_]`), states only what
     differs, and every key of the schema can be overridden on the command line without `+`."""
     from hydra.core.config_store import ConfigStore
 

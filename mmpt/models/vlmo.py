@@ -21,7 +21,7 @@ same keys. That holds by construction: `data.sources` gives each source a fixed 
 every rank (mmpt/data/sources.py), so a run's set of kinds never changes. Returning zeros for absent terms
 was rejected: a stage-1 run would log `itc 0.0` as if it were measured.
 
-Stagewise training is config only (conf/experiment/vlmo_stage*.yaml): `model.train` / `model.freeze`
+Stagewise training is config only (mmpt/conf/experiment/vlmo_stage*.yaml): `model.train` / `model.freeze`
 patterns over the parameter names (`encoder.transformer.blocks.<i>.{attn_norm,attn,ffn_v,ffn_l,ffn_vl}.*`,
 `encoder.{patch_embed,text_embed,type_embed,norm}.*`, heads `image_proj`, `text_proj`, `itc`, `itm_head`,
 `mlm_head`, `mim_head`) and `model.init.checkpoint` of the previous stage. A unimodal pass runs one expert

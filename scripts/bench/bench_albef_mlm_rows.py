@@ -38,7 +38,7 @@ def main() -> None:
     from mmpt.models.registry import preset_config
     from mmpt.objectives.mlm import masked_rows
 
-    # conf/experiment/albef_tiny.yaml's model with model.momentum.enabled=true: the tiny preset (64 px / patch 8,
+    # mmpt/conf/experiment/albef_tiny.yaml's model with model.momentum.enabled=true: the tiny preset (64 px / patch 8,
     # ViT 64 x 2, 64-d ITC, queue 1,024) with 2 text + 2 fusion layers, 24 tokens, the default 1,000-token vocab
     cfg = preset_config("albef", "tiny", text={"layers": 2, "max_text_len": 24}, fusion_layers=2,
                         contrastive={"duplicate_positives": True}, momentum={"enabled": True, "decay": 0.99})
