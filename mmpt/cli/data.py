@@ -1,4 +1,6 @@
-"""`mmpt-data`: make data for mmpt (synthetic shards, a WordPiece tokenizer, a k-means visual tokenizer).
+"""`mmpt-data`: make data for mmpt (synthetic or caption-dataset shards, WordPiece and k-means visual tokenizers).
+
+Caption datasets: `from-coco` (COCO captions / Karpathy split json) and `from-csv` (mmpt/cli/data_captions.py).
 
 Every user error prints one `error: ...` line to stderr and exits non-zero (2), never a traceback.
 Add a subcommand by writing `add_X(subparsers)` that sets `handler` and listing it in SUBCOMMANDS.
@@ -13,6 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from mmpt.cli.data_captions import add_from_coco, add_from_csv
+from mmpt.data.caption_sources import CaptionSourceError
+
 USER_ERROR = 2
 
 
@@ -21,7 +26,8 @@ class UserError(Exception):
 
 
 def _synthetic(args: argparse.Namespace) -> int:
-    from mmpt.data.synthetic import SyntheticConfigError, brace_pattern, write_shards
+    from mmpt.data.shard_writer import brace_pattern
+    from mmpt.data.synthetic import SyntheticConfigError, write_shards
 
     start = time.perf_counter()
     try:
@@ -301,6 +307,7 @@ def add_visual_tokenizer(subparsers) -> None:
 
 SUBCOMMANDS: dict[str, Callable] = {
     "synthetic": add_synthetic, "tokenizer": add_tokenizer, "visual-tokenizer": add_visual_tokenizer,
+    "from-coco": add_from_coco, "from-csv": add_from_csv,
 }
 
 
@@ -321,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else USER_ERROR
     try:
         return args.handler(args)
-    except UserError as exc:
+    except (UserError, CaptionSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:

@@ -25,6 +25,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmpt.data.shard_writer import (  # the shard layout, shared with the caption-dataset converters
+    MAX_SHARD_SIZE,
+    MAX_SHARDS,
+    add_tar_member,
+    sample_key,
+    shard_name,
+    update_sizes_json,
+)
 from mmpt.data.synthetic_styles import DEMO, STYLES, Style
 
 # The demo style's vocabulary (the default; mmpt.data.synthetic_styles defines the others).
@@ -39,8 +47,6 @@ GAP = 0.04  # min free space between two shapes along the relation axis, fractio
 DOMINANCE = 0.5  # |cross-axis offset| <= DOMINANCE * along-axis offset, so the relation is unambiguous
 MAX_ANGLE = 15.0  # degrees of rotation jitter for non-circles (keeps a square a square, not a diamond)
 SHADE_JITTER = 12  # +- per channel on a shape's palette colour
-MAX_SHARD_SIZE = 10_000  # the key holds the index in the shard in 4 digits
-MAX_SHARDS = 100_000  # ... and the shard number in 5
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{0,64}")
 
 
@@ -259,24 +265,6 @@ def render_sample(seed: int, index: int, image_size: int = 64, p_two: float = 0.
     return buf.getvalue(), meta["caption"], meta
 
 
-def sample_key(index: int, shard_size: int, prefix: str = "") -> str:
-    """img2dataset-style key: 5-digit shard number + 4-digit position in the shard."""
-    return f"{prefix}{index // shard_size:05d}{index % shard_size:04d}"
-
-
-def shard_name(shard: int, prefix: str = "") -> str:
-    return f"{prefix}{shard:05d}.tar"
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Fixed mtime/owner/mode so identical content gives identical bytes."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shard(path: Path, seed: int, indices: range, shard_size: int, image_size: int,
                 prefix: str = "", p_two: float = 0.7, jpeg_quality: int = 90,
                 style: str = "demo") -> Iterator[int]:
@@ -291,9 +279,9 @@ def write_shard(path: Path, seed: int, indices: range, shard_size: int, image_si
                 jpg, caption, meta = render_sample(seed, g, image_size, p_two, jpeg_quality, style)
                 key = sample_key(g, shard_size, prefix)
                 meta = {"key": key, **meta}
-                _add_member(tar, f"{key}.jpg", jpg)
-                _add_member(tar, f"{key}.txt", caption.encode("utf-8"))
-                _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+                add_tar_member(tar, f"{key}.jpg", jpg)
+                add_tar_member(tar, f"{key}.txt", caption.encode("utf-8"))
+                add_tar_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
                 yield 1
         os.replace(tmp, path)
     finally:
@@ -333,37 +321,6 @@ def plan_shards(num_samples: int, shard_size: int, start_index: int = 0) -> list
             for s in range(start_index // shard_size, (end - 1) // shard_size + 1)]
 
 
-def update_sizes_json(out_dir: Path, sizes: dict[str, int]) -> dict[str, int]:
-    """Merge `sizes` into out_dir/sizes.json (keeping entries whose shard still exists).
-
-    Merging (under a file lock where available) lets several runs fill one directory with disjoint ranges.
-    """
-    path = out_dir / "sizes.json"
-    dir_fd = os.open(out_dir, os.O_RDONLY)  # lock the directory itself: no lock file left among the shards
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(dir_fd, fcntl.LOCK_EX)
-        except ImportError:  # not POSIX: concurrent runs may race, sequential ones still merge
-            pass
-        merged: dict[str, int] = {}
-        try:
-            old = json.loads(path.read_text())
-            if isinstance(old, dict):
-                merged = {k: int(v) for k, v in old.items() if (out_dir / k).is_file()}
-        except (OSError, ValueError, TypeError):
-            pass
-        merged.update(sizes)
-        merged = dict(sorted(merged.items()))
-        tmp = out_dir / f".sizes.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(merged, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        os.close(dir_fd)  # also releases the lock
-    return merged
-
-
 def write_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: int, seed: int, image_size: int = 64,
                  start_index: int = 0, prefix: str = "", p_two: float = 0.7, jpeg_quality: int = 90,
                  progress: bool = False, style: str = "demo") -> dict[str, int]:
@@ -388,11 +345,3 @@ def write_shards(out_dir: str | os.PathLike, num_samples: int, shard_size: int, 
             sizes[name] = len(indices)
     update_sizes_json(out, sizes)
     return sizes
-
-
-def brace_pattern(out_dir: str | os.PathLike, names: list[str], prefix: str = "") -> str:
-    """A WebDataset brace pattern for consecutive shard names, e.g. 'dir/{00000..00004}.tar'."""
-    numbers = sorted(int(n[len(prefix):-len(".tar")]) for n in names)
-    if len(numbers) == 1:
-        return str(Path(out_dir) / shard_name(numbers[0], prefix))
-    return str(Path(out_dir) / f"{prefix}{{{numbers[0]:05d}..{numbers[-1]:05d}}}.tar")
