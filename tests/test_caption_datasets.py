@@ -140,7 +140,7 @@ def test_coco_eval_layout_one_sample_per_image(coco, tmp_path, capsys):
     lines = stdout.strip().splitlines()
     assert lines[0].startswith("wrote 3 eval samples (3 images, 15 captions) in 1 shard to")
     assert "bad_image 1 image (5 captions)" in lines[1] and "empty_caption 1 caption" in lines[1]
-    assert lines[-1] == f"use: data.eval.urls={out}/00000.tar"
+    assert lines[-1] == f"use: \"data.eval.urls='{out}/00000.tar'\""
 
 
 def test_coco_train_layout_one_sample_per_pair_across_shards(coco, tmp_path, capsys):
@@ -155,11 +155,29 @@ def test_coco_train_layout_one_sample_per_pair_across_shards(coco, tmp_path, cap
     assert all(set(meta) == {"image_id"} for meta, _ in pairs)
     assert sorted((m["image_id"], c) for m, c in pairs) == sorted(
         (str(i), c) for i in GOOD for c in captions_of(i))
-    assert stdout.strip().splitlines()[-1] == f"use: data.train.urls='{out}/{{00000..00003}}.tar'"
+    assert stdout.strip().splitlines()[-1] == f"use: \"data.train.urls='{out}/{{00000..00003}}.tar'\""
     # stable: converting again gives byte-identical shards
     first = {p.name: p.read_bytes() for p in out.glob("*.tar")}
     assert run(coco_argv(coco, out, "--shard-size", "4", "--overwrite"), capsys)[0] == 0
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == first
+
+
+def test_coco_split_name_picks_layout_and_options_apply(coco, tmp_path, capsys):
+    """--split val on a COCO captions json filters nothing but defaults to the eval layout; --max-images keeps
+    the first images; --shorter-side downscales (aspect kept) and re-encodes."""
+    out = tmp_path / "o"
+    code, stdout, err = run(coco_argv(coco, out, "--split", "val", "--max-images", "2", "--shorter-side", "20"), capsys)
+    assert code == 0, err
+    metas, sizes = [], []
+    for sample in read_shards(out).values():
+        metas.append(json.loads(sample["json"]))
+        img = decoded(sample["jpg"])
+        assert img.format == "JPEG"
+        sizes.append(img.size)
+    assert [m["image_id"] for m in metas] == ["11", "12"] and all("captions" in m for m in metas)
+    assert sizes == [(27, 20), (20, 20)]  # 40x30 -> shorter side 20; 32x32 -> 20x20
+    report = json.loads((out / "report.json").read_text())
+    assert (report["layout"], report["split"], report["shorter_side"]) == ("eval", "val", 20)
 
 
 def test_existing_shards_need_overwrite(coco, tmp_path, capsys):
@@ -211,7 +229,7 @@ def test_karpathy_split_selection(karpathy, tmp_path, capsys, split, layout, ids
         assert metas == [{"image_id": ids[0], "captions": captions_of(int(ids[0]))}]
     else:
         assert len(samples) == 5 * len(ids)
-    assert stdout.strip().splitlines()[-1].startswith(f"use: data.{layout}.urls=")
+    assert stdout.strip().splitlines()[-1].startswith(f"use: \"data.{layout}.urls='{out}/")
 
 
 def test_karpathy_images_dir_may_be_the_image_folder(karpathy, tmp_path, capsys):
@@ -373,5 +391,5 @@ def test_cli_subprocess_with_worker_processes(coco, tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "mmpt.cli.data", *argv], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == f"use: data.eval.urls={tmp_path / 'b'}/00000.tar"
+    assert proc.stdout.strip().splitlines()[-1] == f"use: \"data.eval.urls='{tmp_path / 'b'}/00000.tar'\""
     assert (tmp_path / "a" / "00000.tar").read_bytes() == (tmp_path / "b" / "00000.tar").read_bytes()

@@ -40,6 +40,9 @@ def _common_output_args(p: argparse.ArgumentParser, layout_default: str) -> None
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar, 1..10000 (default 1000)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes that decode and check the images (default: min(8, CPUs))")
+    p.add_argument("--shorter-side", type=int, default=None,
+                   help="downscale images whose shorter side is longer than N pixels to N (aspect kept, re-encoded "
+                   "as JPEG) to save disk; keep N >= data.image_size. Default: the original JPEG bytes, unchanged")
     p.add_argument("--max-images", type=int, default=None,
                    help="convert only the first N images (in file order), e.g. for a quick trial")
     p.add_argument("--overwrite", action="store_true",
@@ -51,6 +54,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise CaptionSourceError(f"--shard-size must be in [1, 10000], got {args.shard_size}")
     if args.workers < 1:
         raise CaptionSourceError(f"--workers must be >= 1, got {args.workers}")
+    if args.shorter_side is not None and args.shorter_side < 1:
+        raise CaptionSourceError(f"--shorter-side must be >= 1, got {args.shorter_side}")
     if args.max_images is not None and args.max_images < 1:
         raise CaptionSourceError(f"--max-images must be >= 1, got {args.max_images}")
 
@@ -69,9 +74,10 @@ def _convert(source: CaptionSource, args: argparse.Namespace, layout: str, unit:
     except (OSError, FileExistsError) as exc:
         raise CaptionSourceError(str(exc)) from exc
     start = time.perf_counter()
-    result = write_caption_shards(source, out, layout, args.shard_size, workers=args.workers)
+    result = write_caption_shards(source, out, layout, args.shard_size, workers=args.workers,
+                                  shorter_side=args.shorter_side)
     seconds = time.perf_counter() - start
-    report = write_report(out, result, layout=layout, **context)
+    report = write_report(out, result, layout=layout, shorter_side=args.shorter_side, **context)
     if not result.sizes:
         message = _no_samples(result.skipped_images, result.skipped_captions, result.examples, unit)
         raise CaptionSourceError(f"{message} (details in {report})")
@@ -81,8 +87,15 @@ def _convert(source: CaptionSource, args: argparse.Namespace, layout: str, unit:
           f"{n_shards} shard{'s' * (n_shards != 1)} to {out} in {seconds:.1f}s")
     print(f"skipped: {skipped} (details: {report})")
     key = "data.eval.urls" if layout == "eval" else "data.train.urls"
-    print(f"use: {key}={shlex.quote(brace_pattern(out, list(result.sizes)))}")
+    print(f"use: {url_override(key, brace_pattern(out.resolve(), list(result.sizes)))}")
     return 0
+
+
+def url_override(key: str, pattern: str) -> str:
+    """`"key='pattern'"`: the inner quotes keep Hydra from parsing the braces, the outer ones keep bash from
+    expanding them, so the line works pasted after mmpt-train or mmpt-eval."""
+    override = f"{key}='{pattern}'"
+    return f'"{override}"' if not any(c in pattern for c in "'\"$`\\!") else shlex.quote(override)
 
 
 def _no_samples(images: dict[str, int], captions: dict[str, int], examples: dict[str, str], unit: str) -> str:

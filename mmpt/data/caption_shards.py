@@ -4,11 +4,13 @@ eval:  one sample per image: `.jpg`, `.txt` = the first caption, `.json` = {"ima
        (what the standard retrieval protocol needs: unique images, every caption of each).
 train: one sample per (image, caption) pair: `.jpg`, `.txt` = the caption, `.json` = {"image_id"}.
 Images are checked by decoding them with the pipeline's own decoder, so whatever is written the loaders
-read; JPEG bytes are kept as they are (no second lossy pass), other formats become JPEG. Keys are
+read; JPEG bytes are kept as they are (no second lossy pass), other formats become JPEG (as do images
+downscaled on request). Keys are
 img2dataset-style running numbers: unique, and stable for the same input and options.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import multiprocessing
@@ -33,10 +35,12 @@ def default_layout(split: str | None) -> str:
     return "eval" if split in ("val", "test") else "train"
 
 
-def image_for_shard(path: str) -> tuple[bytes | None, str | None]:
+def image_for_shard(path: str, shorter_side: int | None = None) -> tuple[bytes | None, str | None]:
     """(JPEG bytes, None) for a usable image, else (None, reason): missing_file, unreadable_file, bad_image.
 
-    A top-level function of a path only, so a process pool can run it.
+    `shorter_side`: downscale (bicubic, aspect kept) images whose shorter side is longer, and re-encode them;
+    the loaders' transforms resize to data.image_size anyway, so this only saves disk and decode time.
+    A top-level function, so a process pool can run it.
     """
     from PIL import Image
 
@@ -54,7 +58,12 @@ def image_for_shard(path: str) -> tuple[bytes | None, str | None]:
         image = decode_image(data)  # full decode: truncated or corrupt files fail here, not in training
     except Exception:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ... for bad bytes
         return None, "bad_image"
-    if fmt == "JPEG":
+    short = min(image.size)
+    if shorter_side is not None and short > shorter_side:
+        scale = shorter_side / short
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    elif fmt == "JPEG":
         return data, None
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=JPEG_QUALITY)
@@ -108,7 +117,7 @@ class WriteResult:
 
 
 def write_caption_shards(source: CaptionSource, out: Path, layout: str, shard_size: int, workers: int = 1,
-                         progress: bool = True) -> WriteResult:
+                         shorter_side: int | None = None, progress: bool = True) -> WriteResult:
     """Check and encode every image (in `workers` processes, order kept) and write the samples of the usable
     ones into `out`; images that fail are skipped and counted with their captions. Writes sizes.json."""
     from tqdm import tqdm
@@ -122,7 +131,8 @@ def write_caption_shards(source: CaptionSource, out: Path, layout: str, shard_si
     paths = [str(image.path) for image in source.images]
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(paths) > 1 else None
     try:
-        encoded = pool.imap(image_for_shard, paths, chunksize=8) if pool else map(image_for_shard, paths)
+        encode = functools.partial(image_for_shard, shorter_side=shorter_side)
+        encoded = pool.imap(encode, paths, chunksize=8) if pool else map(encode, paths)
         with RollingShardWriter(out, shard_size) as writer, \
                 tqdm(total=len(paths), unit="img", desc=f"writing {layout} shards", disable=not progress,
                      dynamic_ncols=True, mininterval=0.5) as bar:
