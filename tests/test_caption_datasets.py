@@ -191,16 +191,21 @@ def test_existing_shards_need_overwrite(coco, tmp_path, capsys):
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 15}
 
 
-def test_eval_loader_reads_train_layout_image_ids(coco, tmp_path, capsys):
-    out = tmp_path / "train"
-    assert run(coco_argv(coco, out, "--shard-size", "6"), capsys)[0] == 0
+@pytest.mark.parametrize("layout", ["train", "eval"])
+def test_mmpt_eval_loader_reads_the_shards(coco, tmp_path, capsys, layout):
+    """mmpt's own loader: image ids come from the .json, captions from the .txt (the first one for eval)."""
+    out = tmp_path / layout
+    assert run(coco_argv(coco, out, "--shard-size", "6", "--layout", layout), capsys)[0] == 0
     all_captions = [c for i in GOOD for c in captions_of(i)]
     tokenizer = TextTokenizer(train_wordpiece(all_captions, vocab_size=100), max_len=16)
-    loader = build_eval_loader(f"{out}/{{00000..00002}}.tar", tokenizer, batch_size=4, image_size=32,
-                               num_workers=0, rank=0, world_size=1)
+    loader = build_eval_loader(f"{out}/{{00000..0000{len(list(out.glob('*.tar'))) - 1}}}.tar", tokenizer,
+                               batch_size=4, image_size=32, num_workers=0, rank=0, world_size=1)
     batches = list(loader)
     got = [(i, c) for b in batches for i, c in zip(b.image_ids, b.captions)]
-    assert got == [(str(i), c) for i in GOOD for c in captions_of(i)]
+    if layout == "train":
+        assert got == [(str(i), c) for i in GOOD for c in captions_of(i)]
+    else:
+        assert got == [(str(i), captions_of(i)[0]) for i in GOOD]
     assert sum(sum(b.skipped.values()) for b in batches) == 0
     assert tuple(batches[0].images.shape[1:]) == (3, 32, 32)
 

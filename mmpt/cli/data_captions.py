@@ -11,21 +11,16 @@ import shlex
 import time
 from pathlib import Path
 
-from mmpt.data.caption_sources import (
-    COCO_SPLIT_NAMES,
-    KARPATHY_SPLITS,
-    CaptionSource,
-    CaptionSourceError,
-    csv_delimiter,
-)
+from mmpt.data.caption_sources import KARPATHY_SPLITS, CaptionSource, CaptionSourceError, csv_delimiter
+from mmpt.data.shard_writer import MAX_SHARD_SIZE
 
 SPLIT_HELP = (
     "Karpathy split file (dataset_coco.json, dataset_flickr30k.json): which images to convert, required. "
     "train = train + restval (the Karpathy train set ALBEF/BLIP/open_clip train on: 113,287 COCO images; "
-    "Flickr30k has no restval); train-only = only the images marked train; restval; val; test (5,000 "
-    "COCO / 1,000 Flickr30k images: the retrieval benchmark); all = every image. COCO captions json (captions_val2017.json) has "
-    "no split field, so nothing is filtered: --split train/val/test only names the file's split to pick the "
-    "default --layout, and the other values are refused."
+    "Flickr30k has no restval); train-only = only the images marked train; restval; val; test (5,000 COCO / "
+    "1,000 Flickr30k images: the retrieval benchmark); all = every image. A COCO captions json "
+    "(captions_val2017.json) has no split field, so nothing is filtered: there --split train/val/test only "
+    "names the file's split to pick the default --layout, and the other values are refused."
 )
 LAYOUT_HELP = (
     "eval: one sample per image, .txt = first caption, .json = {image_id, captions: [all]} (for data.eval.urls "
@@ -36,8 +31,9 @@ LAYOUT_HELP = (
 def _common_output_args(p: argparse.ArgumentParser, layout_default: str) -> None:
     p.add_argument("--out", required=True, help="output directory for {00000..N}.tar, sizes.json, report.json "
                    "(created if missing; must not already hold shards unless --overwrite)")
-    p.add_argument("--layout", choices=("eval", "train"), default=None, help=f"{LAYOUT_HELP}. Default: {layout_default}")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar, 1..10000 (default 1000)")
+    p.add_argument("--layout", choices=("eval", "train"), default=None,
+                   help=f"{LAYOUT_HELP}. Default: {layout_default}")
+    p.add_argument("--shard-size", type=int, default=1000, help=f"samples per tar, 1..{MAX_SHARD_SIZE} (default 1000)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes that decode and check the images (default: min(8, CPUs))")
     p.add_argument("--shorter-side", type=int, default=None,
@@ -50,8 +46,8 @@ def _common_output_args(p: argparse.ArgumentParser, layout_default: str) -> None
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    if not 1 <= args.shard_size <= 10_000:
-        raise CaptionSourceError(f"--shard-size must be in [1, 10000], got {args.shard_size}")
+    if not 1 <= args.shard_size <= MAX_SHARD_SIZE:
+        raise CaptionSourceError(f"--shard-size must be in [1, {MAX_SHARD_SIZE}], got {args.shard_size}")
     if args.workers < 1:
         raise CaptionSourceError(f"--workers must be >= 1, got {args.workers}")
     if args.shorter_side is not None and args.shorter_side < 1:
@@ -71,7 +67,7 @@ def _convert(source: CaptionSource, args: argparse.Namespace, layout: str, unit:
         raise CaptionSourceError(_no_samples(source.skipped_images, source.skipped_captions, source.examples, unit))
     try:
         out = prepare_out_dir(args.out, args.overwrite)
-    except (OSError, FileExistsError) as exc:
+    except OSError as exc:  # FileExistsError included: --out already holds shards
         raise CaptionSourceError(str(exc)) from exc
     start = time.perf_counter()
     result = write_caption_shards(source, out, layout, args.shard_size, workers=args.workers,
@@ -140,8 +136,7 @@ def add_from_coco(subparsers) -> None:
                    "Karpathy: the folder holding filepath/filename (COCO: the one with train2014/ and val2014/), "
                    "or the folder of the files themselves (Flickr30k: flickr30k-images/)")
     p.add_argument("--split", choices=list(KARPATHY_SPLITS), default=None, help=SPLIT_HELP)
-    _common_output_args(p, f"eval for --split {' or '.join(s for s in COCO_SPLIT_NAMES if s != 'train')}, "
-                           "train otherwise")
+    _common_output_args(p, "eval for --split val or test, train otherwise")
     p.set_defaults(handler=_from_coco)
 
 
@@ -157,8 +152,8 @@ def _img2dataset_hint(args: argparse.Namespace, source: CaptionSource) -> str:
     if args.image_id_col:
         command += ["--save_additional_columns", f'["{args.image_id_col}"]']
         if args.image_id_col != "image_id":
-            note = (f" (mmpt reads the image id from the .json key 'image_id': name the column image_id, "
-                    f"or captions of one image count as different images)")
+            note = (" (mmpt reads the image id from the .json key 'image_id': name the column image_id, "
+                    "or captions of one image count as different images)")
     return (f"{source.url_rows} row(s) name http(s) URLs and were not downloaded; fetch them with img2dataset "
             f"(pip install img2dataset):\n  {shlex.join(command)}{note}")
 
@@ -193,6 +188,7 @@ def add_from_csv(subparsers) -> None:
     p.add_argument("--image-id-col", default=None,
                    help="column with an image id (groups rows of one image; default: the image path as written)")
     p.add_argument("--image-root", default=None, help="folder relative image paths start from (default: the CSV's)")
-    p.add_argument("--delimiter", default=None, help="field separator (default: tab for .tsv, else comma; 'tab' or '\\t')")
+    p.add_argument("--delimiter", default=None,
+                   help="field separator (default: tab for .tsv, else comma; 'tab' or '\\t' for a tab)")
     _common_output_args(p, "train")
     p.set_defaults(handler=_from_csv)

@@ -155,7 +155,8 @@ def karpathy_split_counts(data: dict) -> dict[str, int]:
     return dict(Counter(str(e.get("split")) for e in data["images"] if isinstance(e, dict)))
 
 
-def read_karpathy(data: dict, images_dir: str | os.PathLike, split: str | None, path: str | os.PathLike = "") -> CaptionSource:
+def read_karpathy(data: dict, images_dir: str | os.PathLike, split: str | None,
+                  path: str | os.PathLike = "") -> CaptionSource:
     """Karpathy split json (dataset_coco.json / dataset_flickr30k.json): the images of `split` (a key of
     KARPATHY_SPLITS). image_id is `cocoid` where present (COCO's own image id), else `imgid`."""
     counts = ", ".join(f"{name} {n}" for name, n in sorted(karpathy_split_counts(data).items()))
@@ -244,7 +245,8 @@ def read_csv(path: str | os.PathLike, image_col: str, caption_col: str, image_ro
         raise CaptionSourceError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8") from exc
     except csv.Error as exc:
         raise CaptionSourceError(f"{path}: not a readable CSV ({exc})") from exc
-    source.images = [CaptionedImage(image_id, image_path, tuple(caps)) for image_id, image_path, caps in groups.values()]
+    source.images = [CaptionedImage(image_id, image_path, tuple(captions))
+                     for image_id, image_path, captions in groups.values()]
     return source
 
 
