@@ -376,6 +376,12 @@ def test_csv_unknown_column_names_the_columns(csv_file, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_csv_missing_file_is_one_error(tmp_path, capsys):
+    code, _, err = run(["from-csv", str(tmp_path / "nope.csv"), "--image-col", "a", "--caption-col", "b",
+                        "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and err == f"error: CSV file not found: {tmp_path / 'nope.csv'}\n"
+
+
 def test_csv_only_urls_prints_the_img2dataset_command_and_fails(tmp_path, capsys):
     path = write(tmp_path / "urls.csv", "url,caption\nhttps://e.com/1.jpg,one\nhttp://e.com/2.jpg,two\n")
     code, stdout, err = run(["from-csv", str(path), "--image-col", "url", "--caption-col", "caption",
