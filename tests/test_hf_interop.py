@@ -188,3 +188,47 @@ def test_shape_mismatch_names_the_key_and_both_shapes_and_writes_nothing(tmp_pat
     with pytest.raises(ValueError, match=r"text\.embed\.token_embed\.weight: model \(100, 32\), checkpoint \(120, 32\)"):
         import_into(model, tmp_path / "hf")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_openai_b16_preset_has_every_shape_of_hf_clip_vit_b16() -> None:
+    """OpenAI CLIP ViT-B/16's published geometry in transformers' terms: the preset maps onto it tensor by tensor
+    through the export table, with the same parameter count (meta tensors: no memory)."""
+    from mmpt.interop.hf_clip import _layers, hf_clip_pairs, hf_export_problems
+
+    with torch.device("meta"):
+        model = build_model(preset_config("clip", "openai_b16"))
+        hf = transformers.CLIPModel(transformers.CLIPConfig(
+            text_config={"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8, "num_hidden_layers": 12,
+                         "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu"},
+            vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+                           "image_size": 224, "patch_size": 16, "hidden_act": "quick_gelu"},
+            projection_dim=512))  # fmt: skip
+    assert hf_export_problems(model) == []
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters()) == 149_620_737
+    ours, theirs = model.state_dict(), hf.state_dict()
+    pairs = hf_clip_pairs(*_layers(model))
+    assert {k for p in pairs for k in p.other} == {k for k in theirs if not k.endswith("position_ids")}
+    assert {p.mmpt for p in pairs} == set(ours) - {"visual.patch_embed.proj.bias"}  # openai_b16 has none
+    for pair in pairs:
+        shapes = [theirs[k].shape for k in pair.other]
+        if len(shapes) > 1:  # q, k, v stacked
+            assert ours[pair.mmpt].shape == (sum(s[0] for s in shapes), *shapes[0][1:]), pair
+        elif pair.kind == "reshape":
+            assert ours[pair.mmpt].numel() == shapes[0].numel(), pair
+        else:
+            assert ours[pair.mmpt].shape == shapes[0], pair
+
+
+def test_openai_tiny_trains_one_step_and_ignores_right_padding() -> None:
+    from mmpt.data.batch import Batch
+
+    model = build_model(preset_config("clip", "openai_tiny"))
+    ids, mask = captions(1000, 3, lengths=(5, 12, 32))
+    batch = Batch(images=torch.randn(3, 3, 32, 32), input_ids=ids, attention_mask=mask)
+    loss = model(batch).losses["itc"]
+    loss.backward()
+    assert torch.isfinite(loss) and model.visual.norm_pre.weight.grad is not None
+    assert isinstance(model.text.transformer.blocks[0].mlp.act, type(model.visual.transformer.blocks[0].mlp.act))
+    with torch.no_grad():
+        short = model.encode_text(ids[:1, :8], mask[:1, :8])
+        torch.testing.assert_close(short, model.encode_text(ids[:1], mask[:1]), atol=1e-6, rtol=0)

@@ -132,8 +132,11 @@ def export_hf_clip(model: nn.Module, tokenizer_file: Path | None, out_dir: Path)
     if problems:
         raise ConfigError(f"cannot export to a Hugging Face CLIPModel: {'; '.join(problems)}. "
                           f"Models built from {PRESETS_THAT_EXPORT} export (or use --format mmpt)")
-    from transformers import CLIPModel as HFCLIPModel
-
+    try:
+        from transformers import CLIPModel as HFCLIPModel
+    except ImportError:
+        raise ConfigError("exporting a Hugging Face CLIPModel needs the transformers package: "
+                          "pip install transformers") from None
     hf_model = HFCLIPModel(hf_clip_config(model)).eval()
     report = LoadReport(source="mmpt model")
     _apply_rules(dict(hf_model.state_dict()), export_rules(hf_clip_pairs(*_layers(model))), _export_state(model), report)
