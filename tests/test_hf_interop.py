@@ -232,3 +232,32 @@ def test_openai_tiny_trains_one_step_and_ignores_right_padding() -> None:
     with torch.no_grad():
         short = model.encode_text(ids[:1, :8], mask[:1, :8])
         torch.testing.assert_close(short, model.encode_text(ids[:1], mask[:1]), atol=1e-6, rtol=0)
+
+
+# ---- through the real CLI ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_mmpt_train_starts_from_a_hf_clip_directory(demo_env: dict[str, str], tmp_path: Path) -> None:
+    """`model.init.checkpoint=<CLIPModel dir>` in mmpt-train: every tensor mapped and logged; a layout the model
+    cannot reproduce is one `error:` line, exit 2."""
+    import subprocess
+    import sys
+
+    hf = random_hf_clip(vocab=1000)  # tokenizer=demo's embedding rows
+    hf.config.text_config.max_position_embeddings = 24  # data.max_text_len of experiment=clip_tiny
+    hf = randomise_(transformers.CLIPModel(hf.config))
+    hf.save_pretrained(tmp_path / "hf")
+    base = [str(Path(sys.executable).parent / "mmpt-train"), "experiment=clip_tiny", "model=clip/openai_tiny",
+            "data.image_size=32", "data.batch_size=8", "data.num_workers=0", "trainer.max_steps=2",
+            "trainer.save_every=2", "eval.at_end=false", "logger=none", "deepspeed=zero0",
+            f"model.init.checkpoint={tmp_path / 'hf'}"]  # fmt: skip
+    proc = subprocess.run([*base, f"hydra.run.dir={tmp_path / 'run'}"], env=demo_env, capture_output=True, text=True,
+                          timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    n = len(build_model(preset_config("clip", "openai_tiny")).state_dict())  # every tensor of the model
+    assert f"pretrained HF CLIPModel from {tmp_path / 'hf'}: {n} tensors mapped" in log
+    assert "0 missing (left at initialisation)" in log and "0 unexpected (not used)" in log
+    bad = subprocess.run([*base, "model.quick_gelu=false", f"hydra.run.dir={tmp_path / 'bad'}"], env=demo_env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert "set model.quick_gelu=true" in bad.stderr

@@ -91,10 +91,11 @@ def test_open_clip_clip_matches_transformers_and_every_key(tmp_path: Path) -> No
     for tower, prefix in (("visual", "visual."), ("text", "")):
         for i in range(2):
             block, theirs = f"{tower}.transformer.blocks.{i}", f"{prefix}transformer.resblocks.{i}"
-            for ours_name, theirs_name in (("attn.qkv.weight", "attn.in_proj_weight"), ("attn.qkv.bias", "attn.in_proj_bias"),
-                                           ("attn.proj.weight", "attn.out_proj.weight"), ("norm1.weight", "ln_1.weight"),
-                                           ("norm2.bias", "ln_2.bias"), ("mlp.fc1.weight", "mlp.c_fc.weight"),
-                                           ("mlp.fc2.bias", "mlp.c_proj.bias")):  # fmt: skip
+            for ours_name, theirs_name in (
+                ("attn.qkv.weight", "attn.in_proj_weight"), ("attn.qkv.bias", "attn.in_proj_bias"),
+                ("attn.proj.weight", "attn.out_proj.weight"), ("norm1.weight", "ln_1.weight"), ("norm2.bias", "ln_2.bias"),
+                ("mlp.fc1.weight", "mlp.c_fc.weight"), ("mlp.fc2.bias", "mlp.c_proj.bias"),
+            ):  # fmt: skip
                 assert torch.equal(ours[f"{block}.{ours_name}"], sd[f"{theirs}.{theirs_name}"]), (block, ours_name)
 
 
@@ -119,7 +120,8 @@ def test_layout_and_shape_errors_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="open_clip's text tower is causal: set model.text_causal=true"):
         load(openai_tiny(text_causal=False), tmp_path / "oc.bin")
     wide = openai_tiny(contrastive={"embed_dim": 16})
-    with pytest.raises(ValueError, match=r"shape mismatch for vision_proj\.proj\.weight: model \(16, 64\), checkpoint \(32, 64\)"):
+    shapes = r"shape mismatch for vision_proj\.proj\.weight: model \(16, 64\), checkpoint \(32, 64\)"
+    with pytest.raises(ValueError, match=shapes):
         load(wide, tmp_path / "oc.bin")
 
 

@@ -116,7 +116,8 @@ def load_open_clip(model: nn.Module, sd: StateDict, source: str | Path) -> LoadR
     elif isinstance(model, CoCa):
         kind, text_causal, pairs = "CoCa", True, _coca_pairs(model)
     else:
-        raise ValueError(f"{source} is an open_clip state dict, which maps onto arch clip or coca, not {type(model).__name__}")
+        raise ValueError(f"{source} is an open_clip state dict, which maps onto arch clip or coca, "
+                         f"not {type(model).__name__}")
     errors = _layout_errors(model, sd, text_causal)
     if errors:
         raise ValueError(f"{source} (open_clip {kind}) does not fit the model: {'; '.join(errors)} "
