@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from mmpt.engine.config import ConfigError

@@ -22,6 +22,10 @@ class KeyPair:
     other: tuple[str, ...]
     kind: str = "same"
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS or (self.kind != "same" and len(self.other) != 1):
+            raise ValueError(f"KeyPair {self.mmpt}: kind {self.kind!r} must be one of {KINDS} (stacking: 'same' only)")
+
 
 def _reshaped(tensors: list[torch.Tensor], dst: torch.Tensor) -> tuple[torch.Tensor, str | None]:
     src = tensors[0]
