@@ -125,16 +125,20 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
 def init_checkpoint_source(path: str | Path) -> Path:
-    """`model.init.checkpoint` -> the newest complete tag dir of a run dir / checkpoints dir / tag dir, or a
-    plain state-dict file. Checked before launch, so a typo fails in a second instead of after start-up."""
+    """`model.init.checkpoint` -> the newest complete tag dir of a run dir / checkpoints dir / tag dir, a
+    Hugging Face CLIPModel directory, or a plain state-dict file. Checked before launch, so a typo fails in a
+    second instead of after start-up."""
+    from mmpt.interop.hf_clip import is_hf_clip_dir
+
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(
             f"model.init.checkpoint={str(path)!r} does not exist; give an mmpt run dir, one of its "
-            f"checkpoints/{TAG_PREFIX}* dirs, or a state-dict file ({', '.join(WEIGHT_SUFFIXES)})"
+            f"checkpoints/{TAG_PREFIX}* dirs, a Hugging Face CLIPModel dir, or a state-dict file "
+            f"({', '.join(WEIGHT_SUFFIXES)})"
         )
     if p.is_dir():
-        return resolve_checkpoint_dir(p)
+        return p if is_hf_clip_dir(p) else resolve_checkpoint_dir(p)
     if p.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"model.init.checkpoint={str(path)!r} is not a state-dict file ({', '.join(WEIGHT_SUFFIXES)})")
     return p
@@ -142,8 +146,12 @@ def init_checkpoint_source(path: str | Path) -> Path:
 
 def read_init_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """The whole-model state dict `model.init.checkpoint` names: consolidated fp32 weights of a DeepSpeed tag
-    (frozen parameters and buffers included), or the tensors of a plain file."""
+    (frozen parameters and buffers included), or the tensors of a plain file or of a Hugging Face model
+    directory, in their own naming (mmpt.models.pretrained.apply_init maps those through mmpt.interop)."""
+    from mmpt.interop.hf_clip import is_hf_clip_dir
     from mmpt.models.pretrained import read_state_dict
 
     source = init_checkpoint_source(path)
-    return load_model_weights(source) if source.is_dir() else read_state_dict(source)
+    if source.is_dir() and not is_hf_clip_dir(source):
+        return load_model_weights(source)
+    return read_state_dict(source)

@@ -12,6 +12,7 @@ from mmpt.models.protocol import ModelOutput, check_kind
 from mmpt.models.registry import register_arch
 from mmpt.modules.encoders import text_tower_from, vision_tower_from
 from mmpt.modules.heads import ProjectionHead, l2_normalize
+from mmpt.modules.mlp import QuickGELU
 from mmpt.models.config_parts import DualTowerConfig, build_contrastive_loss
 from mmpt.objectives.pair_codes import itc_codes
 
@@ -22,7 +23,13 @@ class CLIPConfig(DualTowerConfig):
 
     text_causal: False = bidirectional text tower pooled at [CLS] (position 0; our tokenizer writes
     [CLS] ... [SEP]); True = causal tower pooled at the last real token ([SEP], CLIP's EOT), since under a
-    causal mask [CLS] sees only itself.
+    causal mask [CLS] sees only itself. With right padding and one EOS per caption that is the token Hugging
+    Face's CLIPTextModel pools (the first `eos_token_id`; legacy configs: the argmax id, OpenAI's EOT).
+
+    quick_gelu: both towers' FFNs use x * sigmoid(1.702 x) instead of exact GELU (OpenAI CLIP's weights were
+    trained with it). The OpenAI layout (presets `openai_b16`, `openai_tiny`) is quick_gelu + text_causal +
+    vision.pre_norm + vision.patch_bias=false: it exports to and imports from Hugging Face's CLIPModel exactly
+    (mmpt/interop/hf_clip.py) and loads open_clip state dicts (mmpt/interop/open_clip.py).
     """
 
     supported_objectives: ClassVar[tuple[str, ...]] = ("itc",)
@@ -30,6 +37,7 @@ class CLIPConfig(DualTowerConfig):
 
     arch_name: ClassVar[str] = "clip"
     text_causal: bool = False
+    quick_gelu: bool = False
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -42,7 +50,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {"width": 512, "layers": 12, "heads": 8, "vocab_size": 49408, "max_text_len": 77},
         "contrastive": {"embed_dim": 512},
     },
-}
+    # OpenAI CLIP ViT-B/16 as released (and as Hugging Face's CLIPModel / open_clip hold it): quick-GELU, ln_pre,
+    # bias-free patch conv, causal text tower pooled at EOT. Shapes of `base`.
+    "openai_b16": {
+        "vision": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "heads": 12,
+                   "pre_norm": True, "patch_bias": False},
+        "text": {"width": 512, "layers": 12, "heads": 8, "vocab_size": 49408, "max_text_len": 77},
+        "contrastive": {"embed_dim": 512},
+        "text_causal": True, "quick_gelu": True,
+    },
+    # the openai_b16 layout at test size: 32 px / patch 8, 64-wide ViT and 32-wide text tower, 2 blocks each
+    "openai_tiny": {
+        "vision": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2,
+                   "pre_norm": True, "patch_bias": False},
+        "text": {"width": 32, "layers": 2, "heads": 2},
+        "contrastive": {"embed_dim": 32},
+        "text_causal": True, "quick_gelu": True,
+    },
+}  # fmt: skip
 
 
 class CLIP(nn.Module):
@@ -56,8 +81,9 @@ class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.visual = vision_tower_from(cfg.vision)
-        self.text = text_tower_from(cfg.text, causal=cfg.text_causal)
+        act = QuickGELU if cfg.quick_gelu else nn.GELU
+        self.visual = vision_tower_from(cfg.vision, act_layer=act)
+        self.text = text_tower_from(cfg.text, causal=cfg.text_causal, act_layer=act)
         self.vision_proj = ProjectionHead(cfg.vision.width, cfg.contrastive.embed_dim)
         self.text_proj = ProjectionHead(cfg.text.width, cfg.contrastive.embed_dim)
         self.itc = build_contrastive_loss(cfg.contrastive)

@@ -52,6 +52,9 @@ class TowerConfig:
 class VisionConfig(TowerConfig, PatchGrid):
     """`model.vision`: the ViT of a two-tower model."""
 
+    pre_norm: bool = False  # a LayerNorm on the embedded patches before the blocks (OpenAI CLIP's ln_pre)
+    patch_bias: bool = True  # False: a bias-free patch convolution (OpenAI CLIP)
+
 
 @dataclass
 class TextConfig(TowerConfig, TextInput):

@@ -388,7 +388,9 @@ class InitConfig:
     towers they load, so a later stage can restart one tower from a released checkpoint on purpose.
     """
 
-    checkpoint: Optional[str] = None  # mmpt run dir, checkpoints/step_* tag dir, or a .pt/.safetensors state dict
+    # mmpt run dir, checkpoints/step_* tag dir, a .pt/.safetensors state dict (mmpt's, or open_clip's CLIP/CoCa),
+    # or a Hugging Face CLIPModel directory (mmpt/interop)
+    checkpoint: Optional[str] = None
     vision: Optional[str] = None  # timm-style ViT state dict (file or directory) -> model.visual
     text: Optional[str] = None  # Hugging Face BERT checkpoint -> the model's text (+ fusion) layers
     # a later training stage: refuse to train without `checkpoint` (a `???` in a preset cannot say it, since the
@@ -411,7 +413,10 @@ def apply_init(
     teachers = {name: m for name, m in model.named_modules() if isinstance(m, MomentumTeacher)}
     teacher_loaded = False
     if init.checkpoint:
-        report = load_model_state(model, read_checkpoint(init.checkpoint), init.checkpoint)
+        from mmpt.interop import load_foreign_state  # HF CLIPModel / open_clip layouts; imports this module
+
+        sd = read_checkpoint(init.checkpoint)
+        report = load_foreign_state(model, sd, init.checkpoint) or load_model_state(model, sd, init.checkpoint)
         reports.append(report)
         teacher_loaded = not any(key.startswith(f"{name}.") for key in report.missing for name in teachers)
     if init.vision:

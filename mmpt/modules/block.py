@@ -61,6 +61,7 @@ class Block(nn.Module):
         cross_attention: bool = False,
         context_dim: int | None = None,
         norm_first: bool = True,
+        act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         if context_dim is not None and not cross_attention:
@@ -76,7 +77,7 @@ class Block(nn.Module):
                 dim, num_heads, context_dim, qkv_bias=qkv_bias, attn_dropout=attn_dropout, proj_dropout=dropout
             )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = mlp if mlp is not None else Mlp(dim, mlp_ratio=mlp_ratio, dropout=dropout)
+        self.mlp = mlp if mlp is not None else Mlp(dim, mlp_ratio=mlp_ratio, dropout=dropout, act_layer=act_layer)
         init_weights_(self)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,8 @@ class Transformer(nn.Module):
 
     With `cross_attention=True` every block cross-attends to the context passed to `forward` (a stack that
     mixes text-only and fusion layers is two stacks, as ALBEF's text encoder + fusion encoder are).
-    `norm_first=False` makes every block post-LN (BERT layout, see `Block`).
+    `norm_first=False` makes every block post-LN (BERT layout, see `Block`); `act_layer` is the FFN activation
+    (`mmpt.modules.mlp.QuickGELU` for OpenAI CLIP weights).
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class Transformer(nn.Module):
         cross_attention: bool = False,
         context_dim: int | None = None,
         norm_first: bool = True,
+        act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         self.width = width
@@ -154,6 +157,7 @@ class Transformer(nn.Module):
                 cross_attention=cross_attention,
                 context_dim=context_dim,
                 norm_first=norm_first,
+                act_layer=act_layer,
             )
             for _ in range(layers)
         )

@@ -15,7 +15,12 @@ from mmpt.modules.embeddings import PatchEmbedding, TextEmbedding
 
 
 class VisionTransformer(nn.Module):
-    """Images `b c h w` -> tokens `b n d`, n = 1 + (h/p)^2 with [CLS] at position 0, final LayerNorm."""
+    """Images `b c h w` -> tokens `b n d`, n = 1 + (h/p)^2 with [CLS] at position 0, final LayerNorm.
+
+    `pre_norm=True` adds a LayerNorm (`norm_pre`) on the embedded tokens (patches + [CLS] + positions) before
+    the first block: OpenAI CLIP's `ln_pre` (Hugging Face `pre_layrnorm`), needed to load/export that layout.
+    `patch_bias=False` drops the patch convolution's bias, as OpenAI CLIP has none.
+    """
 
     def __init__(
         self,
@@ -30,14 +35,21 @@ class VisionTransformer(nn.Module):
         in_chans: int = 3,
         cls_token: bool = True,
         norm_eps: float = 1e-5,
+        pre_norm: bool = False,
+        patch_bias: bool = True,
+        act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         self.width = width
-        self.patch_embed = PatchEmbedding(image_size, patch_size, width, in_chans=in_chans, cls_token=cls_token)
+        self.patch_embed = PatchEmbedding(
+            image_size, patch_size, width, in_chans=in_chans, cls_token=cls_token, bias=patch_bias
+        )
+        self.norm_pre: nn.LayerNorm | None = nn.LayerNorm(width, eps=norm_eps) if pre_norm else None
         self.drop = nn.Dropout(dropout)
         self.transformer = Transformer(
-            width, layers, heads, mlp_ratio, dropout=dropout, attn_dropout=attn_dropout, norm_eps=norm_eps
-        )
+            width, layers, heads, mlp_ratio, dropout=dropout, attn_dropout=attn_dropout, norm_eps=norm_eps,
+            act_layer=act_layer,
+        )  # fmt: skip
         self.norm = nn.LayerNorm(width, eps=norm_eps)
 
     @property
@@ -45,7 +57,10 @@ class VisionTransformer(nn.Module):
         return self.patch_embed.num_tokens
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.transformer(self.drop(self.patch_embed(images))))
+        x = self.patch_embed(images)
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
+        return self.norm(self.transformer(self.drop(x)))
 
     def flops_per_sample(self) -> float:
         """Training FLOPs for one image: patch projection + `Transformer.flops(num_tokens)`.
@@ -82,6 +97,7 @@ class TextTransformer(nn.Module):
         causal: bool = False,
         norm_eps: float = 1e-5,
         norm_first: bool = True,
+        act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         self.width = width
@@ -93,7 +109,7 @@ class TextTransformer(nn.Module):
         )
         self.transformer = Transformer(
             width, layers, heads, mlp_ratio, dropout=dropout, attn_dropout=attn_dropout, norm_eps=norm_eps,
-            norm_first=norm_first,
+            norm_first=norm_first, act_layer=act_layer,
         )  # fmt: skip
         self.norm: nn.Module = nn.LayerNorm(width, eps=norm_eps) if norm_first else nn.Identity()
 
@@ -113,17 +129,19 @@ class TextTransformer(nn.Module):
         return self.transformer.flops(seq_len if seq_len is not None else self.max_len)
 
 
-def vision_tower_from(cfg: Any, cls_token: bool = True) -> VisionTransformer:
+def vision_tower_from(cfg: Any, cls_token: bool = True, act_layer: type[nn.Module] = nn.GELU) -> VisionTransformer:
     """The ViT of a `model.vision` config (mmpt.models.config_parts.VisionConfig: patch grid + tower geometry)."""
     return VisionTransformer(
         cfg.image_size, cfg.patch_size, cfg.width, cfg.layers, cfg.heads, mlp_ratio=cfg.mlp_ratio,
         dropout=cfg.dropout, attn_dropout=cfg.dropout, cls_token=cls_token, norm_eps=cfg.norm_eps,
+        pre_norm=cfg.pre_norm, patch_bias=cfg.patch_bias, act_layer=act_layer,
     )  # fmt: skip
 
 
-def text_tower_from(cfg: Any, causal: bool = False) -> TextTransformer:
+def text_tower_from(cfg: Any, causal: bool = False, act_layer: type[nn.Module] = nn.GELU) -> TextTransformer:
     """The text transformer of a `model.text` config (mmpt.models.config_parts.TextConfig)."""
     return TextTransformer(
         cfg.vocab_size, cfg.max_text_len, cfg.width, cfg.layers, cfg.heads, mlp_ratio=cfg.mlp_ratio,
         dropout=cfg.dropout, attn_dropout=cfg.dropout, causal=causal, norm_eps=cfg.norm_eps, norm_first=cfg.norm_first,
+        act_layer=act_layer,
     )  # fmt: skip

@@ -5,6 +5,14 @@ import torch
 from torch import nn
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the sigmoid approximation of GELU that OpenAI CLIP was trained with, so its
+    weights (and Hugging Face `hidden_act="quick_gelu"`) need it to reproduce their outputs exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 class Mlp(nn.Module):
     """`b n d -> b n d`: Linear(d, r*d) -> GELU -> dropout -> [LayerNorm(r*d)] -> Linear(r*d, d) -> dropout.
 
