@@ -119,12 +119,21 @@ def _missing_option(exc: MissingConfigException, overrides: Sequence[str]) -> st
             f"(configs {describe_conf_dirs(group)})")
 
 
+def missing_extra(exc: BaseException, overrides: Sequence[str]) -> str | None:
+    """The `needs the [extra]` message when `exc` comes from a launcher whose optional extra is not installed."""
+    if not isinstance(exc, MissingConfigException):
+        return None
+    place = find_group(exc.missing_cfg_file or "")
+    return _needed_extra(*place, str(exc), overrides) if place is not None else None
+
+
 def _needed_extra(group: str, option: str, text: str, overrides: Sequence[str]) -> str | None:
     """`hydra/launcher=slurm` without hydra-submitit-launcher: name the extra that installs it."""
     if group != "hydra/launcher":
         return None
     chosen = _override_for(group, overrides)
-    asked = chosen.split("=", 1)[1] if chosen else option
+    parent = re.match(r"In 'hydra/launcher/([^']+)'", text)  # our slurm.yaml naming Hydra's submitit_slurm
+    asked = chosen.split("=", 1)[1] if chosen else parent.group(1) if parent else option
     plugin = _LAUNCHER_EXTRA.get(asked) or _LAUNCHER_EXTRA.get(option)
     if plugin is None and "submitit" in text:
         plugin = "submitit"
