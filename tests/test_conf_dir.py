@@ -116,3 +116,20 @@ def test_a_users_sweep_spec_by_name_checks_against_the_users_experiment(user_con
                            "scheduler.warmup_steps=50,100")
     code, out, err = run_sweep(capsys, "check", "my_sweep")
     assert code == 0 and out.startswith("ok: my_sweep: method=grid"), err
+
+
+def test_a_sweep_with_a_brace_pattern_in_its_command_checks_as_mmpt_train_runs_it(tmp_path, monkeypatch, capsys):
+    """A W&B agent passes `data.train.urls=/d/{0..1}.tar` unquoted; mmpt-train quotes it, and so does check."""
+    monkeypatch.delenv("MMPT_CONF_DIR", raising=False)
+    spec = yaml.safe_load((CONF_DIR / "sweep" / "clip_tiny_lr.yaml").read_text())
+    spec["command"] = ["${env}", "mmpt-train", "experiment=clip_tiny", "data.train.urls=/d/{00000..00009}.tar",
+                       "${args_no_hyphens}"]
+    path = tmp_path / "braces.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    code, out, err = run_sweep(capsys, "hydra", str(path), "data.eval.urls=/e/{0..1}.tar")
+    assert code == 0, err
+    assert out.strip() == ("mmpt-train -m experiment=clip_tiny 'data.train.urls=/d/{00000..00009}.tar' "
+                           "'data.eval.urls=/e/{0..1}.tar' optimizer.lr=0.0003,0.001,0.003 "
+                           "scheduler.warmup_steps=50,100")
+    code, out, err = run_sweep(capsys, "check", str(path))
+    assert code == 0 and out.startswith(f"ok: {path}"), err

@@ -247,7 +247,9 @@ def check_composes(spec: SweepSpec, conf_dir: Path, extra: list[str] | None = No
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    fixed = fixed_overrides(spec, extra)
+    from mmpt.cli.brace_quoting import quote_brace_override
+
+    fixed = [quote_brace_override(o) for o in fixed_overrides(spec, extra)]  # as mmpt-train reads them
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3",
