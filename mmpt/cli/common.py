@@ -2,16 +2,14 @@
 exit code 2."""
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Callable
 from functools import wraps
-from pathlib import Path
 from typing import Any
 
 from mmpt.cli.brace_quoting import quote_brace_override
-from mmpt.cli.conf_search import CONF_DIR, register_search_path_plugin
+from mmpt.cli.conf_search import CONF_DIR, register_search_path_plugin  # noqa: F401 - CONF_DIR re-exported
 from mmpt.engine.config import ConfigError
 from mmpt.models.registry import register_model_presets
 

@@ -171,7 +171,10 @@ def hydra_errors_exit(overrides: Sequence[str], fail: Callable[[str], None]) -> 
     """Within: Hydra composition errors that `explain` knows end as `fail(message)` (one line, exit 2)."""
     import hydra._internal.utils as hydra_utils
 
-    original = hydra_utils.run_and_report
+    original = getattr(hydra_utils, "run_and_report", None)
+    if original is None:  # a Hydra without this hook: its own error reports stay
+        yield
+        return
 
     def run_and_report(func: Callable[[], Any]) -> Any:
         def explained() -> Any:
