@@ -105,6 +105,14 @@ def test_brace_patterns_in_values_are_quoted_for_hydra(typed, normalised, value)
     assert OverridesParser.create().parse_override(normalised).value() == value
 
 
+def test_only_braces_outside_interpolations_are_patterns():
+    from mmpt.cli.brace_quoting import has_brace_pattern
+
+    assert has_brace_pattern("${oc.env:D}/{0..9}.tar") and has_brace_pattern("/d/{a,b}.tar")
+    assert not has_brace_pattern("${oc.decode:'{a,b}'}") and not has_brace_pattern("${x}/{a: 1}")
+    assert not has_brace_pattern("/d/{single}.tar") and not has_brace_pattern("${a.b}")
+
+
 @pytest.mark.parametrize("typed, normalised, values", [
     ("x=/d/{0..9}.tar,/e/{0..9}.tar", "x='/d/{0..9}.tar','/e/{0..9}.tar'", ["/d/{0..9}.tar", "/e/{0..9}.tar"]),
     ("x=a,b", "x=a,b", ["a", "b"]),

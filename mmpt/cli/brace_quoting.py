@@ -23,8 +23,26 @@ def quote_brace_override(arg: str) -> str:
 
 
 def has_brace_pattern(text: str) -> bool:
-    """A `{a..b}` range or `{x,y,...}` list that braceexpand (and WebDataset) would expand."""
-    return any(_RANGE.fullmatch(m.group(1)) or "," in m.group(1) for m in _PATTERN_GROUP.finditer(text))
+    """A `{a..b}` range or `{x,y,...}` list that braceexpand (and WebDataset) would expand, outside `${...}`."""
+    plain = _without_interpolations(text)
+    return any(_RANGE.fullmatch(m.group(1)) or "," in m.group(1) for m in _PATTERN_GROUP.finditer(plain))
+
+
+def _without_interpolations(text: str) -> str:
+    """`text` minus its `${...}` spans (nested braces included): a resolver's arguments are no path pattern."""
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        if text.startswith("${", i):
+            depth += 1
+            i += 2
+            continue
+        if depth:
+            depth += text[i] == "{"
+            depth -= text[i] == "}"
+        else:
+            out.append(text[i])
+        i += 1
+    return "".join(out)
 
 
 def split_top_level(text: str, sep: str) -> list[str]:
