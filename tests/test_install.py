@@ -17,6 +17,20 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+# The dev extra's packages: the fresh venv must work without them, as a plain `pip install mmpt` would.
+DEV_ONLY = ("transformers", "pycocoevalcap", "pytest")
+BLOCKER = f"""import sys
+from importlib.abc import MetaPathFinder
+
+class _DevOnly(MetaPathFinder):
+    \"\"\"Installed in the borrowed site-packages, but not part of a plain install of mmpt.\"\"\"
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {DEV_ONLY!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (dev extra, blocked in this test venv)")
+        return None
+
+sys.meta_path.insert(0, _DevOnly())
+"""
 pytestmark = pytest.mark.slow  # builds a wheel and a venv, runs console scripts (~30 s on 2 cores)
 
 
@@ -51,6 +65,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     purelib = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env, tmp)
                    .stdout.strip())
     (purelib / "_mmpt_test_deps.pth").write_text("".join(f"{p}\n" for p in site.getsitepackages()))
+    (purelib / "_mmpt_test_block_dev.py").write_text(BLOCKER)
+    (purelib / "_mmpt_test_block_dev.pth").write_text("import _mmpt_test_block_dev\n")
     return {"bin": venv / "bin", "venv": venv, "purelib": purelib, "env_base": tmp}
 
 
@@ -69,6 +85,13 @@ def test_mmpt_comes_from_the_wheel_with_its_configs(installed, clean_env, tmp_pa
     assert Path(got["mmpt"]) == package / "__init__.py"
     assert Path(got["conf"]) == package / "conf" and (package / "conf" / "model" / "clip" / "tiny.yaml").is_file()
     assert got["ext"] == str(installed["venv"] / "torch_extensions")  # DeepSpeed's ops cached in this venv
+    # every module of the package imports on a plain install (no dev extra)
+    walk = ("import importlib, pkgutil, mmpt; names = [m.name for m in pkgutil.walk_packages(mmpt.__path__, 'mmpt.')]; "
+            "[importlib.import_module(n) for n in names]; print(len(names))")
+    assert int(run([installed["bin"] / "python", "-c", walk], clean_env, tmp_path).stdout) > 50
+    blocked = subprocess.run([installed["bin"] / "python", "-c", "import transformers"], env=clean_env,
+                             capture_output=True, text=True, timeout=60)
+    assert blocked.returncode == 1 and "dev extra, blocked in this test venv" in blocked.stderr
 
 
 def test_installed_mmpt_train_dry_run_works_from_another_directory(installed, clean_env, tmp_path):
@@ -102,3 +125,17 @@ def test_installed_commands_answer_from_another_directory(installed, clean_env, 
     proc = subprocess.run([installed["bin"] / "mmpt-eval"], env=clean_env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: missing ckpt=")
+
+
+def test_installed_visual_tokenizer_writes_safetensors_without_the_dev_extra(installed, clean_env, demo_dir,
+                                                                             tmp_path):
+    """`mmpt-data visual-tokenizer` (scripts/vlmo_stagewise.sh's first step) on a plain install."""
+    out = tmp_path / "vt.safetensors"
+    run([installed["bin"] / "mmpt-data", "visual-tokenizer", "--shards", f"{demo_dir}/train/{{00000..00001}}.tar",
+         "--codebook-size", "8", "--out", out, "--patch-size", "8", "--image-size", "32", "--max-images", "16",
+         "--iters", "2"], clean_env, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        shapes = {k: tuple(f.get_tensor(k).shape) for k in f.keys()}
+    assert (8, 8 * 8 * 3) in shapes.values(), shapes  # K codes of 8x8 RGB patches
