@@ -95,11 +95,18 @@ def test_cfg_keeps_hydras_output(monkeypatch, capsys):
     assert OmegaConf.create(out).data.train.urls == "/d/{00000..00331}.tar"
 
 
+def test_a_missing_config_dir_flag_is_one_line(monkeypatch, capsys, tmp_path):
+    code, _, err = run_main(monkeypatch, capsys, "--config-dir", str(tmp_path / "nope"), "trainer.dry_run=true")
+    assert code == 2 and one_error_line(err) == (
+        f"error: Additional config directory '{tmp_path / 'nope'}' not found; "
+        "--config-dir takes an existing folder of config groups")
+
+
 def test_missing_mandatory_value_is_explained():
     with pytest.raises(Exception) as info:
         _ = OmegaConf.create({"data": {"urls": "???"}}).data.urls
-    assert explain(info.value, []) == ("config key 'data.urls' is required but not set (???); "
-                                       "set it on the command line: data.urls=...")
+    assert explain(info.value, []) == ("config key 'data.urls' is required but not set (???). "
+                                       "Set it on the command line: data.urls=...")
 
 
 def test_errors_it_does_not_know_are_left_to_hydra():
@@ -117,6 +124,16 @@ def test_console_script_unknown_key_exits_2_with_one_line(demo_env, tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert one_error_line(proc.stderr).startswith("error: unknown config key 'trainer.max_stpes'")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # a CLI subprocess
+def test_a_missing_mandatory_value_is_one_line_naming_the_key(demo_env, tmp_path):
+    proc = subprocess.run([str(BIN / "mmpt-train"), "data=webdataset", "trainer.dry_run=true",
+                           f"hydra.run.dir={tmp_path}/run"], env=demo_env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert one_error_line(proc.stderr) == ("error: config key 'data.train.urls' is required but not set (???). "
+                                           "Set it on the command line: data.train.urls=...")
 
 
 # Hydra finds launcher plugins by walking the `hydra_plugins` namespace package: an empty one hides the

@@ -40,7 +40,7 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> str | None:
         return f"{_first_line(exc)}; --config-dir takes an existing folder of config groups"
     if isinstance(exc, MissingMandatoryValue):
         key = getattr(exc, "full_key", None) or "?"
-        return f"config key '{key}' is required but not set (???); set it on the command line: {key}=..."
+        return f"config key '{key}' is required but not set (???). Set it on the command line: {key}=..."
     if not isinstance(exc, ConfigCompositionException):
         return None
     text = str(exc)
