@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Create or update .venv with mmpt (and extras given as $1, e.g. "dev"). Sourced by quickstart.sh and test.sh.
-# Idempotent: reinstalls only when pyproject.toml changed. Caches DeepSpeed's JIT-built comm op.
+# Idempotent: reinstalls only when pyproject.toml changed. Caches DeepSpeed's JIT-built comm op in the venv.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 EXTRAS="${1:-}"
 PY="${PYTHON:-python3}"
 VENV="${MMPT_VENV:-$ROOT/.venv}"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 quiet_pip() {  # pip, minus the noise about absent local mirror folders; keeps pip's exit code
@@ -24,6 +23,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
+# DeepSpeed's JIT-built ops are cached per venv: the default `import mmpt` sets (mmpt/torch_extensions.py)
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VIRTUAL_ENV/torch_extensions}"
 
 # One stamp per extra; an install with the dev extra also satisfies a plain install.
 hash="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16)"

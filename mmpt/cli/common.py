@@ -2,18 +2,18 @@
 exit code 2."""
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Callable
 from functools import wraps
-from pathlib import Path
 from typing import Any
 
+from mmpt.cli.brace_quoting import quote_brace_override
+from mmpt.cli.conf_search import CONF_DIR, register_search_path_plugin  # noqa: F401 - CONF_DIR re-exported
 from mmpt.engine.config import ConfigError
 from mmpt.models.registry import register_model_presets
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # shipped inside the package (pip install / wheel)
+register_search_path_plugin()  # MMPT_CONF_DIR's groups ahead of the shipped mmpt/conf/ (conf_search.py)
 register_model_presets()  # mmpt/conf/model/*/*.yaml name their Python presets (model_preset/<arch>_<preset>)
 USER_ERRORS = (ConfigError, FileNotFoundError)
 
@@ -68,7 +68,8 @@ def normalize_override_args(argv: list[str]) -> list[str]:
     """`--key=value` -> `key=value`, `--key value` -> `key=value`, `--~key` -> `~key`; Hydra's own flags
     (`--multirun`, `--config-name X`, `--cfg job`, ...), short flags (`-m`) and anything that is not an
     override key stay as they are, so Hydra still reports them. Only exact flag names count: argparse would
-    read `--experiment=x` as an abbreviation of `--experimental-rerun`, so an override key wins."""
+    read `--experiment=x` as an abbreviation of `--experimental-rerun`, so an override key wins. Brace patterns
+    in values (`data.train.urls=/d/{0..9}.tar`, the shell having stripped the quotes) come back quoted."""
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -89,4 +90,9 @@ def normalize_override_args(argv: list[str]) -> list[str]:
             i += 1
         else:
             out.append(arg)  # a bare --flag: leave it for Hydra to reject by name
-    return out
+    return [quote_brace_override(a) if _is_override(a) else a for a in out]
+
+
+def _is_override(arg: str) -> bool:
+    key, eq, _ = arg.partition("=")
+    return bool(eq) and _OVERRIDE_KEY.fullmatch(key) is not None

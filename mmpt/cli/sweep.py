@@ -1,5 +1,7 @@
 """`mmpt-sweep`: hyper-parameter sweeps of `mmpt-train` from W&B sweep specs (mmpt/conf/sweep/*.yaml).
 
+SPEC is a spec file or the name of one in mmpt/conf/sweep/ or $MMPT_CONF_DIR/sweep/ (e.g. albef_lr_grid).
+
   mmpt-sweep check SPEC [OVERRIDE ...]            validate: method, metric, and that the command's fixed
                                                   overrides and every parameter value compose against mmpt/conf/
   mmpt-sweep hydra SPEC [OVERRIDE ...] [--run]    offline: the equivalent `mmpt-train -m ...` Hydra multirun
@@ -31,7 +33,8 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def check_composes(spec, extra: list[str] | None = None) -> int:
-    """sweep_spec.check_composes against mmpt/conf/ (imports torch and the models: only when checking)."""
+    """sweep_spec.check_composes against mmpt/conf/ and MMPT_CONF_DIR (imports torch and the models: only when
+    checking)."""
     from mmpt.cli.common import CONF_DIR
     from mmpt.cli.sweep_spec import check_composes as check
 
@@ -43,9 +46,23 @@ def _offline_hint(spec: str = "SPEC") -> str:
             "(then `wandb sync <run dir>/wandb/offline-run-*`)")
 
 
+def resolve_spec(name_or_path: str) -> Path:
+    """A path as given when it exists; otherwise a spec of that name in MMPT_CONF_DIR/sweep or mmpt/conf/sweep."""
+    from mmpt.cli.conf_search import find_sweep_spec
+
+    path = Path(name_or_path)
+    return path if path.exists() else find_sweep_spec(name_or_path) or path
+
+
 def _spec_or_fail(path: str):
+    from mmpt.cli.conf_search import user_conf_dir
+
     try:
-        return load_spec(path)
+        user_conf_dir()
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    try:
+        return load_spec(resolve_spec(path))
     except SpecError as exc:
         fail(f"{path}: {exc}")
 

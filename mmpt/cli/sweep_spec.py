@@ -93,7 +93,11 @@ def load_spec(path: str | Path) -> SweepSpec:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SpecError(f"no such sweep spec: {path} (the specs are in mmpt/conf/sweep/)") from None
+        from mmpt.cli.conf_search import conf_dirs
+
+        names = sorted({p.stem for root in conf_dirs() for p in (root / "sweep").glob("*.yaml")})
+        raise SpecError(f"no such sweep spec: {path}; give a spec file or the name of one in mmpt/conf/sweep/ or "
+                        f"$MMPT_CONF_DIR/sweep/: {', '.join(names)}") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
@@ -243,7 +247,9 @@ def check_composes(spec: SweepSpec, conf_dir: Path, extra: list[str] | None = No
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    fixed = fixed_overrides(spec, extra)
+    from mmpt.cli.brace_quoting import quote_brace_override
+
+    fixed = [quote_brace_override(o) for o in fixed_overrides(spec, extra)]  # as mmpt-train reads them
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3",
@@ -265,8 +271,10 @@ def _compose(overrides: list[str]) -> Any:
 
 def _is_group(key: str, conf_dir: Path) -> bool:
     """`model`, `hydra/launcher`, `model@x`: a config group choice rather than a value."""
+    from mmpt.cli.conf_search import conf_dirs
+
     name = key.lstrip("+~").split("@", 1)[0]
-    return "/" in name or ("." not in name and (conf_dir / name).is_dir())
+    return "/" in name or ("." not in name and any((d / name).is_dir() for d in {conf_dir, *conf_dirs()}))
 
 
 def _check_fast(spec: SweepSpec, fixed: list[str], conf_dir: Path) -> int:
@@ -352,6 +360,11 @@ class _ConfigChecker:
 
 
 def _first_line(exc: BaseException) -> str:
+    from mmpt.cli.hydra_errors import missing_extra
+
+    extra = missing_extra(exc, [])  # e.g. hydra/launcher=slurm without the [slurm] extra
+    if extra is not None:
+        return extra
     text = str(exc).strip() or type(exc).__name__
     return " ".join(line.strip() for line in text.splitlines()[:2] if line.strip())
 

@@ -12,7 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mmpt.cli.common import CONF_DIR, strip_launcher_args, user_errors_exit
+from mmpt.cli.common import CONF_DIR, fail, strip_launcher_args, user_errors_exit
+from mmpt.cli.conf_search import user_conf_dir
+from mmpt.cli.hydra_errors import hydra_errors_exit
 from mmpt.engine.dry_run import dry_run_report, format_report
 from mmpt.engine.run_setup import configure_logging, current_env, start_distributed, validate
 
@@ -56,7 +58,12 @@ def _hydra_entry(raw: DictConfig) -> None:
 
 def main() -> None:
     sys.argv = strip_launcher_args(sys.argv)
-    _hydra_entry()
+    try:
+        user_conf_dir()  # a set but missing MMPT_CONF_DIR: one line, before Hydra starts
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    with hydra_errors_exit(sys.argv[1:], fail):
+        _hydra_entry()
 
 
 if __name__ == "__main__":
