@@ -20,7 +20,7 @@ from torch import nn
 
 from mmpt.engine.config import ConfigError
 from mmpt.interop.key_pairs import KeyPair, export_rules, import_rules, weight_and_bias
-from mmpt.models.pretrained import LoadReport, StateDict, _apply_rules
+from mmpt.models.pretrained import LoadReport, StateDict, apply_rules
 
 logger = logging.getLogger("mmpt")
 
@@ -138,7 +138,7 @@ def export_hf_clip(model: nn.Module, tokenizer_file: Path | None, out_dir: Path)
                           "pip install transformers") from None
     hf_model = HFCLIPModel(hf_clip_config(model)).eval()
     report = LoadReport(source="mmpt model")
-    _apply_rules(dict(hf_model.state_dict()), export_rules(hf_clip_pairs(*_layers(model))), _export_state(model), report)
+    apply_rules(dict(hf_model.state_dict()), export_rules(hf_clip_pairs(*_layers(model))), _export_state(model), report)
     left = [k for k in report.missing if not k.endswith("position_ids")] + report.unexpected
     if left:  # the table and hf_export_problems disagree: a bug, not a user error
         raise RuntimeError(f"HF export left tensors unmapped: {left}")
@@ -211,7 +211,7 @@ def load_hf_clip(model: nn.Module, sd: StateDict, source: str | Path) -> LoadRep
         raise ValueError(f"{source} (Hugging Face CLIPModel) does not fit the model: {'; '.join(errors)} "
                          f"(the presets {PRESETS_THAT_EXPORT} have its layout)")
     report = LoadReport(source=str(source), notes=notes)
-    _apply_rules(dict(model.state_dict()), import_rules(hf_clip_pairs(*_layers(model))), sd, report)
+    apply_rules(dict(model.state_dict()), import_rules(hf_clip_pairs(*_layers(model))), sd, report)
     for note in notes:
         logger.warning("HF CLIPModel from %s: %s", source, note)
     report.log("HF CLIPModel")

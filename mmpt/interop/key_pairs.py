@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmpt.models.pretrained import _Rule
+from mmpt.models.pretrained import Rule
 
 # How a foreign tensor differs from mmpt's: "same" (several foreign tensors = mmpt's, stacked along dim 0, as
 # q, k, v in a fused qkv), "reshape" (same values, other leading singleton dims: cls token `d` vs `1 1 d`,
@@ -46,19 +46,19 @@ def _chunk(index: int, parts: int):  # noqa: ANN202 - a rule transform
 _TRANSFORMS = {"same": None, "reshape": _reshaped, "transpose": _transposed}
 
 
-def import_rules(pairs: list[KeyPair]) -> list[_Rule]:
+def import_rules(pairs: list[KeyPair]) -> list[Rule]:
     """Foreign key(s) -> mmpt key."""
-    return [_Rule(p.mmpt, p.other, _TRANSFORMS[p.kind]) for p in pairs]
+    return [Rule(p.mmpt, p.other, _TRANSFORMS[p.kind]) for p in pairs]
 
 
-def export_rules(pairs: list[KeyPair]) -> list[_Rule]:
+def export_rules(pairs: list[KeyPair]) -> list[Rule]:
     """mmpt key -> foreign key(s); a stacked mmpt tensor is split back into its parts."""
-    rules: list[_Rule] = []
+    rules: list[Rule] = []
     for p in pairs:
         if len(p.other) > 1:
-            rules += [_Rule(name, (p.mmpt,), _chunk(i, len(p.other))) for i, name in enumerate(p.other)]
+            rules += [Rule(name, (p.mmpt,), _chunk(i, len(p.other))) for i, name in enumerate(p.other)]
         else:
-            rules.append(_Rule(p.other[0], (p.mmpt,), _TRANSFORMS[p.kind]))
+            rules.append(Rule(p.other[0], (p.mmpt,), _TRANSFORMS[p.kind]))
     return rules
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mmpt.interop.key_pairs import KeyPair, import_rules, weight_and_bias
-from mmpt.models.pretrained import LoadReport, StateDict, _apply_rules, _Rule
+from mmpt.models.pretrained import LoadReport, StateDict, apply_rules, Rule
 
 logger = logging.getLogger("mmpt")
 
@@ -124,7 +124,7 @@ def load_open_clip(model: nn.Module, sd: StateDict, source: str | Path) -> LoadR
                          "(clip/openai_b16 and clip/openai_tiny have OpenAI's layout)")
     rules = import_rules(pairs)
     if kind == "CoCa":
-        rules.append(_Rule("visual.patch_embed.pos_embed", ("visual.positional_embedding",), _drop_cls_row))
+        rules.append(Rule("visual.patch_embed.pos_embed", ("visual.positional_embedding",), _drop_cls_row))
     acts = "quick-GELU" if getattr(cfg, "quick_gelu", False) else "exact GELU"
     notes = [f"open_clip state dicts record no activation or head count: loaded as {acts}, vision.heads="
              f"{cfg.vision.heads}, text.heads={cfg.text.heads} (OpenAI weights need model.quick_gelu=true)"]
@@ -134,7 +134,7 @@ def load_open_clip(model: nn.Module, sd: StateDict, source: str | Path) -> LoadR
         notes.append("open_clip's attentional pooler, ln_post, visual.proj and text_decoder.* have no exact counterpart "
                      "in mmpt's CoCa: left at initialisation (the poolers, vision_proj, the multimodal decoder)")
     report = LoadReport(source=str(source), notes=notes)
-    _apply_rules(dict(model.state_dict()), rules, sd, report)
+    apply_rules(dict(model.state_dict()), rules, sd, report)
     for note in notes:
         logger.warning("open_clip %s from %s: %s", kind, source, note)
     report.log(f"open_clip {kind}")

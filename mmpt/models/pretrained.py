@@ -67,7 +67,7 @@ class LoadReport:
 
 
 @dataclass(frozen=True)
-class _Rule:
+class Rule:
     target: str
     sources: tuple[str, ...]
     transform: Transform | None = None  # None: the tensor itself, or several concatenated along dim 0
@@ -137,7 +137,7 @@ def _default_transform(tensors: list[torch.Tensor], _dst: torch.Tensor) -> tuple
     return (tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)), None
 
 
-def _apply_rules(targets: StateDict, rules: list[_Rule], sd: StateDict, report: LoadReport) -> None:
+def apply_rules(targets: StateDict, rules: list[Rule], sd: StateDict, report: LoadReport) -> None:
     """Check every rule, then copy. A rule whose sources are all absent is skipped (its target stays
     missing); one whose target the model lacks is skipped (its sources stay unexpected)."""
     pending: StateDict = {}
@@ -206,25 +206,25 @@ def resize_pos_embed(
     return torch.cat([src[:, :p_src], grid], dim=1), f"grid {g_src}x{g_src} -> {g_dst}x{g_dst} (bicubic)"
 
 
-def _timm_rules(vit: VisionTransformer, antialias: bool) -> list[_Rule]:
+def _timm_rules(vit: VisionTransformer, antialias: bool) -> list[Rule]:
     num_prefix = 1 if vit.patch_embed.cls_token is not None else 0
 
     def pos_transform(tensors: list[torch.Tensor], dst: torch.Tensor) -> tuple[torch.Tensor, str | None]:
         return resize_pos_embed(tensors[0], dst, num_prefix, antialias)
 
     rules = [
-        _Rule("patch_embed.cls_token", ("cls_token",)),
-        _Rule("patch_embed.pos_embed", ("pos_embed",), pos_transform),
+        Rule("patch_embed.cls_token", ("cls_token",)),
+        Rule("patch_embed.pos_embed", ("pos_embed",), pos_transform),
     ]
     for p in ("weight", "bias"):
         rules += [
-            _Rule(f"patch_embed.proj.{p}", (f"patch_embed.proj.{p}",)),
-            _Rule(f"norm.{p}", (f"norm.{p}",)),
+            Rule(f"patch_embed.proj.{p}", (f"patch_embed.proj.{p}",)),
+            Rule(f"norm.{p}", (f"norm.{p}",)),
         ]
         for i in range(len(vit.transformer.blocks)):
             src, dst = f"blocks.{i}", f"transformer.blocks.{i}"
             rules += [
-                _Rule(f"{dst}.{name}.{p}", (f"{src}.{name}.{p}",))
+                Rule(f"{dst}.{name}.{p}", (f"{src}.{name}.{p}",))
                 for name in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
             ]
     return rules
@@ -240,7 +240,7 @@ def load_timm_vit(vit: VisionTransformer, path: str | Path, pos_antialias: bool 
     """
     sd = read_state_dict(path)
     report = LoadReport(source=str(path))
-    _apply_rules(dict(vit.state_dict()), _timm_rules(vit, pos_antialias), sd, report)
+    apply_rules(dict(vit.state_dict()), _timm_rules(vit, pos_antialias), sd, report)
     report.log("timm ViT")
     return report
 
@@ -256,23 +256,23 @@ def _bert_key(key: str) -> str:
     return key
 
 
-def _bert_layer_rules(src: str, dst: str) -> list[_Rule]:
+def _bert_layer_rules(src: str, dst: str) -> list[Rule]:
     """One BERT layer (post-LN) onto one of our blocks; q, k, v stacked in our fused qkv's order."""
-    rules: list[_Rule] = []
+    rules: list[Rule] = []
     for p in ("weight", "bias"):
         qkv = tuple(f"{src}.attention.self.{n}.{p}" for n in ("query", "key", "value"))
         kv = tuple(f"{src}.crossattention.self.{n}.{p}" for n in ("key", "value"))
         rules += [
-            _Rule(f"{dst}.attn.qkv.{p}", qkv),
-            _Rule(f"{dst}.attn.proj.{p}", (f"{src}.attention.output.dense.{p}",)),
-            _Rule(f"{dst}.norm1.{p}", (f"{src}.attention.output.LayerNorm.{p}",)),
-            _Rule(f"{dst}.cross_attn.q.{p}", (f"{src}.crossattention.self.query.{p}",)),
-            _Rule(f"{dst}.cross_attn.kv.{p}", kv),
-            _Rule(f"{dst}.cross_attn.proj.{p}", (f"{src}.crossattention.output.dense.{p}",)),
-            _Rule(f"{dst}.norm_cross.{p}", (f"{src}.crossattention.output.LayerNorm.{p}",)),
-            _Rule(f"{dst}.mlp.fc1.{p}", (f"{src}.intermediate.dense.{p}",)),
-            _Rule(f"{dst}.mlp.fc2.{p}", (f"{src}.output.dense.{p}",)),
-            _Rule(f"{dst}.norm2.{p}", (f"{src}.output.LayerNorm.{p}",)),
+            Rule(f"{dst}.attn.qkv.{p}", qkv),
+            Rule(f"{dst}.attn.proj.{p}", (f"{src}.attention.output.dense.{p}",)),
+            Rule(f"{dst}.norm1.{p}", (f"{src}.attention.output.LayerNorm.{p}",)),
+            Rule(f"{dst}.cross_attn.q.{p}", (f"{src}.crossattention.self.query.{p}",)),
+            Rule(f"{dst}.cross_attn.kv.{p}", kv),
+            Rule(f"{dst}.cross_attn.proj.{p}", (f"{src}.crossattention.output.dense.{p}",)),
+            Rule(f"{dst}.norm_cross.{p}", (f"{src}.crossattention.output.LayerNorm.{p}",)),
+            Rule(f"{dst}.mlp.fc1.{p}", (f"{src}.intermediate.dense.{p}",)),
+            Rule(f"{dst}.mlp.fc2.{p}", (f"{src}.output.dense.{p}",)),
+            Rule(f"{dst}.norm2.{p}", (f"{src}.output.LayerNorm.{p}",)),
         ]
     return rules
 
@@ -348,9 +348,9 @@ def load_hf_bert(
     if "embeddings.token_type_embeddings.weight" in sd:
         pos_sources += ("embeddings.token_type_embeddings.weight",)
     rules = [
-        _Rule("text_encoder.embed.token_embed.weight", ("embeddings.word_embeddings.weight",)),
-        _Rule("text_encoder.embed.pos_embed", pos_sources, _bert_positions),
-        *(_Rule(f"text_encoder.embed.norm.{p}", (f"embeddings.LayerNorm.{p}",)) for p in ("weight", "bias")),
+        Rule("text_encoder.embed.token_embed.weight", ("embeddings.word_embeddings.weight",)),
+        Rule("text_encoder.embed.pos_embed", pos_sources, _bert_positions),
+        *(Rule(f"text_encoder.embed.norm.{p}", (f"embeddings.LayerNorm.{p}",)) for p in ("weight", "bias")),
     ]
     for i in range(n_text):
         rules += _bert_layer_rules(f"encoder.layer.{i}", f"text_encoder.transformer.blocks.{i}")
@@ -358,7 +358,7 @@ def load_hf_bert(
         rules += _bert_layer_rules(f"encoder.layer.{n_text + j}", f"fusion.blocks.{j}")
 
     report = LoadReport(source=str(path), notes=notes)
-    _apply_rules(_targets(text_encoder=text_encoder, fusion=fusion), rules, sd, report)
+    apply_rules(_targets(text_encoder=text_encoder, fusion=fusion), rules, sd, report)
     for note in notes:
         logger.warning("pretrained BERT from %s: %s", path, note)
     report.log("HF BERT")
@@ -375,7 +375,7 @@ def load_model_state(model: nn.Module, sd: StateDict, source: str) -> LoadReport
     """
     targets = dict(model.state_dict())
     report = LoadReport(source=source)
-    _apply_rules(targets, [_Rule(name, (name,)) for name in targets], sd, report)
+    apply_rules(targets, [Rule(name, (name,)) for name in targets], sd, report)
     report.log("model", table=False)
     return report
 
