@@ -2,6 +2,9 @@
 
 Loads the config and tokenizer saved inside the checkpoint, applies the overrides, evaluates retrieval on
 every rank of the launcher (single process, torchrun, srun) and prints/writes flat JSON metrics.
+Zero-shot classification: `eval.zeroshot.root=IMAGE_FOLDER [eval.zeroshot.classnames=FILE]
+[eval.zeroshot.templates=default|imagenet_openai|FILE] [eval.zeroshot.output=clip_benchmark.json]`
+(or `eval.zeroshot.urls=SHARDS` with a .cls per sample); `data.eval.urls=null` then skips retrieval.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from mmpt.engine.checkpoint import load_model_weights, resolve_checkpoint_dir
 from mmpt.engine.config import ConfigError, EvalConfig
 from mmpt.engine.dist_env import detect_env, device_for, init_process_group
 from mmpt.engine.run_setup import build_eval_loader_for, configure_logging, validate
+from mmpt.eval import zeroshot
 from mmpt.eval.runner import evaluate_model
 from mmpt.models.registry import build_model
 
@@ -58,17 +62,20 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     env = detect_env()
     configure_logging(env)
     prep = validate(cfg_raw, env, need_train=False)
-    if not prep.cfg.data.eval.urls:
-        raise ConfigError("data.eval.urls is not set; pass data.eval.urls='<shard pattern>'")
+    zeroshot_on = zeroshot.enabled(prep.cfg.eval.zeroshot)
+    if not prep.cfg.data.eval.urls and not zeroshot_on:
+        raise ConfigError("data.eval.urls is not set; pass data.eval.urls='<shard pattern>' (retrieval) or "
+                          "eval.zeroshot.root=<image folder> (zero-shot classification)")
     if env.world_size > 1:
         init_process_group(env, prep.cfg.trainer.dist_timeout_s)
     device = device_for(env)
     model = build_model(prep.cfg.model)
     model.load_state_dict(load_model_weights(tag_dir))
     model.to(device)
-    loader = build_eval_loader_for(prep.cfg, prep.tokenizer, env)
+    loader = build_eval_loader_for(prep.cfg, prep.tokenizer, env) if prep.cfg.data.eval.urls else None
     d = prep.cfg.data
-    metrics = evaluate_model(model, loader, prep.tokenizer, prep.cfg.eval, device, None, d.mean, d.std).metrics
+    metrics = evaluate_model(model, loader, prep.tokenizer, prep.cfg.eval, device, None, d.mean, d.std,
+                             image_size=d.image_size, source=str(tag_dir)).metrics
     if env.is_main:
         metrics = {"checkpoint": str(tag_dir), **metrics}  # type: ignore[dict-item]
         text = json.dumps(metrics, indent=2)

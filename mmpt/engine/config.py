@@ -14,6 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from mmpt.engine.preemption import signal_number
+from mmpt.eval.zeroshot import ZeroShotConfig
 from mmpt.models.registry import arch_names, model_config
 
 
@@ -145,6 +146,7 @@ class EvalConfig:
     caption_max_len: int = 20
     caption_beams: int = 3
     caption_samples: int = 8  # rows of the W&B table of sample captions
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)  # image classification; off until root/urls
 
 
 @dataclass
@@ -369,6 +371,12 @@ def check_paths(cfg: TrainConfig, need_train: bool = True) -> None:
             check_local_shards(urls)
         except FileNotFoundError as exc:
             raise ConfigError(f"{key}: {exc}") from None
+    from mmpt.eval.zeroshot import check_config
+
+    try:
+        check_config(cfg.eval.zeroshot)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def image_masker(cfg: TrainConfig) -> Any:

@@ -32,6 +32,7 @@ from mmpt.engine.optim import build_optimizer, build_scheduler
 from mmpt.engine.preemption import PreemptionWatch
 from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
 from mmpt.eval.runner import evaluate_model
+from mmpt.eval.zeroshot import enabled as zeroshot_enabled
 from mmpt.models.freezing import apply_freeze
 from mmpt.models.protocol import ModelOutput, PretrainModel, step_flops
 from mmpt.models.pretrained import apply_init
@@ -232,11 +233,16 @@ class Trainer:
         return record
 
     # ---- evaluation ---------------------------------------------------------------------------------------
+    @property
+    def has_eval(self) -> bool:
+        """Retrieval on data.eval.urls and/or zero-shot classification (eval.zeroshot.root|urls)."""
+        return bool(self.cfg.data.eval.urls) or zeroshot_enabled(self.cfg.eval.zeroshot)
+
     def evaluate(self) -> dict[str, float]:
-        loader = build_eval_loader_for(self.cfg, self.tokenizer, self.env)
         d = self.cfg.data
+        loader = build_eval_loader_for(self.cfg, self.tokenizer, self.env) if d.eval.urls else None
         result = evaluate_model(self.model, loader, self.tokenizer, self.cfg.eval, self.device, self.input_dtype,
-                                d.mean, d.std)
+                                d.mean, d.std, image_size=d.image_size, source=f"{self.run_dir}@step{self.step}")
         self.eval_metrics = result.metrics
         self.logger.log({"step": self.step, **{f"eval/{k}": v for k, v in result.metrics.items()}})
         if result.samples:
@@ -274,10 +280,10 @@ class Trainer:
                 self._checkpoint_for_preemption(signum, stats)
                 break
             every = self.cfg.eval.every
-            if self.cfg.data.eval.urls and every and self.step % every == 0 and self.step != t.max_steps:
+            if self.has_eval and every and self.step % every == 0 and self.step != t.max_steps:
                 self.evaluate()
         else:
-            if self.cfg.data.eval.urls and self.cfg.eval.at_end:
+            if self.has_eval and self.cfg.eval.at_end:
                 self.evaluate()
         preempted = self.preempted_by
         result = TrainResult(self.step, self.run_dir, self.last_checkpoint or checkpoint.latest_checkpoint(self.ckpt_root),

@@ -3,7 +3,9 @@
 - always: ITC retrieval (`retrieval/...`);
 - `itm_score`: ITM re-ranking of the ITC top-k (`retrieval_itm/...`), ALBEF's second stage;
 - `generate`: captioning of the eval images, BLEU-4 and CIDEr-D against their captions (`caption/...`),
-  plus a few sample rows (image, generated, reference) for a W&B table.
+  plus a few sample rows (image, generated, reference) for a W&B table;
+- `eval.zeroshot.root|urls` set: zero-shot image classification (`zeroshot/...`), for every architecture.
+Retrieval and captioning need an eval loader (data.eval.urls); without one only zero-shot runs.
 Collective: every rank must call it.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from mmpt.data.batch import Batch
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.eval.caption_metrics import caption_scores
 from mmpt.eval.retrieval import EvalEmbeddings, embed_eval_set, itm_rerank_sims, retrieval_metrics
+from mmpt.eval import zeroshot
 from mmpt.models.protocol import PretrainModel, has_capability
 
 
@@ -78,10 +81,31 @@ def caption_eval(model: Any, emb: EvalEmbeddings, tokenizer: TextTokenizer, devi
     return EvalResult(metrics, samples)
 
 
-def evaluate_model(model: PretrainModel, loader: Iterable[Batch], tokenizer: TextTokenizer, eval_cfg,
+def evaluate_model(model: PretrainModel, loader: Iterable[Batch] | None, tokenizer: TextTokenizer, eval_cfg,
                    device: torch.device, dtype: torch.dtype | None, mean: Sequence[float],
-                   std: Sequence[float]) -> EvalResult:
-    """eval_cfg: mmpt.engine.config.EvalConfig (ks, rerank_k, caption_* settings)."""
+                   std: Sequence[float], image_size: int | None = None, source: str = "") -> EvalResult:
+    """eval_cfg: mmpt.engine.config.EvalConfig (ks, rerank_k, caption_* settings, zeroshot). loader None: no
+    retrieval/captioning. image_size: the eval transform's (zero-shot images); source: the checkpoint's name
+    in the clip_benchmark JSON."""
+    result = EvalResult({})
+    if loader is not None:
+        result = _retrieval_and_captions(model, loader, tokenizer, eval_cfg, device, dtype, mean, std)
+    zs = getattr(eval_cfg, "zeroshot", None)
+    if zeroshot.enabled(zs):
+        if image_size is None:
+            raise ValueError("evaluate_model: zero-shot needs the eval image_size")
+        scores = zeroshot.zeroshot_eval(model, tokenizer, zs, image_size, mean, std, device, dtype).metrics
+        result.metrics.update(scores)
+        if zs.output and mdist.rank() == 0:
+            cfg = getattr(model, "config", None)
+            name = f"{getattr(cfg, 'arch', type(model).__name__)}/{getattr(cfg, 'preset', None) or 'custom'}"
+            zeroshot.write_clip_benchmark_json(zs, scores, name, source)
+    return result
+
+
+def _retrieval_and_captions(model: PretrainModel, loader: Iterable[Batch], tokenizer: TextTokenizer, eval_cfg,
+                            device: torch.device, dtype: torch.dtype | None, mean: Sequence[float],
+                            std: Sequence[float]) -> EvalResult:
     can_rerank = has_capability(model, "itm_score") and eval_cfg.rerank_k > 0
     can_caption = has_capability(model, "generate") and eval_cfg.caption_max_images > 0
     emb = embed_eval_set(model, loader, device, dtype, keep_inputs=can_rerank or can_caption)
