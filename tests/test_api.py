@@ -201,10 +201,13 @@ def test_trained_clip_zero_shot_is_identical_in_trainer_mmpt_eval_and_api(demo_e
     train = subprocess.run(
         [str(BIN / "mmpt-train"), "experiment=clip_tiny", "data.image_size=32", "data.batch_size=32",
          "data.num_workers=0", "trainer.max_steps=600", "trainer.log_every=100", "trainer.save_every=600",
-         "scheduler.warmup_steps=20", "logger=none", "deepspeed=zero0", *zeroshot_args, f"hydra.run.dir={run}"],
-        env=demo_env, capture_output=True, text=True, timeout=600)
+         "scheduler.warmup_steps=20", "logger=none", "deepspeed=zero0", "data.eval.urls=null", "eval.every=300",
+         *zeroshot_args, f"hydra.run.dir={run}"], env=demo_env, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    trained = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/zeroshot/top1" in r]
+    assert [r["step"] for r in evals] == [300, 600]  # eval.every and the end, with no retrieval set configured
+    assert not any(k.startswith("eval/retrieval") for r in evals for k in r)
+    trained = evals[-1]
 
     out, bench = tmp_path / "eval.json", tmp_path / "clip_benchmark.json"
     ev = subprocess.run([str(BIN / "mmpt-eval"), f"ckpt={run}", "data.eval.urls=null", *zeroshot_args,
@@ -238,3 +241,23 @@ def test_trained_clip_zero_shot_is_identical_in_trainer_mmpt_eval_and_api(demo_e
     assert torch.equal(again, scores)
     card = (tmp_path / "export" / "README.md").read_text()
     assert "training steps: 600" in card and "eval/zeroshot/top1" in card
+
+
+def test_mmpt_eval_zero_shot_only_equals_the_api(demo_env, tmp_path, capsys):
+    """In-process `mmpt-eval` with data.eval.urls=null: zero-shot alone, the same numbers as `mmpt.load`."""
+    from mmpt.cli.evaluate import evaluate
+
+    tag, _ = save_tag_dir(tmp_path / "run", "albef")
+    shapes = shape_folder(tmp_path / "shapes", per_shape=3)
+    metrics = evaluate([f"ckpt={tag}", "data.eval.urls=null", f"eval.zeroshot.root={shapes}",
+                        "eval.zeroshot.templates=imagenet_openai", "eval.zeroshot.batch_size=5"])
+    assert not any(k.startswith("retrieval") for k in metrics) and metrics["zeroshot/num_images"] == 12
+    m = mmpt.load(tag)
+    m.batch_size = 5  # as the override: the same chunks, so the same floats
+    classes, samples = image_folder(shapes)
+    scores = m.zero_shot([read_image(p) for p, _ in samples], classes, load_templates("imagenet_openai"))
+    labels = torch.tensor([label for _, label in samples])
+    assert metrics["zeroshot/top1"] == (scores.argmax(1) == labels).float().mean().item()
+    with pytest.raises(SystemExit) as exc:
+        evaluate([f"ckpt={tag}", "data.eval.urls=null"])
+    assert exc.value.code == 2 and "eval.zeroshot.root=<image folder>" in capsys.readouterr().err
