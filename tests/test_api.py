@@ -221,8 +221,8 @@ def test_trained_clip_zero_shot_is_identical_in_trainer_mmpt_eval_and_api(demo_e
     classes, samples = image_folder(shapes)
     scores = m.zero_shot([read_image(p) for p, _ in samples], classes, str(templates))
     labels = torch.tensor([label for _, label in samples])
-    top1 = (scores.argmax(dim=1) == labels).float().mean().item()
-    recall = sum((scores.argmax(1)[labels == c] == c).float().mean().item() for c in range(4)) / 4
+    top1 = (scores.argmax(dim=1) == labels).double().mean().item()
+    recall = sum((scores.argmax(1)[labels == c] == c).double().mean().item() for c in range(4)) / 4
 
     assert evaluated["zeroshot/num_images"] == 64 and classes == ["circle", "cross", "square", "triangle"]
     assert evaluated["zeroshot/top1"] == top1 == trained["eval/zeroshot/top1"]
@@ -257,7 +257,7 @@ def test_mmpt_eval_zero_shot_only_equals_the_api(demo_env, tmp_path, capsys):
     classes, samples = image_folder(shapes)
     scores = m.zero_shot([read_image(p) for p, _ in samples], classes, load_templates("imagenet_openai"))
     labels = torch.tensor([label for _, label in samples])
-    assert metrics["zeroshot/top1"] == (scores.argmax(1) == labels).float().mean().item()
+    assert metrics["zeroshot/top1"] == (scores.argmax(1) == labels).double().mean().item()
     with pytest.raises(SystemExit) as exc:
         evaluate([f"ckpt={tag}", "data.eval.urls=null"])
     assert exc.value.code == 2 and "eval.zeroshot.root=<image folder>" in capsys.readouterr().err
