@@ -4,7 +4,6 @@ CLIP trained by `mmpt-train` whose zero-shot top-1 is the same from the trainer,
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +260,13 @@ def test_mmpt_eval_zero_shot_only_equals_the_api(demo_env, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate([f"ckpt={tag}", "data.eval.urls=null"])
     assert exc.value.code == 2 and "eval.zeroshot.root=<image folder>" in capsys.readouterr().err
+
+
+def test_load_in_bfloat16(demo_env, tmp_path):
+    save_tag_dir(tmp_path / "run", "clip")
+    full, half = mmpt.load(tmp_path / "run"), mmpt.load(tmp_path / "run", dtype=torch.bfloat16)
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    for got, ref in ((half.encode_image(pictures()), full.encode_image(pictures())),
+                     (half.encode_text(TEXTS), full.encode_text(TEXTS))):
+        assert got.dtype == torch.float32 and (got - ref).abs().max() < 0.05  # bf16 keeps ~3 significant digits
+    assert half.zero_shot(pictures(), ["circle", "cross"]).shape == (3, 2)
