@@ -30,7 +30,8 @@ class LoadedModel:
 
     `.model` (eval mode, on `device` in `dtype`), `.config` (the full train config, an OmegaConf DictConfig),
     `.tokenizer` (`TextTokenizer`), `.preprocess` (PIL image -> `c h w` tensor: the eval transform).
-    Embeddings are L2-normalised fp32 on the CPU.
+    Embeddings are L2-normalised fp32 on the CPU. `batch_size` (the run's eval.zeroshot.batch_size, 256 by
+    default) is how many images or prompts go through the model at once, exactly as `mmpt-eval` chunks them.
     """
 
     def __init__(self, model: nn.Module, config: DictConfig, tokenizer: TextTokenizer, preprocess: EvalTransform,
