@@ -12,7 +12,7 @@ from mmpt.engine.config import LoggerConfig
 log = logging.getLogger("mmpt")
 
 
-CONSOLE_EVAL_SUFFIXES = ("_r1", "_r1_caption", "/mean", "/mean_caption", "/bleu4", "/cider")
+CONSOLE_EVAL_SUFFIXES = ("_r1", "_r1_caption", "/mean", "/mean_caption", "/bleu4", "/cider", "zeroshot/top1")
 SPECIAL_KEYS = {"train/lr", "train/samples_per_s", "train/data_wait", "train/skipped", "train/tflops", "train/mfu"}
 
 
