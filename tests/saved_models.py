@@ -30,11 +30,17 @@ def composed(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
-def save_tag_dir(run_dir: Path, arch: str, overrides: list[str] = (), step: int = 7, seed: int = 0) -> tuple[Path, nn.Module]:
-    """A freshly built `<arch>/tiny` model saved as `<run_dir>/checkpoints/step_<step>`; needs the demo env."""
-    prep = validate(composed([f"model={arch}/tiny", *TINY_DATA, *overrides]), SINGLE, need_train=False)
+def save_tag_dir(run_dir: Path, arch: str, overrides: list[str] = (), step: int = 7, seed: int = 0,
+                 perturb: float = 0.0) -> tuple[Path, nn.Module]:
+    """A freshly built `<arch>/tiny` (or `arch/preset`) model saved as `<run_dir>/checkpoints/step_<step>`; needs the
+    demo env. `perturb`: noise added to every parameter, so LayerNorms and biases are not at their init values."""
+    preset = arch if "/" in arch else f"{arch}/tiny"
+    prep = validate(composed([f"model={preset}", *TINY_DATA, *overrides]), SINGLE, need_train=False)
     torch.manual_seed(seed)
     model = build_model(prep.cfg.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * perturb)
     tag = run_dir / "checkpoints" / tag_for(step)
     tag.mkdir(parents=True)
     torch.save({"module": model.state_dict()}, tag / "mp_rank_00_model_states.pt")

@@ -270,3 +270,18 @@ def test_load_in_bfloat16(demo_env, tmp_path):
                      (half.encode_text(TEXTS), full.encode_text(TEXTS))):
         assert got.dtype == torch.float32 and (got - ref).abs().max() < 0.05  # bf16 keeps ~3 significant digits
     assert half.zero_shot(pictures(), ["circle", "cross"]).shape == (3, 2)
+
+
+def test_mmpt_export_hf_of_openai_tiny_loads_in_transformers_with_equal_embeddings(demo_env, tmp_path):
+    """Done-when: `mmpt-export RUN --format hf` -> transformers.CLIPModel gives mmpt.load's embeddings to 1e-5."""
+    transformers = pytest.importorskip("transformers")
+    save_tag_dir(tmp_path / "run", "clip/openai_tiny", perturb=0.05)
+    export([str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--format", "hf"])
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    m = mmpt.load(tmp_path / "run")
+    pixels = m.pixels(pictures())
+    ids, mask = m.tokenize(TEXTS)
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    torch.testing.assert_close(out.image_embeds, m.encode_image(pictures()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.text_embeds, m.encode_text(TEXTS), atol=1e-5, rtol=0)
