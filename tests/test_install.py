@@ -125,6 +125,8 @@ def test_installed_commands_answer_from_another_directory(installed, clean_env, 
     proc = subprocess.run([installed["bin"] / "mmpt-eval"], env=clean_env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: missing ckpt=")
+    export_help = run([installed["bin"] / "mmpt-export", "--help"], clean_env, tmp_path).stdout
+    assert export_help.startswith("usage: mmpt-export") and "--format" in export_help
 
 
 def test_installed_visual_tokenizer_writes_safetensors_without_the_dev_extra(installed, clean_env, demo_dir,
