@@ -78,7 +78,9 @@ def test_an_unknown_option_lists_the_users_options_too(user_conf, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err
     assert err.startswith("error: model=clip/nope: no config 'clip/nope' in group 'model'; available: ")
-    assert "clip/mine, clip/tiny" in err and f"(configs from MMPT_CONF_DIR={user_conf} and {CONF_DIR})" in err
+    available = err.split("available: ", 1)[1].split(" (configs from", 1)[0].split(", ")
+    assert "clip/mine" in available and "clip/tiny" in available and available == sorted(available)
+    assert f"(configs from MMPT_CONF_DIR={user_conf} and {CONF_DIR})" in err
 
 
 def test_a_missing_user_folder_is_one_error_line(tmp_path, monkeypatch, capsys):
