@@ -70,11 +70,12 @@ def caption_eval(model: Any, emb: EvalEmbeddings, tokenizer: TextTokenizer, devi
     model.train(was_training)
     shown = {image_id: to_uint8(emb.inputs.pixels[row_of[image_id]], mean, std)
              for image_id in chosen[:num_samples] if image_id in local}
-    hyps: dict[str, str] = {}
+    gathered: dict[str, str] = {}
     images: dict[str, np.ndarray] = {}
     for part_hyps, part_images in mdist.all_gather_objects((local, shown)):  # type: ignore[misc]
-        hyps.update(part_hyps)
+        gathered.update(part_hyps)
         images.update(part_images)
+    hyps = {image_id: gathered[image_id] for image_id in chosen if image_id in gathered}  # order: any rank count
     metrics = caption_scores({k: refs[k] for k in hyps}, hyps)
     metrics["caption/num_images"] = float(len(hyps))
     samples = [CaptionSample(images[image_id], hyps[image_id], refs[image_id][0])
