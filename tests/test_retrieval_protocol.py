@@ -256,3 +256,17 @@ def test_both_shard_forms_give_the_same_metrics(write_shards, image_bytes, token
     assert results[0].keys() == results[1].keys()
     for name, value in results[0].items():
         assert results[1][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_local_pixels_keep_each_image_once_and_take_the_owned():
+    from mmpt.eval.pixel_store import LocalPixels
+
+    store = LocalPixels()
+    batch = torch.arange(4.0)[:, None, None, None].expand(4, 3, 2, 2)  # image value = its row
+    store.add(batch, ["a", "a", "b", "c"])
+    store.add(batch + 10, ["c", "d", "d", "e"])  # c seen already: the first copy stays
+    assert store.ids == ["a", "b", "c", "d", "e"]
+    pixels, ids = store.take({"b", "d", "e", "zzz"})
+    assert ids == ["b", "d", "e"]
+    assert pixels[:, 0, 0, 0].tolist() == [2.0, 11.0, 13.0] and pixels.shape == (3, 3, 2, 2)
+    assert store.ids == [] and store.take(set())[0].shape[0] == 0

@@ -23,6 +23,7 @@ from mmpt import distributed as mdist
 from mmpt.data.batch import Batch
 from mmpt.eval.gallery import (EvalEmbeddings, EvalInputs, Gallery, Labels, Reranked, ScoreRows, _codes,
                                first_hit_ranks, itc_rows, query_blocks)
+from mmpt.eval.pixel_store import LocalPixels, release_freed_memory
 from mmpt.models.protocol import PretrainModel
 
 __all__ = ["EvalEmbeddings", "EvalInputs", "embed_eval_set", "recall_at_k", "retrieval_metrics", "itm_rerank",
@@ -42,7 +43,7 @@ def embed_eval_set(model: PretrainModel, loader: Iterable[Batch], device: torch.
     model.eval()
     images, texts, captions, image_ids, keys = [], [], [], [], []
     ids, masks = [], []
-    local_pixels: dict[str, torch.Tensor] = {}
+    local_pixels = LocalPixels()
     for batch in loader:
         first: dict[str, int] = {}
         for i, image_id in enumerate(batch.image_ids):
@@ -53,9 +54,7 @@ def embed_eval_set(model: PretrainModel, loader: Iterable[Batch], device: torch.
             ids.append(batch.input_ids)
             masks.append(batch.attention_mask)
             assert batch.images is not None
-            for image_id, row in first.items():
-                if image_id not in local_pixels:
-                    local_pixels[image_id] = batch.images[row].clone()  # a copy: the batch tensor is freed
+            local_pixels.add(batch.images, batch.image_ids)
         batch = batch.to(device, dtype)
         assert batch.images is not None and batch.input_ids is not None and batch.attention_mask is not None
         if expand is None:
@@ -67,10 +66,12 @@ def embed_eval_set(model: PretrainModel, loader: Iterable[Batch], device: torch.
         captions += batch.captions
         image_ids += batch.image_ids
         keys += batch.keys
+        del batch
+        release_freed_memory()  # mmpt.eval.pixel_store: else each freed batch stays resident as a heap hole
     model.train(was_training)
     tokens = (torch.cat(ids), torch.cat(masks)) if ids else None
     local = (torch.cat(images) if images else None, torch.cat(texts) if texts else None, captions, image_ids, keys,
-             tokens, list(local_pixels))
+             tokens)
     parts = [p for p in mdist.all_gather_objects(local) if p[0] is not None]  # type: ignore[index]
     if not parts:
         raise RuntimeError("the eval set is empty on every rank: check data.eval.urls")
@@ -81,12 +82,10 @@ def embed_eval_set(model: PretrainModel, loader: Iterable[Batch], device: torch.
     inputs = None
     if keep_inputs:
         owner: dict[str, int] = {}
-        for r, part in enumerate(mdist.all_gather_objects(list(local_pixels))):
+        for r, part in enumerate(mdist.all_gather_objects(local_pixels.ids)):
             for image_id in part:  # type: ignore[union-attr]
                 owner.setdefault(image_id, r)
-        mine = [i for i in local_pixels if owner[i] == mdist.rank()]
-        pixels = torch.stack([local_pixels.pop(i) for i in mine]) if mine else torch.empty(0)
-        local_pixels.clear()
+        pixels, mine = local_pixels.take({i for i in local_pixels.ids if owner[i] == mdist.rank()})
         raws = [p[5] for p in parts]  # type: ignore[index]
         inputs = EvalInputs(pixels, *(torch.cat([r[i] for r in raws])[pick] for i in range(2)), pixel_image_ids=mine)
     return EvalEmbeddings(

@@ -86,13 +86,20 @@ def main() -> None:
     loader = build_eval_loader(urls, tok, batch_size=args.batch_size, image_size=args.image_size, num_workers=0,
                                rank=env.rank, world_size=env.world_size)
     cpu = torch.device("cpu")
-    times = {}
+    times, peaks = {}, {}
+
+    def peak_mib() -> int:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+    peaks["model_built"] = peak_mib()
     t0 = time.perf_counter()
     emb = embed_eval_set(model, loader, cpu, keep_inputs=True)
     times["embed"] = time.perf_counter() - t0
+    peaks["embed"] = peak_mib()
     t = time.perf_counter()
     metrics = retrieval_metrics(emb, [1, 5, 10])
     times["itc_metrics"] = time.perf_counter() - t
+    peaks["itc_metrics"] = peak_mib()
     t = time.perf_counter()
     calls = []
     itm_score = model.itm_score
@@ -104,6 +111,7 @@ def main() -> None:
     model.itm_score = counting  # type: ignore[method-assign]
     reranked = itm_rerank(model, emb, args.rerank_k, cpu, score="itm+itc_logit")
     times["itm_rerank"] = time.perf_counter() - t
+    peaks["itm_rerank"] = peak_mib()
     t = time.perf_counter()
     metrics.update(retrieval_metrics(emb, [1, 5, 10], prefix="retrieval_itm", rerank=reranked))
     times["itm_metrics"] = time.perf_counter() - t
@@ -114,7 +122,7 @@ def main() -> None:
         "texts": int(metrics["retrieval/num_texts"]), "rerank_k": args.rerank_k,
         "pixels_held": len(emb.inputs.pixels), "itm_pairs_scored": sum(calls),
         "seconds": {k: round(v, 1) for k, v in times.items()},
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mib": peak_mib(), "peak_rss_mib_after": peaks,
     }
     for part in mdist.all_gather_objects(report):
         if env.rank == 0:
