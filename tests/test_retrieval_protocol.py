@@ -270,3 +270,12 @@ def test_local_pixels_keep_each_image_once_and_take_the_owned():
     assert ids == ["b", "d", "e"]
     assert pixels[:, 0, 0, 0].tolist() == [2.0, 11.0, 13.0] and pixels.shape == (3, 3, 2, 2)
     assert store.ids == [] and store.take(set())[0].shape[0] == 0
+
+
+def test_first_hit_ranks_break_ties_in_candidate_order():
+    from mmpt.eval.gallery import first_hit_ranks
+
+    sims = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.5, 0.7, 0.7], [0.9, 0.1, 0.3], [0.2, 0.2, 0.1]])
+    correct = torch.tensor([[0, 0, 1], [1, 0, 1], [0, 0, 1], [0, 1, 1], [0, 0, 0]], dtype=torch.bool)
+    # a stable descending sort puts tied candidates in index order; no correct candidate -> 3 (never a hit)
+    assert first_hit_ranks(sims, correct).tolist() == [2, 0, 1, 1, 3]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK_ELEMENTS = 1 << 22  # scores per query block (16 MB of float32)
+BLOCK_ELEMENTS = 1 << 20  # scores per query block (4 MB of float32; ~8 such temporaries at a time)
 
 
 @dataclass
@@ -119,9 +119,9 @@ def first_hit_ranks(sims: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
     Counted, not sorted: candidates above the best correct score, plus equal ones listed before it."""
     c = sims.shape[1]
     best = torch.where(correct, sims, torch.tensor(float("-inf"))).amax(dim=1, keepdim=True)  # q 1
-    position = torch.arange(c).expand_as(sims)
-    first_best = torch.where(correct & (sims == best), position, c).amin(dim=1, keepdim=True)  # q 1
-    ahead = (sims > best) | ((sims == best) & (position < first_best))
+    at_best = sims == best  # q c
+    first_best = (correct & at_best).to(torch.uint8).argmax(dim=1, keepdim=True)  # q 1: argmax takes the first
+    ahead = (sims > best) | (at_best & (torch.arange(c) < first_best))
     return torch.where(correct.any(dim=1), ahead.sum(dim=1), c)
 
 
