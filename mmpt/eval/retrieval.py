@@ -176,6 +176,8 @@ def _score_owned_pairs(model: Any, inputs: EvalInputs, gallery: Gallery, image_i
         txt = pair_text[sel]
         scores.append(model.itm_score(pixels, inputs.input_ids[txt].to(device),
                                       inputs.attention_mask[txt].to(device)).float().cpu())
+        del pixels
+        release_freed_memory()
     local = (mine, torch.cat(scores) if scores else torch.empty(0))
     out = torch.full((len(pair_image),), float("nan"))
     for where, values in mdist.all_gather_objects(local):  # type: ignore[misc]
