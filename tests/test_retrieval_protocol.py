@@ -73,8 +73,8 @@ def test_standard_protocol_hand_computed():
 
 def test_itm_rerank_hand_computed():
     """Oracle ITM on each query's ITC top 6: a true candidate inside it moves to rank 0, one outside keeps its
-    rank. t2i: the 3 + 4 + 3 + 5 + 5 = 20 texts with R < 6 (images 2, 3, 4, 8, 9) hit at 1 and 5, at 10 still 39. i2t: images 3 (rank 5), 8, 9 (rank 0)
-    hit at 1, 5 and 10; image 4 (rank 10) does not."""
+    rank. t2i: the 3 + 4 + 3 + 5 + 5 = 20 texts with R < 6 (images 2, 3, 4, 8, 9) hit at 1 and 5, at 10
+    still 39. i2t: images 3 (rank 5), 8, 9 (rank 0) hit at 1, 5 and 10; image 4 (rank 10) does not."""
     emb = hand_set()
     reranked = itm_rerank(OracleITM(), emb, k=6, device=CPU)
     m = retrieval_metrics(emb, ks=[1, 5, 10], prefix="retrieval_itm", rerank=reranked)
@@ -136,7 +136,8 @@ def brute_force(emb: EvalEmbeddings, owner: list[int], ks: list[int], k_rerank: 
     n_txt = len(owner)
     image_vec = {owner[t]: emb.images[t] for t in range(n_txt)}
     cos = lambda t, i: float(emb.texts[t] @ image_vec[i])  # noqa: E731
-    itm = lambda t, i: float(HashITM().itm_score(torch.full((1, 3, 1, 1), float(i)), torch.tensor([[2, t, 3]]), None))  # noqa: E731
+    def itm(t: int, i: int) -> float:
+        return float(HashITM().itm_score(torch.full((1, 3, 1, 1), float(i)), torch.tensor([[2, t, 3]]), None))
 
     def new(t: int, i: int) -> float:
         return itm(t, i) if score == "itm" else math.log(itm(t, i)) + cos(t, i)

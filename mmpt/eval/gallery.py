@@ -55,7 +55,7 @@ class EvalEmbeddings:
     inputs: EvalInputs | None = None  # kept for ITM re-ranking / captioning
 
 
-def _codes(labels: list[str]) -> torch.Tensor:
+def label_codes(labels: list[str]) -> torch.Tensor:
     """Strings -> int64 codes, equal strings equal codes, numbered in order of first appearance."""
     lookup: dict[str, int] = {}
     return torch.tensor([lookup.setdefault(x, len(lookup)) for x in labels], dtype=torch.long)
@@ -71,7 +71,7 @@ class Gallery:
 
     @classmethod
     def of(cls, image_ids: list[str]) -> "Gallery":
-        text_image = _codes(image_ids)
+        text_image = label_codes(image_ids)
         n_img = int(text_image.max()) + 1 if len(image_ids) else 0
         first = torch.full((n_img,), len(image_ids), dtype=torch.long)
         first.scatter_reduce_(0, text_image, torch.arange(len(image_ids)), reduce="amin")

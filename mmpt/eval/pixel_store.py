@@ -2,9 +2,9 @@
 
 Why this much care: glibc's heap keeps every freed eval batch (`b c h w`, 12 MB at 256 x 64 px) as a hole
 between the small tensors that live on (embeddings, token ids, kept images), and never hands those holes
-back to the system. Measured on 5,000 images x 5 captions at 64 px (1 process, tiny ALBEF): resident memory
-after the embedding pass 1.64 GB, of which 0.25 GB are the kept pixels; with the holes released after every
-batch (malloc_trim) and the final tensor filled chunk by chunk, ~0.55 GB.
+back to the system. Measured on 5,000 images x 5 captions at 64 px (1 process, tiny ALBEF, 2-core CPU): peak
+resident memory after the embedding pass 1.64 GB, of which 0.25 GB are the kept pixels; with the holes
+released after every batch (malloc_trim) and the final tensor filled chunk by chunk, 0.59 GB.
 """
 from __future__ import annotations
 

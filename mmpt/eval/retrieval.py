@@ -10,7 +10,9 @@ Scale (COCO 5k: 5,000 images x 25,000 captions, ITM on the top 128 of each query
 ids travel between ranks; every image's pixels stay on the rank that read them, and a candidate pair is
 scored there. Why that split: it is exact (every pair is scored once, by one fixed rank, so N ranks give
 the 1-rank metrics), reads the shards once, moves no pixels, and bounds each rank's pixel memory by its own
-slice of the eval set; the re-ranking work splits with the images.
+slice of the eval set; the re-ranking work splits with the images. What every rank holds besides: the
+embeddings and token ids of the whole set, and the (texts + images) x k candidates and scores of the
+re-ranking (COCO, k = 128: ~3.8 million pairs, ~50 MB).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 from mmpt import distributed as mdist
 from mmpt.data.batch import Batch
-from mmpt.eval.gallery import (EvalEmbeddings, EvalInputs, Gallery, Labels, Reranked, ScoreRows, _codes,
+from mmpt.eval.gallery import (EvalEmbeddings, EvalInputs, Gallery, Labels, Reranked, ScoreRows, label_codes,
                                first_hit_ranks, itc_rows, query_blocks)
 from mmpt.eval.pixel_store import LocalPixels, release_freed_memory
 from mmpt.models.protocol import PretrainModel
@@ -45,6 +47,9 @@ def embed_eval_set(model: PretrainModel, loader: Iterable[Batch], device: torch.
     ids, masks = [], []
     local_pixels = LocalPixels()
     for batch in loader:
+        if len(batch.image_ids) != len(batch):
+            raise ValueError(f"an eval batch of {len(batch)} rows has {len(batch.image_ids)} image ids "
+                             "(the eval loader gives one per row: the json image_id, else the sample key)")
         first: dict[str, int] = {}
         for i, image_id in enumerate(batch.image_ids):
             first.setdefault(image_id, i)
@@ -128,13 +133,16 @@ def retrieval_metrics(emb: EvalEmbeddings, ks: list[int], sims_t2i: torch.Tensor
             rows = rerank.over(rows)
     n_txt, n_img = len(emb.image_ids), len(gallery)
     out: dict[str, float] = {}
-    for suffix, text_label in (("", gallery.text_image), ("_caption", _codes(emb.captions))):
+    for suffix, text_label in (("", gallery.text_image), ("_caption", label_codes(emb.captions))):
         labels = Labels.of(gallery, text_label)
         values = []
         for name, n_queries, n_candidates in (("t2i", n_txt, n_img), ("i2t", n_img, n_txt)):
             hits = []
             for start, end in query_blocks(n_queries, n_candidates):
-                correct = labels.t2i_correct(torch.arange(start, end)) if name == "t2i" else labels.i2t_correct(start, end)
+                if name == "t2i":
+                    correct = labels.t2i_correct(torch.arange(start, end))
+                else:
+                    correct = labels.i2t_correct(start, end)
                 hits.append(first_hit_ranks(rows(name, start, end), correct))
             first_hit = torch.cat(hits)
             for k in ks:
@@ -150,7 +158,8 @@ def retrieval_metrics(emb: EvalEmbeddings, ks: list[int], sims_t2i: torch.Tensor
 RERANK_SCORES = ("itm", "itm+itc", "itm+itc_logit")
 
 
-def _itc_top_k(rows: ScoreRows, direction: str, n_queries: int, n_candidates: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _itc_top_k(rows: ScoreRows, direction: str, n_queries: int, n_candidates: int,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's k best candidates by cosine: (values, indices), both `q k`."""
     values, indices = [], []
     for start, end in query_blocks(n_queries, n_candidates):
