@@ -16,7 +16,7 @@ import random
 import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -101,6 +101,7 @@ class _Good:
     caption: str | None  # None for image-only samples
     image: torch.Tensor | None  # c h w; None for text-only samples
     mask: np.ndarray | None = None  # (n,) bool block mask over the image patches
+    more_captions: tuple[str, ...] = ()  # an eval sample's other captions (json "captions" after the first)
 
 
 def _prepare(raw: dict[str, Any], kind: str, transform: ImageTransform | None, masker: BlockMasker | None,
@@ -116,8 +117,21 @@ def _prepare(raw: dict[str, Any], kind: str, transform: ImageTransform | None, m
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
             return "missing_image", f"{where}: no {'/'.join(IMAGE_EXTS)} entry"
+    image_id, captions = key, []
+    if kind != "texts" and raw.get("json") is not None:
+        try:
+            meta = json.loads(raw["json"])
+        except ValueError as exn:  # JSONDecodeError and UnicodeDecodeError
+            return "bad_json", f"{where}: {exn}"
+        if isinstance(meta, dict) and meta.get("image_id") is not None:
+            image_id = str(meta["image_id"])
+        listed = meta.get("captions") if isinstance(meta, dict) and kind == "pairs" else None
+        if listed is not None:
+            if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
+                return "bad_json", f"{where}: \"captions\" must be a list of strings"
+            captions = [c.strip() for c in listed if c.strip()]
     caption = None
-    if kind != "images":
+    if kind != "images" and not captions:
         if raw.get("txt") is None:
             return "missing_caption", f"{where}: no txt entry"
         try:
@@ -126,14 +140,8 @@ def _prepare(raw: dict[str, Any], kind: str, transform: ImageTransform | None, m
             return "bad_caption", f"{where}: {exn}"
         if not caption:
             return "missing_caption", f"{where}: empty caption"
-    image_id = key
-    if kind != "texts" and raw.get("json") is not None:
-        try:
-            meta = json.loads(raw["json"])
-        except ValueError as exn:  # JSONDecodeError and UnicodeDecodeError
-            return "bad_json", f"{where}: {exn}"
-        if isinstance(meta, dict) and meta.get("image_id") is not None:
-            image_id = str(meta["image_id"])
+    elif captions:
+        caption = captions[0]
     image = mask = None
     if ext is not None:
         assert transform is not None
@@ -143,7 +151,7 @@ def _prepare(raw: dict[str, Any], kind: str, transform: ImageTransform | None, m
             return "bad_image", f"{where}: {type(exn).__name__}: {exn}"
         if masker is not None:
             mask = masker(rng)
-    return _Good(key=key, image_id=image_id, caption=caption, image=image, mask=mask)
+    return _Good(key=key, image_id=image_id, caption=caption, image=image, mask=mask, more_captions=tuple(captions[1:]))
 
 
 def _shuffled(items: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
@@ -261,10 +269,16 @@ class SampleSource:
 
     def pass_samples(self, counter: SkipCounter, rank: int, world_size: int, worker: int,
                      num_workers: int) -> Iterator[_Good]:
-        """One ordered pass over this (rank, worker)'s disjoint slice of the shards."""
+        """One ordered pass over this (rank, worker)'s disjoint slice of the shards.
+
+        A sample carrying several captions (json "captions": one eval sample per image) becomes one pair per
+        caption, sharing the image and its image_id, keys `key`, `key/1`, `key/2`, ...: retrieval scores texts
+        against unique images, and the pairs of one image are encoded once (mmpt.eval.retrieval).
+        """
         mine = split_shards(self.urls, rank, world_size, worker, num_workers)
         raw = _raw_samples(mine, counter, (0, 1) if self.kind == "texts" else None)
-        return self._decode(raw, counter, random.Random(0), rank, train=False)  # eval transforms ignore the rng
+        good = self._decode(raw, counter, random.Random(0), rank, train=False)  # eval transforms ignore the rng
+        return (pair for sample in good for pair in _one_per_caption(sample))
 
     def _decode(self, raw: Iterable[dict[str, Any]], counter: SkipCounter, aug_rng: random.Random, rank: int,
                 train: bool) -> Iterator[_Good]:
@@ -284,6 +298,12 @@ class SampleSource:
                     f"rank {rank}: {MAX_SKIPS_IN_A_ROW} samples in a row were skipped ({counter.total}); "
                     f"the shards do not hold usable {what}"
                 )
+
+
+def _one_per_caption(sample: _Good) -> Iterator[_Good]:
+    yield replace(sample, more_captions=())
+    for j, caption in enumerate(sample.more_captions, start=1):
+        yield replace(sample, key=f"{sample.key}/{j}", caption=caption, more_captions=())
 
 
 def collate(items: list[_Good], kind: str, tokenizer: TextTokenizer, skipped: dict[str, int]) -> dict[str, Any]:

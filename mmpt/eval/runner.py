@@ -1,6 +1,6 @@
 """Everything `eval` means for a model, decided by what the model can do (its protocol extras):
 
-- always: ITC retrieval (`retrieval/...`);
+- always: ITC retrieval (`retrieval/...`, the Karpathy/COCO protocol: mmpt.eval.retrieval);
 - `itm_score`: ITM re-ranking of the ITC top-k (`retrieval_itm/...`), ALBEF's second stage;
 - `generate`: captioning of the eval images, BLEU-4 and CIDEr-D against their captions (`caption/...`),
   plus a few sample rows (image, generated, reference) for a W&B table;
@@ -21,8 +21,8 @@ from mmpt import distributed as mdist
 from mmpt.data.batch import Batch
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.eval.caption_metrics import caption_scores
-from mmpt.eval.retrieval import EvalEmbeddings, embed_eval_set, itm_rerank_sims, retrieval_metrics
 from mmpt.eval import zeroshot
+from mmpt.eval.retrieval import EvalEmbeddings, embed_eval_set, itm_rerank, retrieval_metrics
 from mmpt.models.protocol import PretrainModel, has_capability
 
 
@@ -50,16 +50,16 @@ def caption_eval(model: Any, emb: EvalEmbeddings, tokenizer: TextTokenizer, devi
                  dtype: torch.dtype | None, max_images: int, max_len: int, num_beams: int,
                  num_samples: int, mean: Sequence[float], std: Sequence[float],
                  batch_size: int = 64) -> EvalResult:
-    """Generate for up to `max_images` distinct images (split across ranks); references = every eval
-    caption of that image id."""
+    """Generate for the first `max_images` distinct images (key order); references = every eval caption of
+    that image id. Collective: each rank captions the chosen images whose pixels it holds, and only strings
+    (and the few sample images) are gathered."""
     assert emb.inputs is not None
     refs: dict[str, list[str]] = {}
-    first: dict[str, int] = {}
-    for i, (image_id, caption) in enumerate(zip(emb.image_ids, emb.captions)):
+    for image_id, caption in zip(emb.image_ids, emb.captions):
         refs.setdefault(image_id, []).append(caption)
-        first.setdefault(image_id, i)
-    chosen = list(first.items())[:max_images]
-    mine = chosen[mdist.rank():: mdist.world_size()]
+    chosen = list(refs)[:max_images]
+    row_of = emb.inputs.pixel_rows(emb.image_ids)
+    mine = [(image_id, row_of[image_id]) for image_id in chosen if image_id in row_of]
     was_training = model.training
     model.eval()
     local: dict[str, str] = {}
@@ -71,13 +71,18 @@ def caption_eval(model: Any, emb: EvalEmbeddings, tokenizer: TextTokenizer, devi
         for (image_id, _), row in zip(rows, ids.tolist()):
             local[image_id] = tokenizer.decode(row)
     model.train(was_training)
-    hyps: dict[str, str] = {}
-    for part in mdist.all_gather_objects(local):
-        hyps.update(part)  # type: ignore[arg-type]
+    shown = {image_id: to_uint8(emb.inputs.pixels[row_of[image_id]], mean, std)
+             for image_id in chosen[:num_samples] if image_id in local}
+    gathered: dict[str, str] = {}
+    images: dict[str, np.ndarray] = {}
+    for part_hyps, part_images in mdist.all_gather_objects((local, shown)):  # type: ignore[misc]
+        gathered.update(part_hyps)
+        images.update(part_images)
+    hyps = {image_id: gathered[image_id] for image_id in chosen if image_id in gathered}  # order: any rank count
     metrics = caption_scores({k: refs[k] for k in hyps}, hyps)
     metrics["caption/num_images"] = float(len(hyps))
-    samples = [CaptionSample(to_uint8(emb.inputs.pixels[i], mean, std), hyps[image_id], refs[image_id][0])
-               for image_id, i in chosen[:num_samples] if image_id in hyps]
+    samples = [CaptionSample(images[image_id], hyps[image_id], refs[image_id][0])
+               for image_id in chosen[:num_samples] if image_id in images]
     return EvalResult(metrics, samples)
 
 
@@ -112,8 +117,8 @@ def _retrieval_and_captions(model: PretrainModel, loader: Iterable[Batch], token
     metrics = retrieval_metrics(emb, eval_cfg.ks)
     result = EvalResult(metrics)
     if can_rerank:
-        t2i, i2t = itm_rerank_sims(model, emb, eval_cfg.rerank_k, device, dtype, score=eval_cfg.rerank_score)
-        metrics.update(retrieval_metrics(emb, eval_cfg.ks, t2i, i2t, prefix="retrieval_itm"))
+        reranked = itm_rerank(model, emb, eval_cfg.rerank_k, device, dtype, score=eval_cfg.rerank_score)
+        metrics.update(retrieval_metrics(emb, eval_cfg.ks, prefix="retrieval_itm", rerank=reranked))
     if can_caption:
         captions = caption_eval(model, emb, tokenizer, device, dtype, eval_cfg.caption_max_images,
                                 eval_cfg.caption_max_len, eval_cfg.caption_beams, eval_cfg.caption_samples, mean, std)
