@@ -65,8 +65,8 @@ def test_from_coco_then_mmpt_eval_equals_hand_computed_protocol(demo_env, tmp_pa
     i2t_order = sims.T.argsort(dim=1, descending=True)  # `i t`: all captions ranked per image
     i2t_hits = owner[i2t_order] == torch.arange(len(ids))[:, None]  # any caption of the image
     for k in (1, 5, 10):
-        assert abs(metrics[f"retrieval/t2i_r{k}"] - recall(t2i_hits, k)) < 1e-9, k
-        assert abs(metrics[f"retrieval/i2t_r{k}"] - recall(i2t_hits, k)) < 1e-9, k
+        assert abs(metrics[f"retrieval/t2i_r{k}"] - recall(t2i_hits, k)) < 1e-6, k  # float32 metric; one query moves it by 1/60
+        assert abs(metrics[f"retrieval/i2t_r{k}"] - recall(i2t_hits, k)) < 1e-6, k  # float32 metric; one query moves it by 1/60
     assert metrics["retrieval/num_images"] == N_IMAGES
     assert metrics["retrieval/num_texts"] == N_IMAGES * CAPTIONS_PER_IMAGE
     # not a degenerate case: the protocols differ here (a random model would score R@10 of 10/12 on images)
