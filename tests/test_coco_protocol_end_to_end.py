@@ -13,6 +13,7 @@ from PIL import Image
 import mmpt
 from mmpt.cli.data import main as mmpt_data
 from mmpt.cli.evaluate import evaluate
+from mmpt.cli.export import export
 from tests.saved_models import save_tag_dir
 
 N_IMAGES, CAPTIONS_PER_IMAGE = 12, 5
@@ -71,3 +72,7 @@ def test_from_coco_then_mmpt_eval_equals_hand_computed_protocol(demo_env, tmp_pa
     assert metrics["retrieval/num_texts"] == N_IMAGES * CAPTIONS_PER_IMAGE
     # not a degenerate case: the protocols differ here (a random model would score R@10 of 10/12 on images)
     assert recall(t2i_hits, 10) < 1.0 or recall(i2t_hits, 1) < 1.0
+    # an mmpt-export dir evaluates the same (mmpt-eval and mmpt.load share one reader)
+    exported = export([str(run_dir), "--out", str(tmp_path / "exported")])
+    again = evaluate([f"ckpt={exported}", f"data.eval.urls={urls}", "eval.ks=[1,5,10]"])
+    assert {k: v for k, v in again.items() if k != "checkpoint"} == {k: v for k, v in metrics.items() if k != "checkpoint"}

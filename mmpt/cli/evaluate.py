@@ -1,7 +1,8 @@
-"""`mmpt-eval ckpt=<run dir | checkpoint dir> [data.eval.urls=...] [eval.output=file.json] [key=value ...]`
+"""`mmpt-eval ckpt=<run dir | checkpoint dir | mmpt-export dir> [data.eval.urls=...] [eval.output=FILE] [key=value ...]`
 
-Loads the config and tokenizer saved inside the checkpoint, applies the overrides, evaluates retrieval on
-every rank of the launcher (single process, torchrun, srun) and prints/writes flat JSON metrics.
+Loads the config and tokenizer saved with the weights (mmpt.engine.saved_model, the reader mmpt.load uses),
+applies the overrides, evaluates retrieval on every rank of the launcher (single process, torchrun, srun) and
+prints/writes flat JSON metrics.
 Zero-shot classification: `eval.zeroshot.root=IMAGE_FOLDER [eval.zeroshot.classnames=FILE]
 [eval.zeroshot.templates=default|imagenet_openai|FILE] [eval.zeroshot.output=clip_benchmark.json]`
 (or `eval.zeroshot.urls=SHARDS` with a .cls per sample); `data.eval.urls=null` then skips retrieval.
@@ -17,9 +18,9 @@ from omegaconf import OmegaConf
 
 from mmpt import distributed as mdist
 from mmpt.cli.common import fail, strip_launcher_args, user_errors_exit
-from mmpt.engine.checkpoint import load_model_weights, resolve_checkpoint_dir
 from mmpt.engine.config import ConfigError, EvalConfig
 from mmpt.engine.dist_env import detect_env, device_for, init_process_group
+from mmpt.engine.saved_model import load_saved_weights, read_saved
 from mmpt.engine.run_setup import build_eval_loader_for, configure_logging, validate
 from mmpt.eval import zeroshot
 from mmpt.eval.runner import evaluate_model
@@ -48,10 +49,10 @@ def parse_overrides(argv: list[str]) -> tuple[str, list[str]]:
 @user_errors_exit
 def evaluate(argv: list[str]) -> dict[str, float]:
     ckpt, overrides = parse_overrides(argv)
-    tag_dir = resolve_checkpoint_dir(Path(ckpt))
-    saved = OmegaConf.load(tag_dir / "config.yaml")
-    if (tag_dir / "tokenizer.json").is_file():
-        saved.tokenizer.path = str(tag_dir / "tokenizer.json")
+    stored = read_saved(ckpt)  # a run dir, a checkpoint tag dir or an `mmpt-export` dir
+    tag_dir = stored.source
+    saved = stored.config.copy()
+    saved.tokenizer.path = str(stored.tokenizer_file)
     # eval settings added after the checkpoint was written take their defaults (and can be overridden)
     saved.eval = OmegaConf.merge(OmegaConf.structured(EvalConfig), saved.get("eval") or {})
     OmegaConf.set_struct(saved, True)
@@ -69,8 +70,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     if env.world_size > 1:
         init_process_group(env, prep.cfg.trainer.dist_timeout_s)
     device = device_for(env)
-    model = build_model(prep.cfg.model)
-    model.load_state_dict(load_model_weights(tag_dir))
+    model = load_saved_weights(build_model(prep.cfg.model), stored)
     model.to(device)
     loader = build_eval_loader_for(prep.cfg, prep.tokenizer, env) if prep.cfg.data.eval.urls else None
     d = prep.cfg.data

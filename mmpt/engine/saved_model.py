@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from mmpt.engine.config import ConfigError
 from mmpt.engine.checkpoint import load_model_weights, resolve_checkpoint_dir, step_of
 from mmpt.models.registry import build_model, model_config
 
@@ -90,11 +91,16 @@ def training_only_keys(model: nn.Module) -> set[str]:
 def build_saved_model(saved: SavedModel) -> nn.Module:
     """The architecture of `saved.config`, with its weights; every key must match except training-only ones."""
     model_cfg = OmegaConf.to_container(saved.config.model, resolve=True)
-    model = build_model(model_config(model_cfg))
+    return load_saved_weights(build_model(model_config(model_cfg)), saved)
+
+
+def load_saved_weights(model: nn.Module, saved: SavedModel) -> nn.Module:
+    """`saved`'s weights into `model` (built from its config, maybe with overrides); every key must match
+    except training-only ones, which an export leaves out."""
     missing, unexpected = model.load_state_dict(saved.state_dict, strict=False)
     missing = sorted(set(missing) - training_only_keys(model))
     if missing or unexpected:
-        raise ValueError(f"weights in {saved.source} do not fit the model its {CONFIG_FILE} describes "
+        raise ConfigError(f"weights in {saved.source} do not fit the model its {CONFIG_FILE} describes "
                          f"(missing {missing[:5]}, unexpected {list(unexpected)[:5]})")
     return model
 
