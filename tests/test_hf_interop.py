@@ -51,6 +51,17 @@ def hf_embeddings(hf: nn.Module, images: torch.Tensor, ids: torch.Tensor, mask: 
     return out.image_embeds, out.text_embeds, hf.logit_scale.detach().exp()
 
 
+def assert_same_as_hf(model: nn.Module, hf: nn.Module, vocab_size: int = 120) -> None:
+    """mmpt's image and text embeddings and logit scale equal transformers' (padded captions, random images)."""
+    ids, mask = captions(vocab_size, 3)
+    images = torch.randn(2, 3, 32, 32)
+    image_emb, text_emb, scale = hf_embeddings(hf, images, ids, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), image_emb, atol=TOL, rtol=0)
+        torch.testing.assert_close(model.encode_text(ids, mask), text_emb, atol=TOL, rtol=0)
+        torch.testing.assert_close(model.itc.scale(), scale, atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("overrides", [{}, {"quick_gelu": False, "vision": {"patch_bias": True}}],
                          ids=["openai_tiny", "gelu_patch_bias"])
 def test_export_loads_in_transformers_with_equal_embeddings(
@@ -138,13 +149,7 @@ def test_hf_clip_directory_imports_through_model_init(tmp_path: Path) -> None:
     (report,) = import_into(model, tmp_path / "hf")
     assert report.missing == [] and report.unexpected == []
     assert len(report.mapped) == len(model.state_dict())
-    ids, mask = captions(120, 3)
-    images = torch.randn(2, 3, 32, 32)
-    image_emb, text_emb, scale = hf_embeddings(hf, images, ids, mask)
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), image_emb, atol=TOL, rtol=0)
-        torch.testing.assert_close(model.encode_text(ids, mask), text_emb, atol=TOL, rtol=0)
-        torch.testing.assert_close(model.itc.scale(), scale, atol=TOL, rtol=0)
+    assert_same_as_hf(model, hf)
 
 
 def test_legacy_eos_id_two_pools_the_same_token(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from mmpt.engine.checkpoint import read_init_checkpoint  # noqa: E402
 from mmpt.models.pretrained import InitConfig, apply_init  # noqa: E402
 from mmpt.models.registry import build_model, preset_config  # noqa: E402
-from tests.test_hf_interop import TOL, captions, hf_embeddings, random_hf_clip  # noqa: E402
+from tests.test_hf_interop import TOL, assert_same_as_hf, captions, hf_embeddings, random_hf_clip  # noqa: E402
 
 StateDict = dict[str, torch.Tensor]
 
@@ -73,13 +73,7 @@ def test_open_clip_clip_matches_transformers_and_every_key(tmp_path: Path) -> No
     (report,) = load(model, tmp_path / "open_clip.pt")
     assert report.missing == [] and report.unexpected == ["attn_mask"]
     assert any("quick-GELU" in note for note in report.notes)
-    ids, mask = captions(120, 3)
-    images = torch.randn(2, 3, 32, 32)
-    image_emb, text_emb, scale = hf_embeddings(hf, images, ids, mask)
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), image_emb, atol=TOL, rtol=0)
-        torch.testing.assert_close(model.encode_text(ids, mask), text_emb, atol=TOL, rtol=0)
-        torch.testing.assert_close(model.itc.scale(), scale, atol=TOL, rtol=0)
+    assert_same_as_hf(model, hf)
     ours = model.state_dict()
     assert torch.equal(ours["visual.patch_embed.proj.weight"], sd["visual.conv1.weight"])
     assert torch.equal(ours["visual.patch_embed.cls_token"].flatten(), sd["visual.class_embedding"])
