@@ -145,13 +145,11 @@ def test_mmpt_export_user_errors_exit_2(demo_env, tmp_path, capsys, monkeypatch)
 
 
 # ---- the README example -----------------------------------------------------------------------------------------
-README_EXAMPLE = """\
-import mmpt
-from PIL import Image
-m = mmpt.load("runs/clip_tiny")  # a run dir, a checkpoint dir or an mmpt-export dir
-scores = m.zero_shot([Image.open("shape.jpg")], ["circle", "square", "triangle", "cross"])
-print(scores.argmax(dim=-1))  # best class per image (scores: cosine, images x classes)
-"""
+def readme_example() -> str:
+    """The python block of README.md's "Use your trained model" section, as a user would paste it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Use your trained model", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_readme_example_runs(demo_env, tmp_path, monkeypatch, capsys):
@@ -160,7 +158,7 @@ def test_readme_example_runs(demo_env, tmp_path, monkeypatch, capsys):
 
     (tmp_path / "shape.jpg").write_bytes(render_sample(seed=3, index=0, image_size=32, p_two=0.0)[0])
     monkeypatch.chdir(tmp_path)
-    exec(compile(README_EXAMPLE, "README.md", "exec"), {})
+    exec(compile(readme_example(), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.strip() in {f"tensor([{k}])" for k in range(4)}  # one image, one of the 4 classes
 
