@@ -193,7 +193,7 @@ def test_existing_shards_need_overwrite(coco, tmp_path, capsys):
 
 @pytest.mark.parametrize("layout", ["train", "eval"])
 def test_mmpt_eval_loader_reads_the_shards(coco, tmp_path, capsys, layout):
-    """mmpt's own loader: image ids come from the .json, captions from the .txt (the first one for eval)."""
+    """mmpt's own loader: image ids come from the .json; captions from the .txt (train) or the json's list (eval)."""
     out = tmp_path / layout
     assert run(coco_argv(coco, out, "--shard-size", "6", "--layout", layout), capsys)[0] == 0
     all_captions = [c for i in GOOD for c in captions_of(i)]
@@ -202,10 +202,8 @@ def test_mmpt_eval_loader_reads_the_shards(coco, tmp_path, capsys, layout):
                                batch_size=4, image_size=32, num_workers=0, rank=0, world_size=1)
     batches = list(loader)
     got = [(i, c) for b in batches for i, c in zip(b.image_ids, b.captions)]
-    if layout == "train":
-        assert got == [(str(i), c) for i in GOOD for c in captions_of(i)]
-    else:
-        assert got == [(str(i), captions_of(i)[0]) for i in GOOD]
+    # train: one sample per pair; eval: one sample per image, expanded by the eval loader into one text per caption
+    assert got == [(str(i), c) for i in GOOD for c in captions_of(i)]
     assert sum(sum(b.skipped.values()) for b in batches) == 0
     assert tuple(batches[0].images.shape[1:]) == (3, 32, 32)
 
