@@ -283,3 +283,12 @@ def test_mmpt_export_hf_of_openai_tiny_loads_in_transformers_with_equal_embeddin
         out = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     torch.testing.assert_close(out.image_embeds, m.encode_image(pictures()), atol=1e-5, rtol=0)
     torch.testing.assert_close(out.text_embeds, m.encode_text(TEXTS), atol=1e-5, rtol=0)
+    # an HF user's path: CLIPProcessor (image processor + tokenizer) from the same dir, on square images of the
+    # model's size (HF resizes then crops, mmpt crops and resizes in one resample: equal for square inputs)
+    processor = transformers.CLIPProcessor.from_pretrained(tmp_path / "hf")
+    size = m.config.data.image_size
+    squares = [img.resize((size, size)) for img in pictures()]
+    inputs = processor(text=TEXTS, images=squares, return_tensors="pt", padding="max_length",
+                       max_length=ids.shape[1])
+    torch.testing.assert_close(inputs["pixel_values"], m.pixels(squares), atol=1e-5, rtol=0)
+    assert torch.equal(inputs["input_ids"], ids) and torch.equal(inputs["attention_mask"], mask)

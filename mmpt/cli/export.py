@@ -43,7 +43,8 @@ def export(argv: list[str]) -> Path:
         except ImportError as exc:
             raise ConfigError(f"--format hf is unavailable in this install ({exc}); use --format mmpt") from None
         try:
-            export_hf_clip(model, saved.tokenizer_file, out)
+            data = saved.config.data
+            export_hf_clip(model, saved.tokenizer_file, out, image_mean=list(data.mean), image_std=list(data.std))
         except ValueError as exc:  # a configuration HF's CLIPModel cannot express
             raise ConfigError(str(exc)) from None
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,10 +124,12 @@ def _export_state(model: nn.Module) -> StateDict:
     return sd
 
 
-def export_hf_clip(model: nn.Module, tokenizer_file: Path | None, out_dir: Path) -> None:
+def export_hf_clip(model: nn.Module, tokenizer_file: Path | None, out_dir: Path,
+                   image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None) -> None:
     """Write `out_dir` as a HF CLIPModel directory (config.json, model.safetensors, and with `tokenizer_file`
-    (mmpt's tokenizer.json) the tokenizer as a PreTrainedTokenizerFast). Raises ConfigError when HF's
-    architecture cannot express the model, before writing anything."""
+    (mmpt's tokenizer.json) the tokenizer as a PreTrainedTokenizerFast; with the run's normalisation
+    `image_mean`/`image_std` a CLIPImageProcessor, so `CLIPProcessor.from_pretrained` works too). Raises
+    ConfigError when HF's architecture cannot express the model, before writing anything."""
     problems = hf_export_problems(model)
     if problems:
         raise ConfigError(f"cannot export to a Hugging Face CLIPModel: {'; '.join(problems)}. "
@@ -148,8 +151,22 @@ def export_hf_clip(model: nn.Module, tokenizer_file: Path | None, out_dir: Path)
         from mmpt.interop.hf_tokenizer import save_hf_tokenizer
 
         save_hf_tokenizer(Path(tokenizer_file), model.config, out_dir)
+    if image_mean is not None and image_std is not None:
+        save_hf_image_processor(model.config.vision.image_size, image_mean, image_std, out_dir)
     hf_model.save_pretrained(out_dir, safe_serialization=True)
     logger.info("exported a Hugging Face CLIPModel (%d tensors) to %s", len(report.mapped), out_dir)
+
+
+def save_hf_image_processor(image_size: int, mean: Sequence[float], std: Sequence[float], out_dir: Path) -> None:
+    """preprocessor_config.json for mmpt's eval transform: shorter side to image_size (bicubic), centre crop,
+    /255, normalise. HF resizes then crops where mmpt crops and resizes in one resample, so pixels agree exactly
+    only for square inputs (a rounding-level difference otherwise)."""
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(do_resize=True, size={"shortest_edge": image_size}, resample=3, do_center_crop=True,
+                       crop_size={"height": image_size, "width": image_size}, do_rescale=True,
+                       rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean), image_std=list(std),
+                       do_convert_rgb=True).save_pretrained(out_dir)
 
 
 # ---- import ----------------------------------------------------------------------------------------------
