@@ -30,10 +30,7 @@ def export(argv: list[str]) -> Path:
     from mmpt.engine.saved_model import build_saved_model, read_saved
 
     saved = read_saved(args.path)
-    try:
-        model = build_saved_model(saved)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    model = build_saved_model(saved)  # weights that do not fit their config: a ConfigError
     out = Path(args.out).expanduser()
     if out.resolve() == saved.source.resolve():
         raise ConfigError(f"--out {out} is the directory being exported; choose another directory")
@@ -42,11 +39,8 @@ def export(argv: list[str]) -> Path:
             from mmpt.interop.hf_clip import export_hf_clip
         except ImportError as exc:
             raise ConfigError(f"--format hf is unavailable in this install ({exc}); use --format mmpt") from None
-        try:
-            data = saved.config.data
-            export_hf_clip(model, saved.tokenizer_file, out, image_mean=list(data.mean), image_std=list(data.std))
-        except ValueError as exc:  # a configuration HF's CLIPModel cannot express
-            raise ConfigError(str(exc)) from None
+        data = saved.config.data  # a configuration HF's CLIPModel cannot express raises a ConfigError
+        export_hf_clip(model, saved.tokenizer_file, out, image_mean=list(data.mean), image_std=list(data.std))
     else:
         write_mmpt_export(saved, model, out)
     print(f"exported {saved.source} ({args.format}) to {out}", flush=True)
