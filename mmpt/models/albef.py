@@ -51,7 +51,7 @@ class ALBEF(nn.Module):
         self.config = cfg
         self.objectives = tuple(cfg.objectives)
         self.capabilities = frozenset({"itm_score"} if cfg.uses("itm") else ())
-        self.visual = vision_tower_from(cfg.vision)
+        self.visual = vision_tower_from(cfg.vision, patch_dropout=cfg.patch_dropout)
         self.text = TextFusionEncoder(
             cfg.text, cfg.fusion_layers if cfg.fuses() else 0, context_dim=cfg.vision.width, mlm_head=cfg.uses("mlm")
         )
@@ -209,7 +209,7 @@ class ALBEF(nn.Module):
         """Training FLOPs per image-text pair at `batch_size` pairs per micro-batch, for MFU (conventions of
         `CLIP.flops_per_sample`), for the configured objectives only.
 
-        Student (forward + backward): ViT once; text encoder once, plus once on masked ids with mlm; fusion 3
+        Student (forward + backward): ViT once (on the kept patches with model.patch_dropout); text encoder once, plus once on masked ids with mlm; fusion 3
         times with itm (the positive, two negative pairs) and once with mlm; MLM head on
         `masked_rows_capacity(batch_size * l) / batch_size` rows; ITM head 3x; projections.
         Teacher (forward only, a third of training FLOPs): ViT, vision/text projections, text encoder (twice
@@ -221,7 +221,7 @@ class ALBEF(nn.Module):
         if not check_kind(kind, self.data_kinds):
             return 0.0
         cfg = self.config
-        l, n = cfg.text.max_text_len, self.visual.num_tokens
+        l, n = cfg.text.max_text_len, self.visual.num_train_tokens  # the student fuses the kept image tokens
         mlm = cfg.uses("mlm")
         mlm_rows = masked_rows_capacity(batch_size * l, cfg.mlm.mask_prob) / batch_size if mlm else 0.0
         projections = self.vision_proj.flops_per_sample() + self.text_proj.flops_per_sample()
@@ -235,8 +235,10 @@ class ALBEF(nn.Module):
         if self.teacher is None:
             return student
         pe = self.visual.patch_embed
-        vit_forward = (self.visual.flops_per_sample() + 2.0 * pe.proj.weight.numel() * pe.num_patches) / 3
-        teacher_text = self.text.flops(l, n, text_passes=1 + mlm, fusion_passes=int(mlm), mlm_rows=mlm_rows)
+        # the teacher runs in eval mode: every image token, no patch dropout
+        vit_forward = (self.visual.flops_per_sample(dropped=False) + 2.0 * pe.proj.weight.numel() * pe.num_patches) / 3
+        n_all = self.visual.num_tokens
+        teacher_text = self.text.flops(l, n_all, text_passes=1 + mlm, fusion_passes=int(mlm), mlm_rows=mlm_rows)
         teacher = vit_forward + (teacher_text + projections) / 3
         queue = 12.0 * cfg.momentum.queue_size * cfg.contrastive.embed_dim
         return student + teacher + queue

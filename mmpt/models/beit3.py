@@ -48,7 +48,7 @@ class BEiT3(nn.Module):
         self.objectives = tuple(name for name in cfg.supported_objectives if name in cfg.objectives)
         self.data_kinds = data_kinds_of(self.objectives)
         width, embed_dim = cfg.multiway.width, cfg.contrastive.embed_dim
-        self.encoder = MultiwayEncoder(**vars(cfg.multiway))
+        self.encoder = MultiwayEncoder(**vars(cfg.multiway), patch_dropout=cfg.patch_dropout)
         # retrieval heads always exist: evaluation embeds through them whatever the stage trains (frozen without itc)
         self.vision_proj = ProjectionHead(width, embed_dim)
         self.text_proj = ProjectionHead(width, embed_dim)
@@ -160,7 +160,7 @@ class BEiT3(nn.Module):
                 text_y.append(labels)
             image_mask = pairs.image_mask if self.mim_head is not None else None
             fused = self.encoder.encode_pair(pairs.images, ids, pairs.attention_mask, image_mask)
-            split = self.encoder.num_image_tokens  # [CLS] + patches, then text
+            split = self.encoder.text_start(fused, ids)  # [CLS] + patches (the kept ones, patch dropout), then text
             if self.mlm_head is not None:
                 text_h.append(fused[:, split:])
             if image_mask is not None:

@@ -82,7 +82,7 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = cfg
         act = QuickGELU if cfg.quick_gelu else nn.GELU
-        self.visual = vision_tower_from(cfg.vision, act_layer=act)
+        self.visual = vision_tower_from(cfg.vision, act_layer=act, patch_dropout=cfg.patch_dropout)
         self.text = text_tower_from(cfg.text, causal=cfg.text_causal, act_layer=act)
         self.vision_proj = ProjectionHead(cfg.vision.width, cfg.contrastive.embed_dim)
         self.text_proj = ProjectionHead(cfg.text.width, cfg.contrastive.embed_dim)
@@ -113,7 +113,8 @@ class CLIP(nn.Module):
         """Training (forward + backward) FLOPs per image-text pair, for MFU.
 
         Sum over towers of 6 * (matmul weights) * tokens + 12 * layers * tokens^2 * width (attention
-        scores and weights @ V), with tokens = 1 + (image_size/patch_size)^2 for the ViT and max_text_len
+        scores and weights @ V), with tokens = 1 + (image_size/patch_size)^2 for the ViT (the kept patches with
+        model.patch_dropout) and max_text_len
         for text (padding is computed too), plus 4 * patch-conv weights * patches (no input gradient for
         images) and 6 * weights for each projection head. Not counted: norms, softmax, GELU, the embedding lookup, and
         the ITC logits (12 * global_batch * embed_dim per pair: ~0.2% at ViT-B/16 with a 32k batch).

@@ -102,7 +102,7 @@ class CoCa(nn.Module):
         t, embed_dim = cfg.text, cfg.contrastive.embed_dim
         drop = dict(mlp_ratio=t.mlp_ratio, dropout=t.dropout, attn_dropout=t.dropout, norm_eps=t.norm_eps)
         # No ViT [CLS]: both summaries come from attentional pooling over all patch tokens.
-        self.visual = vision_tower_from(cfg.vision, cls_token=False)
+        self.visual = vision_tower_from(cfg.vision, cls_token=False, patch_dropout=cfg.patch_dropout)
         vw, vh = cfg.vision.width, cfg.vision.heads
         self.contrastive_pooler = AttentionalPooler(vw, vw, 1, vh) if cfg.image_pool == "attention" else None
         self.decoder_pooler = AttentionalPooler(vw, vw, cfg.num_decoder_queries, vh) if captions else None
@@ -254,7 +254,7 @@ class CoCa(nn.Module):
             raise ValueError(f"num_beams={num_beams} must be >= 1")
         tok = cfg.tokens
         gen = GenerationConfig(tok.id("bos"), tok.id("eos"), tok.id("pad"), max_len, min_len, length_penalty)
-        context = self._context(self.visual(images))  # `b q c`, computed once
+        context = self._context(self.visual(images, drop_patches=False))  # `b q c`, computed once, every patch
         k = num_beams if strategy == "beam" else 1
         context = repeat(context, "b q c -> (b k) q c", k=k)
         if use_cache:
@@ -284,7 +284,7 @@ class CoCa(nn.Module):
     def flops_per_sample(self, kind: str = "pairs", batch_size: int = 1) -> float:
         """Training (forward + backward) FLOPs per image-text pair, for MFU, from the modules' helpers.
 
-        ViT over n = (image/patch)^2 tokens (no [CLS]); the unimodal stack over L + 1 tokens (L =
+        ViT over n = (image/patch)^2 tokens (no [CLS]; the kept ones with model.patch_dropout); the unimodal stack over L + 1 tokens (L =
         max_text_len, padding computed too, + the text [CLS]); with itc the contrastive pooler over the n
         tokens and the two projection heads; with caption the decoder pooler, the multimodal stack over L - 1
         tokens cross-attending to num_decoder_queries tokens and the LM head on L - 1 tokens. Not counted:
@@ -293,7 +293,7 @@ class CoCa(nn.Module):
         if not check_kind(kind, self.data_kinds):
             return 0.0
         cfg = self.config
-        n_img, n_txt = self.visual.num_tokens, cfg.text.max_text_len
+        n_img, n_txt = self.visual.num_train_tokens, cfg.text.max_text_len  # fewer with patch dropout
         total = self.visual.flops_per_sample() + self.unimodal.flops(n_txt + 1)
         if cfg.uses("itc"):
             total += self.contrastive_pooler.flops_per_sample(n_img) if self.contrastive_pooler is not None else 0.0

@@ -175,6 +175,10 @@ class ModelConfigBase:
     # a preset's objective weights over the arch's defaults (`default_loss_weights`); `loss.weights` overrides
     # both. Weights of objectives that are not configured are ignored (a preset's defaults, not a user's choice).
     loss_weights: dict[str, float] = field(default_factory=dict)
+    # FLIP: share of image patch tokens dropped per sample in training (after position embeddings, [CLS] kept;
+    # mmpt/modules/patch_dropout.py). Every arch has a ViT, so it lives here; archs whose losses need every
+    # patch refuse p > 0 (`patch_dropout_problems`).
+    patch_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         self.arch = self.arch or self.arch_name
@@ -206,7 +210,18 @@ class ModelConfigBase:
             p.append(f"tokens {ids} must be distinct")
         vocab = self.vocab_size()
         p += [f"tokens.{k}={v} must be in [0, vocab_size={vocab})" for k, v in ids.items() if not 0 <= v < vocab]
+        if not 0.0 <= self.patch_dropout < 1.0:
+            p.append(f"patch_dropout={self.patch_dropout} must be in [0, 1) (the share of patch tokens dropped)")
         return p
+
+    def patch_dropout_problems(self, needs_every_patch: tuple[str, ...]) -> list[str]:
+        """Refuse patch dropout when an objective in `needs_every_patch` (one whose targets are masked patches,
+        which dropping would remove from the encoder) is configured."""
+        clash = [name for name in needs_every_patch if self.uses(name)]
+        if self.patch_dropout > 0 and clash:
+            return [f"patch_dropout={self.patch_dropout} drops image patches but objectives {clash} predict masked "
+                    f"patches and need every one; set model.patch_dropout=0 or remove {clash} from model.objectives"]
+        return []
 
     def vocab_size(self) -> int:
         """Embedding rows of the text side (subclasses say which tower holds them)."""

@@ -64,7 +64,7 @@ class VLMo(nn.Module):
         self.data_kinds = data_kinds_of(self.objectives)  # image-only data only with mim, and so on
         self.capabilities = frozenset({"itm_score"} if cfg.uses("itm") else ())
         width, embed_dim = cfg.multiway.width, cfg.contrastive.embed_dim
-        self.encoder = MultiwayEncoder(**vars(cfg.multiway))
+        self.encoder = MultiwayEncoder(**vars(cfg.multiway), patch_dropout=cfg.patch_dropout)
         self.image_proj = ProjectionHead(width, embed_dim)
         self.text_proj = ProjectionHead(width, embed_dim)
         self.itc = build_contrastive_loss(cfg.contrastive)
@@ -112,12 +112,13 @@ class VLMo(nn.Module):
         if self.itm_head is None:
             raise ValueError("itm_score needs the ITM head: add itm to model.objectives")
         fused = self.encoder.encode_pair(images, input_ids, attention_mask)
-        return self.itm_head(self._text_cls(fused)).float().softmax(dim=-1)[:, 1]
+        return self.itm_head(self._text_cls(fused, input_ids)).float().softmax(dim=-1)[:, 1]
 
-    def _text_cls(self, fused: torch.Tensor) -> torch.Tensor:
+    def _text_cls(self, fused: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """`b (1+n+l) d` -> `b d`: the text [CLS] after fusion (VLMo pools the first token of its text-first
-        sequence; here image tokens come first, so the text [CLS] sits right after them)."""
-        return fused[:, self.encoder.num_image_tokens]
+        sequence; here image tokens come first, so the text [CLS] sits right after them; n is the kept
+        patches with patch dropout)."""
+        return fused[:, self.encoder.text_start(fused, input_ids)]
 
     # ---- training ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -196,13 +197,14 @@ class VLMo(nn.Module):
         if not rows:
             return losses, None, None, metrics
         fused = self.encoder.encode_pair(*(torch.cat(parts) for parts in zip(*rows)))  # `(r b) (1+n+l) d`
+        text_start = self.encoder.text_start(fused, ids)
         if self.itm_head is not None:
-            itm_logits = self.itm_head(self._text_cls(fused[: 3 * b]))  # `(3 b) 2`
+            itm_logits = self.itm_head(fused[: 3 * b, text_start])  # `(3 b) 2` from the text [CLS]
             losses["itm"], m_itm = itm_loss(itm_logits[:b], itm_logits[b:])
             metrics.update(m_itm)
         logits = None
         if self.mlm_head is not None:
-            logits = self.mlm_head(fused[-b:, self.encoder.num_image_tokens :])  # `b l v`
+            logits = self.mlm_head(fused[-b:, text_start:])  # `b l v`
         return losses, logits, labels, metrics
 
     def _mim(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
