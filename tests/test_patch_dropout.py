@@ -31,7 +31,8 @@ REFUSED = [(a, o) for a, o in CASES if NEEDS_EVERY_PATCH.get(a) in o]
 
 def indexed_tokens(b: int, n: int, d: int = 3) -> torch.Tensor:
     """`b n d` where every channel of token i holds i (0 = [CLS]), plus 1000 * sample so rows differ."""
-    return torch.arange(n, dtype=torch.float)[None, :, None] + 1000.0 * torch.arange(b)[:, None, None] + torch.zeros(b, n, d)
+    index = torch.arange(n, dtype=torch.float)[None, :, None] + 1000.0 * torch.arange(b)[:, None, None]
+    return index.expand(b, n, d).clone()
 
 
 def with_dropout(cfg: Any, p: float = P) -> Any:
@@ -159,8 +160,9 @@ def test_eval_mode_is_exactly_the_model_without_dropout(arch: str) -> None:
 
 @pytest.mark.parametrize(("arch", "objectives"), [pytest.param(a, o, id=case_id(a, o)) for a, o in REFUSED])
 def test_masked_image_modeling_refuses_patch_dropout(arch: str, objectives: tuple[str, ...]) -> None:
-    with pytest.raises(ValueError, match=rf"patch_dropout=0.5 drops image patches but objectives \['{NEEDS_EVERY_PATCH[arch]}'\] "
-                                         r"predict masked patches .* set model.patch_dropout=0"):
+    want = (rf"patch_dropout=0.5 drops image patches but objectives \['{NEEDS_EVERY_PATCH[arch]}'\] predict masked "
+            r"patches .* set model.patch_dropout=0")
+    with pytest.raises(ValueError, match=want):
         with_dropout(tiny_config(arch, objectives))
 
 

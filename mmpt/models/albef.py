@@ -209,12 +209,14 @@ class ALBEF(nn.Module):
         """Training FLOPs per image-text pair at `batch_size` pairs per micro-batch, for MFU (conventions of
         `CLIP.flops_per_sample`), for the configured objectives only.
 
-        Student (forward + backward): ViT once (on the kept patches with model.patch_dropout); text encoder once, plus once on masked ids with mlm; fusion 3
-        times with itm (the positive, two negative pairs) and once with mlm; MLM head on
+        Student (forward + backward): ViT once (on the kept patches with model.patch_dropout, which the
+        fusion layers then read); text encoder once, plus once on masked ids with mlm; fusion 3 times with itm
+        (the positive, two negative pairs) and once with mlm; MLM head on
         `masked_rows_capacity(batch_size * l) / batch_size` rows; ITM head 3x; projections.
-        Teacher (forward only, a third of training FLOPs): ViT, vision/text projections, text encoder (twice
-        with mlm), fusion + MLM head once with mlm. ITC logits against the queue: 8 q e (student, both
-        directions, forward + the feature gradient; the candidates are constants) + 4 q e (teacher targets).
+        Teacher (forward only, a third of training FLOPs; eval mode, so every patch): ViT, vision/text
+        projections, text encoder (twice with mlm), fusion + MLM head once with mlm. ITC logits against the
+        queue: 8 q e (student, both directions, forward + the feature gradient; the candidates are constants)
+        + 4 q e (teacher targets).
         Not counted: norms, softmax, GELU, embedding lookups, the global-batch part of the logits and
         hard-negative sampling (O(w b e) per pair).
         """

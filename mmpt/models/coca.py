@@ -254,7 +254,7 @@ class CoCa(nn.Module):
             raise ValueError(f"num_beams={num_beams} must be >= 1")
         tok = cfg.tokens
         gen = GenerationConfig(tok.id("bos"), tok.id("eos"), tok.id("pad"), max_len, min_len, length_penalty)
-        context = self._context(self.visual(images, drop_patches=False))  # `b q c`, computed once, every patch
+        context = self._context(self.visual(images, drop_patches=False))  # `b q c` once, from every patch
         k = num_beams if strategy == "beam" else 1
         context = repeat(context, "b q c -> (b k) q c", k=k)
         if use_cache:
@@ -284,11 +284,11 @@ class CoCa(nn.Module):
     def flops_per_sample(self, kind: str = "pairs", batch_size: int = 1) -> float:
         """Training (forward + backward) FLOPs per image-text pair, for MFU, from the modules' helpers.
 
-        ViT over n = (image/patch)^2 tokens (no [CLS]; the kept ones with model.patch_dropout); the unimodal stack over L + 1 tokens (L =
-        max_text_len, padding computed too, + the text [CLS]); with itc the contrastive pooler over the n
-        tokens and the two projection heads; with caption the decoder pooler, the multimodal stack over L - 1
-        tokens cross-attending to num_decoder_queries tokens and the LM head on L - 1 tokens. Not counted:
-        norms, softmax, GELU, embedding lookups, the loss, the ITC logits.
+        ViT over n = (image/patch)^2 tokens (no [CLS]; the kept ones with model.patch_dropout); the unimodal
+        stack over L + 1 tokens (L = max_text_len, padding computed too, + the text [CLS]); with itc the
+        contrastive pooler over the n tokens and the two projection heads; with caption the decoder pooler,
+        the multimodal stack over L - 1 tokens cross-attending to num_decoder_queries tokens and the LM head
+        on L - 1 tokens. Not counted: norms, softmax, GELU, embedding lookups, the loss, the ITC logits.
         """
         if not check_kind(kind, self.data_kinds):
             return 0.0
