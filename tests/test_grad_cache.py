@@ -191,6 +191,8 @@ def test_batch_sizes_count_the_cached_micro_batches(demo_env: dict[str, str]) ->
          "cannot cache the momentum teacher's distillation (its queue enqueues every forward); set "
          "model.momentum.enabled=false"),
         (["deepspeed=zero3"], "does not support ZeRO-3"),
+        (["data.batch_size=8", "trainer.global_batch_size=48"], "not divisible by data.batch_size x world size x "
+                                                                "trainer.contrastive_accum_steps = 8 x 2 x 2 = 32"),
         (["trainer.contrastive_accum_steps=0"], "trainer.contrastive_accum_steps=0 must be positive"),
     ],
 )

@@ -305,10 +305,12 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
     if t.global_batch_size is not None:
         per_step = d.batch_size * world_size * t.contrastive_accum_steps
         if t.global_batch_size % per_step:
-            n = f" x trainer.contrastive_accum_steps" if t.contrastive_accum_steps > 1 else ""
+            key, value = ((" x trainer.contrastive_accum_steps", f" x {t.contrastive_accum_steps}")
+                          if t.contrastive_accum_steps > 1 else ("", ""))
             raise ConfigError(
-                f"trainer.global_batch_size={t.global_batch_size} is not divisible by data.batch_size x world size{n} "
-                f"= {per_step}; choose a multiple of {per_step} or change data.batch_size"
+                f"trainer.global_batch_size={t.global_batch_size} is not divisible by data.batch_size x world size{key} "
+                f"= {d.batch_size} x {world_size}{value} = {per_step}; choose a multiple of {per_step} or change "
+                "data.batch_size"
             )
         t.grad_accum = t.global_batch_size // per_step
     if not d.train.urls and not d.sources:
