@@ -1,17 +1,25 @@
-"""Memory held for backward: one contrastive batch of N x b pairs in one graph vs GradCache (N micro-batches of b).
+"""What GradCache costs and saves: one contrastive batch of N x b pairs in one graph vs GradCache (N micro-batches
+of b), one process, plain PyTorch (no DeepSpeed), fp32.
 
-    python scripts/bench/bench_grad_cache_memory.py [--preset tiny] [--batch 16] [--steps 4] [--image-size 64]
+    python scripts/bench/bench_grad_cache.py [--preset tiny] [--batch 16] [--steps 4] [--rounds 0]
 
+Memory: 
 Counts the bytes of the distinct tensor storages autograd saves for backward (`saved_tensors_hooks`), parameters
 excluded (they are held anyway), i.e. the activation memory, independent of allocator and machine load. Full batch: one forward of N x b pairs + the
 ITC loss. GradCache (`mmpt.engine.grad_cache.cached_step`, what `trainer.contrastive_accum_steps=N` runs): the
 largest graph alive at once, counted as the loss graph over the cached embeddings PLUS the first micro-batch's
 re-forward (an upper bound: the loss graph is freed before that re-forward starts), then each further
 re-forward alone. Also checks that both give the same gradients, and prints the ratio.
+
+Time (--rounds R > 0): forward + backward of the whole contrastive batch, alternating the two ways R times on
+the same model and inputs; prints the median seconds of each and samples/s of GradCache / one graph (GradCache
+runs one extra forward without graph per micro-batch: ~0.75 expected where matmuls dominate).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 
@@ -55,6 +63,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="b: pairs per micro-batch")
     ap.add_argument("--steps", type=int, default=4, help="N: micro-batches per contrastive batch")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=0, help="timing rounds per side (0 = memory only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = preset_config("clip", args.preset)
@@ -92,6 +101,28 @@ def main() -> None:
     print(f"  GradCache {n} x {b}, largest graph: {max(peaks) / mib:9.2f} MiB "
           f"(per micro-batch: {', '.join(f'{p / mib:.2f}' for p in peaks)})")
     print(f"  ratio {full_bytes / max(peaks):.2f}x less; max |grad difference| {worst:.2e}")
+    if args.rounds > 0:
+        time_both(full, full_batch, micro, args.rounds)
+
+
+def time_both(model: torch.nn.Module, full_batch: Batch, micro: list[Batch], rounds: int) -> None:
+    """Alternating rounds on one model (gradients zeroed between): one graph vs GradCache over the same pairs."""
+    def one_graph() -> None:
+        model(full_batch).losses["itc"].backward()
+
+    def grad_cache() -> None:
+        cached_step(model, micro, {"itc": 1.0}, model.contrastive_features, torch.Tensor.backward)
+
+    seconds: dict[str, list[float]] = {"one graph": [], "GradCache": []}
+    for _ in range(rounds):
+        for name, run in (("one graph", one_graph), ("GradCache", grad_cache)):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(s) for name, s in seconds.items()}
+    print(f"  step time, median of {rounds}: one graph {median['one graph']:.3f} s, GradCache {median['GradCache']:.3f} s; "
+          f"GradCache samples/s = {median['one graph'] / median['GradCache']:.2f}x one graph's")
 
 
 if __name__ == "__main__":
