@@ -99,17 +99,18 @@ def test_the_re_forward_replays_each_micro_batch_dropout() -> None:
 
 # ---- one optimizer step through real DeepSpeed engines: 2 gloo ranks ------------------------------------------
 B, N, WORLD, LR = 2, 2, 2, 0.01
-STAGES = (0, 1, 2)
+CASES = ((0, 1), (1, 1), (2, 1), (1, 2))  # (ZeRO stage, trainer.grad_accum)
 
 
-def _engine(stage: int, batch_size: int, accum: int) -> Any:
-    """The trainer's DeepSpeed config (batch sizes, gas) for data.batch_size and contrastive_accum_steps."""
+def _engine(stage: int, batch_size: int, cached: int, accum: int) -> Any:
+    """The trainer's DeepSpeed config (batch sizes, gas) for data.batch_size, contrastive_accum_steps, grad_accum."""
     import deepspeed
 
     from mmpt.engine.config import TrainConfig
 
     cfg = TrainConfig(deepspeed={"zero_optimization": {"stage": stage}})
-    cfg.data.batch_size, cfg.trainer.contrastive_accum_steps, cfg.trainer.grad_clip = batch_size, accum, 0.0
+    cfg.data.batch_size, cfg.trainer.grad_clip = batch_size, 0.0
+    cfg.trainer.contrastive_accum_steps, cfg.trainer.grad_accum = cached, accum
     model = tiny_clip(dtype=torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)  # the update is lr x gradient: no Adam normalisation
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_deepspeed_config(cfg, WORLD))
@@ -132,17 +133,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120), verbose=False)
     try:
-        micro = [pairs(B, seed=10 * rank + k, dtype=torch.float32) for k in range(N)]  # this rank's samples
-        result: dict[str, Any] = {}
-        for stage in STAGES:
-            full = _engine(stage, batch_size=N * B, accum=1)
+        result: dict[Any, Any] = {}
+        for stage, accum in CASES:
+            # this rank's samples: `accum` contrastive batches of N micro-batches of B pairs
+            groups = [[pairs(B, seed=100 * rank + 10 * g + k, dtype=torch.float32) for k in range(N)]
+                      for g in range(accum)]
+            full = _engine(stage, batch_size=N * B, cached=1, accum=accum)
             initial = _params(full)
-            micro_step(full, concat(micro), {"itc": 1.0})  # the trainer's ordinary step on the whole batch
-            cached = _engine(stage, batch_size=B, accum=N)
-            accumulator = GradCacheAccumulator(N)
-            done = [accumulator.add(cached, batch, {"itc": 1.0}) for batch in micro]  # the trainer's GradCache path
-            result[stage] = {"initial": initial, "full": _params(full), "cached": _params(cached),
-                             "steps": (full.global_steps, cached.global_steps), "first_done": done[0] is None}
+            for group in groups:  # the trainer's ordinary micro-steps, one per whole contrastive batch
+                micro_step(full, concat(group), {"itc": 1.0})
+            cached = _engine(stage, batch_size=B, cached=N, accum=accum)
+            accumulator = GradCacheAccumulator(N)  # the trainer's GradCache path
+            done = [accumulator.add(cached, batch, {"itc": 1.0}) for group in groups for batch in group]
+            result[stage, accum] = {"initial": initial, "full": _params(full), "cached": _params(cached),
+                                    "steps": (full.global_steps, cached.global_steps),
+                                    "groups_done": [d is not None for d in done]}
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -151,15 +156,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 def test_one_deepspeed_step_with_cached_micro_batches_equals_the_full_batch_step(tmp_path: Path) -> None:
     """2 ranks x 2 micro-batches of 2 (GradCache) vs 2 ranks x 1 batch of 4, same samples and order: the
-    parameters after one SGD step (ZeRO-0, 1 and 2) agree to 1e-5, and the step moved them."""
+    parameters after one SGD step agree to 1e-5 (ZeRO-0, 1 and 2), and the step moved them; with
+    trainer.grad_accum=2 the step averages two such contrastive batches, as two full-batch micro-steps do."""
     ranks = run_ranks(_worker, tmp_path, world=WORLD)
-    for stage in STAGES:
-        r0, r1 = ranks[0][stage], ranks[1][stage]
-        assert r0["steps"] == (1, 1) and r0["first_done"]  # exactly one optimizer step each
+    for case in CASES:
+        r0, r1 = ranks[0][case], ranks[1][case]
+        assert r0["steps"] == (1, 1)  # exactly one optimizer step each
+        assert r0["groups_done"] == [False, True] * case[1]  # one contrastive loss per N micro-batches
         moved = max((r0["full"][n] - r0["initial"][n]).abs().max().item() for n in r0["full"])
         assert moved > 1e-3, moved
         for name, want in r0["full"].items():
-            torch.testing.assert_close(r0["cached"][name], want, rtol=0, atol=1e-5, msg=f"ZeRO-{stage} {name}")
+            torch.testing.assert_close(r0["cached"][name], want, rtol=0, atol=1e-5, msg=f"{case} {name}")
             torch.testing.assert_close(r1["cached"][name], r0["cached"][name], rtol=0, atol=0, msg=name)
 
 
