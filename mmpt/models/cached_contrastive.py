@@ -9,7 +9,8 @@ those embeddings, and back-propagate it micro-batch by micro-batch. A model offe
 
 `batch` of `contrastive_loss` holds the rows' ids and captions (duplicate-caption / same-image codes), in the
 features' row order; its images may be absent. Any loss module with ContrastiveLoss's call signature
-`(image_features, text_features, codes) -> (loss, metrics)` plugs in through `contrastive_losses()`.
+`(image_features, text_features, codes) -> (loss, metrics)` plugs in through `contrastive_losses()` (a new
+contrastive objective: its name in `protocol.CONTRASTIVE_OBJECTIVES` and its module as `self.<name>` or `self.itc`).
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ class CachedContrastive:
     itc: nn.Module
 
     def contrastive_losses(self) -> dict[str, nn.Module]:
-        """Configured contrastive objective -> its loss module (a new contrastive loss registers here)."""
-        return {name: module for name, module in (("itc", self.itc),) if name in self.objectives}
+        """Configured contrastive objective -> its loss module: the model's attribute of that name (e.g.
+        `self.siglip`) where it has one, else its contrastive head `self.itc` (built for whichever loss is set)."""
+        return {name: getattr(self, name, self.itc) for name in self.objectives if name in CONTRASTIVE_OBJECTIVES}
 
     def _require_grad_cache(self) -> None:
         if "grad_cache" not in self.capabilities:
