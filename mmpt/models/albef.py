@@ -23,6 +23,7 @@ from torch import nn
 from mmpt.data.batch import Batch
 from mmpt.models.albef_config import PRESETS, ALBEFConfig
 from mmpt.models.albef_parts import TextFusionEncoder
+from mmpt.models.cached_contrastive import CachedContrastive, grad_cache_capability
 from mmpt.models.momentum import MomentumTeacher
 from mmpt.models.protocol import ModelOutput, check_kind
 from mmpt.models.registry import register_arch
@@ -37,9 +38,10 @@ from mmpt.objectives.pair_codes import itc_codes
 __all__ = ["ALBEF", "ALBEFConfig", "build_albef"]
 
 
-class ALBEF(nn.Module):
+class ALBEF(CachedContrastive, nn.Module):
     """ITC on unimodal [CLS] projections, ITM on the fusion [CLS] with global hard negatives, MLM through
-    the fusion layers; implements the `PretrainModel` protocol plus `itm_score` and `after_optimizer_step`."""
+    the fusion layers; implements the `PretrainModel` protocol plus `itm_score` and `after_optimizer_step`, and
+    `grad_cache` with objectives=[itc] and no momentum teacher."""
 
     objectives: tuple[str, ...] = ("itc", "itm", "mlm")
     data_kinds: tuple[str, ...] = ("pairs",)
@@ -50,7 +52,8 @@ class ALBEF(nn.Module):
         super().__init__()
         self.config = cfg
         self.objectives = tuple(cfg.objectives)
-        self.capabilities = frozenset({"itm_score"} if cfg.uses("itm") else ())
+        self.capabilities = frozenset({"itm_score"} if cfg.uses("itm") else ()) | grad_cache_capability(
+            cfg.objectives, momentum_teacher=cfg.momentum.enabled)
         self.visual = vision_tower_from(cfg.vision, patch_dropout=cfg.patch_dropout)
         self.text = TextFusionEncoder(
             cfg.text, cfg.fusion_layers if cfg.fuses() else 0, context_dim=cfg.vision.width, mlm_head=cfg.uses("mlm")

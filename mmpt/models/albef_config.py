@@ -44,6 +44,13 @@ class ALBEFConfig(DualTowerConfig, FusionObjectivesConfig):
             p.append(f"need momentum.alpha in [0, 1] and alpha_warmup_steps >= 0, got {m.alpha}, {m.alpha_warmup_steps}")
         return p
 
+    def grad_cache_problems(self, steps: int) -> list[str]:
+        p = super().grad_cache_problems(steps)
+        if self.momentum.enabled:
+            p.append(f"trainer.contrastive_accum_steps={steps} cannot cache the momentum teacher's distillation "
+                     "(its queue enqueues every forward); set model.momentum.enabled=false")
+        return p
+
     def launch_problems(self, launch: Launch) -> list[str]:
         p = super().launch_problems(launch)
         if self.momentum.enabled:

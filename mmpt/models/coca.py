@@ -25,6 +25,7 @@ from mmpt.models.generation import (
     beam_search,
     greedy_search,
 )
+from mmpt.models.cached_contrastive import CachedContrastive, grad_cache_capability
 from mmpt.models.protocol import ModelOutput, check_kind
 from mmpt.models.registry import register_arch
 from mmpt.modules.block import Transformer
@@ -86,8 +87,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-class CoCa(nn.Module):
-    """Contrastive captioner; implements the `PretrainModel` protocol plus `generate` and `caption_logits`."""
+class CoCa(CachedContrastive, nn.Module):
+    """Contrastive captioner; implements the `PretrainModel` protocol plus `generate` and `caption_logits`, and
+    `grad_cache` with objectives=[itc]."""
 
     objectives: tuple[str, ...] = ("itc", "caption")
     data_kinds: tuple[str, ...] = ("pairs",)
@@ -98,7 +100,7 @@ class CoCa(nn.Module):
         self.config = cfg
         self.objectives = tuple(cfg.objectives)
         captions = cfg.uses("caption")
-        self.capabilities = frozenset({"generate"} if captions else ())
+        self.capabilities = frozenset({"generate"} if captions else ()) | grad_cache_capability(cfg.objectives)
         t, embed_dim = cfg.text, cfg.contrastive.embed_dim
         drop = dict(mlp_ratio=t.mlp_ratio, dropout=t.dropout, attn_dropout=t.dropout, norm_eps=t.norm_eps)
         # No ViT [CLS]: both summaries come from attentional pooling over all patch tokens.

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, ClassVar, Optional, Protocol
 
 from mmpt.models.pretrained import InitConfig
+from mmpt.models.protocol import CONTRASTIVE_OBJECTIVES
 from mmpt.visual_tokenizer import KINDS as VISUAL_TOKENIZER_KINDS
 from mmpt.visual_tokenizer import VisualTokenizerConfig
 
@@ -148,6 +149,7 @@ class Launch:
     tokenizer: Optional[TokenizerIds] = None
     mean: Optional[list[float]] = None  # data.mean / data.std: how images are normalised
     std: Optional[list[float]] = None
+    contrastive_accum_steps: int = 1  # trainer.contrastive_accum_steps (GradCache)
 
 
 @dataclass
@@ -254,7 +256,19 @@ class ModelConfigBase:
             if masks_text and tok.mask_id is None and self.tokens.mask is None:
                 p.append(f"objectives {sorted(masks_text)} mask captions but the tokenizer has no [MASK]/<mask> token; "
                          "use a tokenizer with one or drop those objectives")
+        if launch.contrastive_accum_steps > 1:
+            p += self.grad_cache_problems(launch.contrastive_accum_steps)
         return p
+
+    def grad_cache_problems(self, steps: int) -> list[str]:
+        """Why trainer.contrastive_accum_steps > 1 cannot cache this model's losses (subclasses add teachers)."""
+        others = [o for o in self.objectives if o not in CONTRASTIVE_OBJECTIVES]
+        if not others:
+            return []
+        return [f"trainer.contrastive_accum_steps={steps} caches contrastive losses only "
+                f"({', '.join(CONTRASTIVE_OBJECTIVES)}), but objectives {others} are not a function of the per-pair "
+                "embeddings; set model.objectives=[itc], or trainer.contrastive_accum_steps=1 and trainer.grad_accum "
+                "to accumulate"]
 
 
 def fill_tokens(tokens: SpecialTokens, tok: TokenizerIds) -> None:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mmpt.data.batch import Batch, MixedBatch
+from mmpt.models.cached_contrastive import CachedContrastive, grad_cache_capability
 from mmpt.models.masked_image_head import MaskedImageHead
 from mmpt.models.config_parts import build_contrastive_loss
 from mmpt.models.freezing import freeze_idle
@@ -49,8 +50,9 @@ from mmpt.objectives.pair_codes import itc_codes
 __all__ = ["VLMo", "VLMoConfig", "build_vlmo"]
 
 
-class VLMo(nn.Module):
-    """`PretrainModel` with `itm_score` and `after_optimizer_step`; see the module docstring."""
+class VLMo(CachedContrastive, nn.Module):
+    """`PretrainModel` with `itm_score`, `after_optimizer_step` and (objectives=[itc]) `grad_cache`; see the module
+    docstring."""
 
     objectives: tuple[str, ...] = ("itc", "itm", "mlm")
     data_kinds: tuple[str, ...] = ("pairs", "texts")
@@ -62,7 +64,7 @@ class VLMo(nn.Module):
         self.config = cfg
         self.objectives = tuple(cfg.objectives)
         self.data_kinds = data_kinds_of(self.objectives)  # image-only data only with mim, and so on
-        self.capabilities = frozenset({"itm_score"} if cfg.uses("itm") else ())
+        self.capabilities = frozenset({"itm_score"} if cfg.uses("itm") else ()) | grad_cache_capability(cfg.objectives)
         width, embed_dim = cfg.multiway.width, cfg.contrastive.embed_dim
         self.encoder = MultiwayEncoder(**vars(cfg.multiway), patch_dropout=cfg.patch_dropout)
         self.image_proj = ProjectionHead(width, embed_dim)
