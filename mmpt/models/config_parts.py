@@ -217,8 +217,7 @@ class ModelConfigBase:
         ac, stacks = self.activation_checkpointing, self.block_stacks()
         if isinstance(ac, bool):
             return []
-        deepest = max(stacks, key=lambda name: stacks[name], default="")
-        most = stacks.get(deepest, 0)
+        most = max(stacks.values(), default=0)
         if not isinstance(ac, int) or not 0 <= ac <= most:
             towers = ", ".join(f"{name} {n}" for name, n in stacks.items())
             return [f"activation_checkpointing={ac!r} must be true, false or a number of blocks per tower in "
