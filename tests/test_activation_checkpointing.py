@@ -86,7 +86,7 @@ def test_an_int_checkpoints_that_many_blocks_of_each_stack(arch: str) -> None:
     _, calls = train_step(model, cfg)
     for name, n in calls.items():
         recomputed = name.endswith(".blocks.0")
-        assert n == plain_calls[name] * (2 if recomputed else 1), (name, n, plain_calls[name])
+        assert n == plain_calls[name] * (2 if recomputed else 1) and plain_calls[name] > 0, (name, n, plain_calls[name])
     assert any(not name.endswith(".blocks.0") for name in calls)  # some stack had a block left plain
 
 
