@@ -55,8 +55,8 @@ def _train(name: str, compiled: bool, out_dir: Path) -> dict:
         losses.append(total.item())
     engine.save_checkpoint(str(out_dir / name), tag="t")
     saved = torch.load(out_dir / name / "t" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    return {"losses": losses, "blocks": blocks, "same_params": params == {n: id(p) for n, p in model.named_parameters()},
-            "keys_before": keys, "saved_keys": list(saved)}
+    same_params = params == {n: id(p) for n, p in model.named_parameters()}
+    return {"losses": losses, "blocks": blocks, "same_params": same_params, "keys_before": keys, "saved_keys": list(saved)}
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:

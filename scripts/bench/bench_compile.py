@@ -51,7 +51,8 @@ def main() -> None:
     model_cfg = preset_config(arch, preset)
     grid = model_cfg.patch_grid()
     text = model_cfg.text
-    batch = make_batch(args.batch, grid.image_size, text.max_text_len, text.vocab_size).to(device, PRECISION_DTYPES[args.precision])
+    batch = make_batch(args.batch, grid.image_size, text.max_text_len, text.vocab_size)
+    batch = batch.to(device, PRECISION_DTYPES[args.precision])
     weights = dict.fromkeys(model_cfg.objectives, 1.0)
 
     def engine_for(compiled: bool):
