@@ -102,6 +102,10 @@ class TrainerConfig:
     # dense peak TFLOP/s per device for train/mfu: null = known GPUs detected (H100/H200/A100, by precision);
     # on CPU train/mfu is logged only when this is set
     peak_tflops: Optional[float] = None
+    # torch.compile every transformer block in place (mmpt/engine/compile.py; ZeRO 0-2); eager by default: on
+    # CPU the compile time (minutes) is rarely won back. compile_backend: a torch.compile backend name
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -337,6 +341,13 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
             f"trainer.contrastive_accum_steps={t.contrastive_accum_steps} does not support ZeRO-3: its embedding pass "
             "runs outside DeepSpeed's forward, where ZeRO-3 gathers partitioned parameters; use deepspeed=zero2"
         )
+    if t.compile:
+        from mmpt.engine.compile import compile_backends
+
+        _check_choice("trainer.compile_backend", t.compile_backend, tuple(compile_backends()))
+        if stage == 3:
+            raise ConfigError("trainer.compile=true supports ZeRO stages 0-2 (stage 3 gathers parameters in module "
+                              "hooks that compiled blocks would trace); use deepspeed=zero2 or trainer.compile=false")
     resume = t.resume
     if resume not in ("auto", "none") and not Path(resume).is_dir():
         raise ConfigError(f"trainer.resume={resume!r}: no such checkpoint directory; use auto, none or a checkpoint dir")

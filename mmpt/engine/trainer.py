@@ -23,6 +23,7 @@ from mmpt import distributed as mdist
 from mmpt.data.batch import Batch, MixedBatch
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.engine import checkpoint
+from mmpt.engine.compile import compile_blocks
 from mmpt.engine.config import ConfigError, TrainConfig
 from mmpt.engine.dist_env import DistEnv
 from mmpt.engine.grad_cache import GradCacheAccumulator
@@ -156,6 +157,8 @@ class Trainer:
             except ValueError as exc:  # a shape mismatch or a tower the model lacks: the config's fault
                 raise ConfigError(f"model.init: {exc}") from None
         self.param_counts = apply_freeze(model, getattr(mcfg, "train", ()), getattr(mcfg, "freeze", ()))
+        if self.cfg.trainer.compile:  # in place, before DeepSpeed: same parameters, same state-dict keys
+            compile_blocks(model, self.cfg.trainer.compile_backend)
         if self.env.is_main:
             log.info("%s", self.param_counts.summary())
         return model

@@ -28,6 +28,9 @@ class ALBEFConfig(DualTowerConfig, FusionObjectivesConfig):
         """Whether any objective needs the fusion layers."""
         return self.uses("itm") or self.uses("mlm")
 
+    def block_stacks(self) -> dict[str, int]:
+        return {**super().block_stacks(), **({"fusion": self.fusion_layers} if self.fuses() else {})}
+
     def problems(self) -> list[str]:
         p = super().problems() + self.fusion_problems()
         if "itc" not in self.objectives:

@@ -61,6 +61,9 @@ class CoCaConfig(DualTowerConfig):
     # of the ViT's patch tokens (no pooler parameters to learn first)
     image_pool: str = "attention"
 
+    def block_stacks(self) -> dict[str, int]:
+        return {**super().block_stacks(), **({"multimodal": self.multimodal_layers} if self.uses("caption") else {})}
+
     def problems(self) -> list[str]:
         p = super().problems()
         for name in ("multimodal_layers", "num_decoder_queries"):

@@ -9,7 +9,7 @@ tokenizer, data geometry) in `launch_problems`, which the engine calls without k
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any, ClassVar, Optional, Protocol
+from typing import Any, ClassVar, Optional, Protocol, Union
 
 from mmpt.models.pretrained import InitConfig
 from mmpt.models.protocol import CONTRASTIVE_OBJECTIVES
@@ -181,6 +181,10 @@ class ModelConfigBase:
     # mmpt/modules/patch_dropout.py). Every arch has a ViT, so it lives here; archs whose losses need every
     # patch refuse p > 0 (`patch_dropout_problems`).
     patch_dropout: float = 0.0
+    # recompute block activations in backward instead of keeping them (mmpt/modules/checkpointing.py):
+    # true = every block of every tower, an int n = the first n blocks of each block stack (fewer where a
+    # stack is shallower), false = none. Same results, about one extra forward per step, less memory.
+    activation_checkpointing: Union[bool, int] = False
 
     def __post_init__(self) -> None:
         self.arch = self.arch or self.arch_name
@@ -214,7 +218,23 @@ class ModelConfigBase:
         p += [f"tokens.{k}={v} must be in [0, vocab_size={vocab})" for k, v in ids.items() if not 0 <= v < vocab]
         if not 0.0 <= self.patch_dropout < 1.0:
             p.append(f"patch_dropout={self.patch_dropout} must be in [0, 1) (the share of patch tokens dropped)")
-        return p
+        return p + self.checkpointing_problems()
+
+    def checkpointing_problems(self) -> list[str]:
+        """`activation_checkpointing` is a bool or a block count no deeper than the deepest block stack."""
+        ac, stacks = self.activation_checkpointing, self.block_stacks()
+        if isinstance(ac, bool):
+            return []
+        most = max(stacks.values(), default=0)
+        if not isinstance(ac, int) or not 0 <= ac <= most:
+            towers = ", ".join(f"{name} {n}" for name, n in stacks.items())
+            return [f"activation_checkpointing={ac!r} must be true, false or a number of blocks per tower in "
+                    f"[0, {most}] (blocks per tower: {towers}); true checkpoints every block"]
+        return []
+
+    def block_stacks(self) -> dict[str, int]:
+        """Block stacks (towers) by name -> number of blocks (subclasses say which they build)."""
+        raise NotImplementedError
 
     def patch_dropout_problems(self, needs_every_patch: tuple[str, ...]) -> list[str]:
         """Refuse patch dropout when an objective in `needs_every_patch` (one whose targets are masked patches,
@@ -291,6 +311,9 @@ class DualTowerConfig(ModelConfigBase):
     def patch_grid(self) -> PatchGrid:
         return self.vision
 
+    def block_stacks(self) -> dict[str, int]:
+        return {"vision": self.vision.layers, "text": self.text.layers}
+
     def problems(self) -> list[str]:
         return super().problems() + tower_problems("vision", self.vision) + tower_problems("text", self.text) + (
             grid_problems("vision", self.vision))
@@ -308,6 +331,9 @@ class MultiwayModelConfig(ModelConfigBase):
 
     def patch_grid(self) -> PatchGrid:
         return self.multiway
+
+    def block_stacks(self) -> dict[str, int]:
+        return {"multiway": self.multiway.layers}
 
     def problems(self) -> list[str]:
         m = self.multiway
