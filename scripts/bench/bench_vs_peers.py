@@ -1,0 +1,220 @@
+"""mmpt's training step vs its peers', in one process, at equal geometry (parameter counts printed).
+
+    python scripts/bench/bench_vs_peers.py [--only clip,coca,beit3,albef] [--rounds 6] [--steps 4]
+        [--batch 32] [--image-size 64] [--width 128] [--layers 4] [--threads 1] [--profile]
+
+Pairs: CLIP and CoCa vs open_clip, BEiT-3's Multiway backbone vs torchscale, ALBEF's towers (ViT + text +
+fusion layers) vs TorchMultimodal. A training step is forward + backward + optimizer step, fp32, each side at
+its recommended settings: open_clip's models with its ClipLoss / CoCaLoss and torch.optim.AdamW as
+open_clip_train builds it (decay groups, default implementation); mmpt's models with their own losses and
+mmpt's `build_optimizer`. For BEiT-3 and ALBEF the bench puts the same small loss on both backbones' outputs
+(a vocabulary head on the fused text tokens; ITC on the unimodal [CLS] + the fused [CLS]), so only the
+backbones differ. Rounds alternate which side runs first; each prints samples/s, the median is reported with
+the ratio mmpt / peer (> 1: mmpt is faster).
+
+The peers are dev-time installs in a separate venv (open_clip needs torchvision; see docs/PERFORMANCE.md):
+    python3.11 -m venv /work/bench_venv
+    /work/bench_venv/bin/pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch torchscale \
+        torchmultimodal-nightly iopath omegaconf hydra-core webdataset tokenizers einops
+    PYTHONPATH=. /work/bench_venv/bin/python scripts/bench/bench_vs_peers.py
+A peer that does not import prints a skip line. `--profile` prints torch.profiler's op table (self CPU
+time) of one step of each side instead of timing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Step = Callable[[], None]
+
+
+@dataclass
+class Side:
+    label: str
+    model: nn.Module
+    step: Step
+
+
+@dataclass
+class Match:
+    name: str
+    ours: Side
+    peer: Side
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def mmpt_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    from mmpt.engine.config import OptimizerConfig
+    from mmpt.engine.optim import build_optimizer
+
+    return build_optimizer(model, OptimizerConfig(lr=1e-4))
+
+
+def peer_optimizer(model: nn.Module, weight_decay: float = 0.2) -> torch.optim.Optimizer:
+    """torch.optim.AdamW with open_clip_train's groups: no decay for 1-d params, gains, biases, embeddings."""
+    def exclude(name: str, p: nn.Parameter) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay}]
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+
+
+def caption_batch(batch: int, seq_len: int, vocab: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (pad 0; BOS 1 first, EOS = vocab - 1 last, the largest id as CLIP's EOT) and their mask."""
+    ids = torch.randint(2, vocab - 1, (batch, seq_len), generator=gen)
+    lengths = torch.randint(seq_len // 2, seq_len + 1, (batch,), generator=gen)
+    positions = torch.arange(seq_len)
+    mask = (positions[None, :] < lengths[:, None]).long()
+    ids[:, 0] = 1
+    ids[torch.arange(batch), lengths - 1] = vocab - 1
+    return ids * mask, mask
+
+
+# ---- CLIP ------------------------------------------------------------------------------------------------
+def clip_match(args: argparse.Namespace) -> Match | str:
+    if importlib.util.find_spec("open_clip") is None:
+        return "open_clip is not installed"
+    import open_clip
+
+    from mmpt.data.batch import Batch
+    from mmpt.models.clip import build_clip
+    from mmpt.models.registry import preset_config
+
+    w, depth, heads = args.width, args.layers, max(1, args.width // 64)
+    vocab, seq = 1000, 32
+    cfg = preset_config(
+        "clip", "openai_tiny", quick_gelu=False,
+        vision={"image_size": args.image_size, "patch_size": args.patch_size, "width": w, "layers": depth, "heads": heads},
+        text={"width": w, "layers": depth, "heads": heads, "vocab_size": vocab, "max_text_len": seq},
+        contrastive={"embed_dim": w},
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
+    ids, mask = caption_batch(args.batch, seq, vocab, gen)
+    batch = Batch(images=images, input_ids=ids, attention_mask=mask)
+
+    ours = build_clip(cfg).train()
+    ours_opt = mmpt_optimizer(ours)
+
+    def ours_step() -> None:
+        optimizer_step(ours(batch).losses["itc"], ours_opt)
+
+    peer = open_clip.CLIP(
+        embed_dim=w,
+        vision_cfg={"image_size": args.image_size, "patch_size": args.patch_size, "width": w, "layers": depth,
+                    "head_width": w // heads},
+        text_cfg={"context_length": seq, "vocab_size": vocab, "width": w, "heads": heads, "layers": depth},
+        output_dict=True,
+    ).train()  # fmt: skip
+    peer_loss, peer_opt = open_clip.ClipLoss(), peer_optimizer(peer)
+
+    def peer_step() -> None:
+        out = peer(images, ids)
+        optimizer_step(peer_loss(out["image_features"], out["text_features"], out["logit_scale"]), peer_opt)
+
+    return Match("CLIP", Side("mmpt", ours, ours_step), Side(f"open_clip {open_clip.__version__}", peer, peer_step))
+
+
+MATCHES: dict[str, Callable[[argparse.Namespace], Match | str]] = {
+    "clip": clip_match,
+}
+
+
+# ---- timing --------------------------------------------------------------------------------------------
+def samples_per_s(step: Step, steps: int, batch: int) -> float:
+    step()  # warm-up (allocator, lazy state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def profile(match: Match, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for side in (match.ours, match.peer):
+        side.step()
+        side.step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            side.step()
+        print(f"--- {match.name} / {side.label}: one training step, ops by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def run(match: Match, args: argparse.Namespace) -> float:
+    ours_n, peer_n = count_params(match.ours.model), count_params(match.peer.model)
+    gap = ours_n / peer_n - 1
+    print(f"{match.name}: parameters mmpt {ours_n:,} | {match.peer.label} {peer_n:,} ({gap:+.2%})"
+          + ("" if abs(gap) <= 0.01 else "  WARNING: more than 1% apart"))
+    rates: dict[str, list[float]] = {"ours": [], "peer": []}
+    for r in range(args.rounds):
+        order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
+        for key in order:
+            rates[key].append(samples_per_s(getattr(match, key).step, args.steps, args.batch))
+    ours, peer = statistics.median(rates["ours"]), statistics.median(rates["peer"])
+    for key, side in (("ours", match.ours), ("peer", match.peer)):
+        print(f"  {side.label:<24} {statistics.median(rates[key]):8.1f} samples/s  "
+              f"(rounds: {', '.join(f'{x:.1f}' for x in rates[key])})")
+    ratio = ours / peer
+    per_round = [a / b for a, b in zip(rates["ours"], rates["peer"])]
+    print(f"  ratio mmpt / peer: {ratio:.3f}  (per round: {', '.join(f'{x:.2f}' for x in per_round)})")
+    return ratio
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(MATCHES), help="comma-separated subset of " + ",".join(MATCHES))
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per round and side")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--patch-size", type=int, default=8)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="print op tables of one step per side instead")
+    ap.add_argument("--profile-rows", type=int, default=25)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__} | threads {args.threads} | batch {args.batch} | {args.image_size} px / "
+          f"patch {args.patch_size} | width {args.width} x {args.layers} layers | fp32 | "
+          f"{args.rounds} rounds x {args.steps} steps")
+    ratios: dict[str, float] = {}
+    for key in args.only.split(","):
+        torch.manual_seed(0)
+        match = MATCHES[key](args)
+        if isinstance(match, str):
+            print(f"{key}: skipped ({match})")
+            continue
+        if args.profile:
+            profile(match, args.profile_rows)
+        else:
+            ratios[match.name] = run(match, args)
+        del match
+    if ratios:
+        print("summary mmpt / peer: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
