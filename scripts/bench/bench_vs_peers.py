@@ -135,8 +135,194 @@ def clip_match(args: argparse.Namespace) -> Match | str:
     return Match("CLIP", Side("mmpt", ours, ours_step), Side(f"open_clip {open_clip.__version__}", peer, peer_step))
 
 
+# ---- CoCa ------------------------------------------------------------------------------------------------
+def coca_match(args: argparse.Namespace) -> Match | str:
+    """open_clip's CoCa layout on both sides (mmpt: `model.layout=open_clip`): ViT with [CLS], one pooler of
+    1 + 64 queries at the embedding width, a self + a cross block per decoder layer; embed_dim = text width."""
+    if importlib.util.find_spec("open_clip") is None:
+        return "open_clip is not installed"
+    import open_clip
+
+    from mmpt.data.batch import Batch
+    from mmpt.models.coca import build_coca
+    from mmpt.models.registry import preset_config
+
+    w, depth, heads, queries = args.width, args.layers, max(1, args.width // 64), 64
+    vocab, seq = 1000, 32
+    cfg = preset_config(
+        "coca", "tiny", layout="open_clip", num_decoder_queries=queries, multimodal_layers=depth,
+        vision={"image_size": args.image_size, "patch_size": args.patch_size, "width": w, "layers": depth, "heads": heads,
+                "pre_norm": True, "patch_bias": False},
+        text={"width": w, "layers": depth, "heads": heads, "vocab_size": vocab, "max_text_len": seq},
+        contrastive={"embed_dim": w},
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
+    ids, mask = caption_batch(args.batch, seq, vocab, gen)
+    batch = Batch(images=images, input_ids=ids, attention_mask=mask)
+
+    ours = build_coca(cfg).train()
+    ours_opt = mmpt_optimizer(ours)
+    weights = ours.default_loss_weights  # itc 1, caption 2: open_clip's CoCa recipe too
+
+    def ours_step() -> None:
+        losses = ours(batch).losses
+        optimizer_step(sum(weights[k] * v for k, v in losses.items()), ours_opt)
+
+    peer = open_clip.CoCa(
+        embed_dim=w,
+        multimodal_cfg={"context_length": seq, "vocab_size": vocab, "width": w, "heads": heads, "layers": depth},
+        text_cfg={"context_length": seq, "vocab_size": vocab, "width": w, "heads": heads, "layers": depth,
+                  "embed_cls": True, "output_tokens": True},
+        vision_cfg={"image_size": args.image_size, "patch_size": args.patch_size, "width": w, "layers": depth,
+                    "head_width": w // heads, "attentional_pool": True, "attn_pooler_queries": 1 + queries,
+                    "attn_pooler_heads": heads, "output_tokens": True},
+    ).train()  # fmt: skip
+    peer_loss, peer_opt = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0), peer_optimizer(peer)
+
+    def peer_step() -> None:
+        out = peer(images, ids)
+        clip_loss, caption_loss = peer_loss(out["image_features"], out["text_features"], out["logits"], out["labels"],
+                                            out["logit_scale"])  # fmt: skip
+        optimizer_step(clip_loss + caption_loss, peer_opt)
+
+    return Match("CoCa", Side("mmpt", ours, ours_step), Side(f"open_clip {open_clip.__version__}", peer, peer_step))
+
+
+# ---- BEiT-3 ----------------------------------------------------------------------------------------------
+class WithHead(nn.Module):
+    """A backbone and the bench's vocabulary head, so both count in the parameters and the optimizer."""
+
+    def __init__(self, backbone: nn.Module, width: int, vocab: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(width, vocab, bias=False)
+
+
+def text_token_loss(head: nn.Linear, text_out: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The same loss on both backbones: the vocabulary head on every fused text token, cross-entropy to the
+    ids at the real positions (an MLM-shaped head and loss; masking itself does not change the step's cost)."""
+    targets = ids.masked_fill(mask == 0, -100)
+    return F.cross_entropy(head(text_out).flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def beit3_match(args: argparse.Namespace) -> Match | str:
+    """BEiT-3's released layout (Multiway attention + FFN with Sub-LN, per-modality final norms), fused pass."""
+    if importlib.util.find_spec("torchscale") is None:
+        return "torchscale is not installed"
+    import torchscale
+    from torchscale.architecture.config import EncoderConfig
+    from torchscale.model.BEiT3 import BEiT3 as TorchscaleBEiT3
+
+    from mmpt.models.registry import build_model, preset_config
+
+    w, depth, heads, vocab, seq = args.width, args.layers, max(1, args.width // 64), 1000, 32
+    cfg = preset_config("beit3", "tiny", objectives=["itc"], multiway={
+        "width": w, "layers": depth, "heads": heads, "image_size": args.image_size, "patch_size": args.patch_size,
+        "vocab_size": vocab, "max_text_len": seq})  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
+    ids, mask = caption_batch(args.batch, seq, vocab, gen)
+
+    ours = WithHead(build_model(cfg).encoder, w, vocab).train()
+    ours_opt = mmpt_optimizer(ours)
+
+    def ours_step() -> None:
+        out = ours.backbone.encode_pair(images, ids, mask)
+        split = ours.backbone.num_image_tokens
+        optimizer_step(text_token_loss(ours.head, out[:, split:], ids, mask), ours_opt)
+
+    ts_args = EncoderConfig(
+        vocab_size=vocab, multiway=True, layernorm_embedding=False, normalize_output=True, no_output_layer=True,
+        drop_path_rate=0.0, encoder_embed_dim=w, encoder_attention_heads=heads, encoder_ffn_embed_dim=4 * w,
+        encoder_layers=depth, checkpoint_activations=False, img_size=args.image_size, patch_size=args.patch_size,
+        max_source_positions=seq + 2,  # fairseq positions start at 2
+    )  # fmt: skip  (BEiT-3's own _get_base_config, at this geometry)
+    peer = WithHead(TorchscaleBEiT3(ts_args), w, vocab).train()
+    peer_opt = peer_optimizer(peer)
+    padding = mask == 0
+
+    def peer_step() -> None:
+        out = peer.backbone(textual_tokens=ids, visual_tokens=images, text_padding_position=padding)
+        split = out["multiway_split_position"]
+        optimizer_step(text_token_loss(peer.head, out["encoder_out"][:, split:], ids, mask), peer_opt)
+
+    version = getattr(torchscale, "__version__", "")
+    return Match("BEiT-3", Side("mmpt", ours, ours_step), Side(f"torchscale {version}".strip(), peer, peer_step))
+
+
+# ---- ALBEF towers ----------------------------------------------------------------------------------------
+class Towers(nn.Module):
+    def __init__(self, visual: nn.Module, text: nn.Module, fusion: nn.Module | None = None) -> None:
+        super().__init__()
+        self.visual, self.text, self.fusion = visual, text, fusion
+
+
+def towers_loss(image_tokens: torch.Tensor, text_tokens: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+    """The same loss on both sides: ITC on the unimodal [CLS] (temperature 0.07) + a square on the fused [CLS]."""
+    img, txt = F.normalize(image_tokens[:, 0], dim=-1), F.normalize(text_tokens[:, 0], dim=-1)
+    logits = img @ txt.T / 0.07
+    labels = torch.arange(logits.shape[0])
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) + fused[:, 0].pow(2).mean()
+
+
+def albef_match(args: argparse.Namespace) -> Match | str:
+    """ViT + BERT-layout (post-LN) text layers + fusion layers with cross-attention, ALBEF's split."""
+    if importlib.util.find_spec("torchmultimodal") is None:
+        return "torchmultimodal is not installed"
+    try:
+        from torchmultimodal.models.albef.image_encoder import ALBEFVisionEncoder
+        from torchmultimodal.models.albef.multimodal_encoder import ALBEFMultimodalEncoder
+        from torchmultimodal.modules.encoders.bert_text_encoder import bert_text_encoder
+    except ImportError as exc:  # e.g. its iopath dependency
+        return f"torchmultimodal does not import: {exc}"
+
+    from mmpt.models.registry import build_model, preset_config
+
+    w, depth, heads, vocab, seq = args.width, args.layers, max(1, args.width // 64), 1000, 32
+    text_layers = max(1, depth // 2)
+    cfg = preset_config(
+        "albef", "tiny", objectives=["itc", "itm"], fusion_layers=depth - text_layers, momentum={"enabled": False},
+        vision={"image_size": args.image_size, "patch_size": args.patch_size, "width": w, "layers": depth, "heads": heads},
+        text={"width": w, "layers": text_layers, "heads": heads, "vocab_size": vocab, "max_text_len": seq,
+              "norm_first": False, "norm_eps": 1e-12},
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
+    ids, mask = caption_batch(args.batch, seq, vocab, gen)
+
+    model = build_model(cfg)
+    ours = Towers(model.visual, model.text).train()
+    ours_opt = mmpt_optimizer(ours)
+
+    def ours_step() -> None:
+        image_tokens = ours.visual(images)
+        text_tokens = ours.text.encode(ids, mask)
+        fused = ours.text.fuse(text_tokens, mask, image_tokens)
+        optimizer_step(towers_loss(image_tokens, text_tokens, fused), ours_opt)
+
+    peer = Towers(
+        ALBEFVisionEncoder(args.image_size, args.patch_size, depth, heads, w, 4 * w),
+        bert_text_encoder(hidden_size=w, num_hidden_layers=text_layers, num_attention_heads=heads,
+                          intermediate_size=4 * w, dropout=0.0, vocab_size=vocab, max_position_embeddings=seq),
+        ALBEFMultimodalEncoder(w, depth - text_layers, heads, 4 * w),
+    ).train()  # fmt: skip
+    peer_opt = peer_optimizer(peer)
+
+    def peer_step() -> None:
+        image_tokens = peer.visual(images)
+        text_tokens = peer.text(ids, mask).last_hidden_state
+        fused = peer.fusion(text_tokens, mask, image_tokens)
+        optimizer_step(towers_loss(image_tokens, text_tokens, fused), peer_opt)
+
+    return Match("ALBEF towers", Side("mmpt", ours, ours_step), Side("TorchMultimodal", peer, peer_step))
+
+
 MATCHES: dict[str, Callable[[argparse.Namespace], Match | str]] = {
     "clip": clip_match,
+    "coca": coca_match,
+    "beit3": beit3_match,
+    "albef": albef_match,
 }
 
 
