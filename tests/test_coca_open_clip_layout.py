@@ -112,3 +112,11 @@ def test_layout_validation() -> None:
         CoCaConfig(layout="hf")
     with pytest.raises(ValueError, match="set image_pool=attention"):
         CoCaConfig(layout="open_clip", image_pool="mean")
+
+
+def test_open_clip_weight_import_refuses_this_layout(model: CoCa) -> None:
+    """mmpt/interop/open_clip.py maps onto layout=mmpt only; here ln_post/proj would land on wrong tensors."""
+    from mmpt.interop.open_clip import load_open_clip
+
+    with pytest.raises(ValueError, match="needs model.layout=mmpt"):
+        load_open_clip(model, {"visual.class_embedding": torch.zeros(VW)}, "coca.pt")
