@@ -9,8 +9,8 @@ its recommended settings: open_clip's models with its ClipLoss / CoCaLoss and to
 open_clip_train builds it (decay groups, default implementation); mmpt's models with their own losses and
 mmpt's `build_optimizer`. For BEiT-3 and ALBEF the bench puts the same small loss on both backbones' outputs
 (a vocabulary head on the fused text tokens; ITC on the unimodal [CLS] + the fused [CLS]), so only the
-backbones differ. Rounds alternate which side runs first; each prints samples/s, the median is reported with
-the ratio mmpt / peer (> 1: mmpt is faster).
+backbones differ. Rounds alternate which side runs first; each prints samples/s (per wall-clock second and per
+CPU second of the process), the medians are reported with the ratio mmpt / peer (> 1: mmpt is faster).
 
 The peers are dev-time installs in a separate venv (open_clip needs torchvision; see docs/PERFORMANCE.md):
     python3.11 -m venv /work/bench_venv
@@ -327,12 +327,15 @@ MATCHES: dict[str, Callable[[argparse.Namespace], Match | str]] = {
 
 
 # ---- timing --------------------------------------------------------------------------------------------
-def samples_per_s(step: Step, steps: int, batch: int) -> float:
+def samples_per_s(step: Step, steps: int, batch: int) -> tuple[float, float]:
+    """(samples per wall-clock second, samples per CPU second of this process). On a machine shared with
+    other jobs the wall clock also counts time spent waiting for a core; the process's CPU time does not,
+    so with one thread the second figure is the steadier one (both are printed)."""
     step()  # warm-up (allocator, lazy state)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batch / (time.perf_counter() - wall), steps * batch / (time.process_time() - cpu)
 
 
 def profile(match: Match, rows: int) -> None:
@@ -347,24 +350,29 @@ def profile(match: Match, rows: int) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
-def run(match: Match, args: argparse.Namespace) -> float:
+def run(match: Match, args: argparse.Namespace) -> tuple[float, float]:
+    """Interleaved rounds; returns the median ratios mmpt / peer by wall clock and by CPU time."""
     ours_n, peer_n = count_params(match.ours.model), count_params(match.peer.model)
     gap = ours_n / peer_n - 1
     print(f"{match.name}: parameters mmpt {ours_n:,} | {match.peer.label} {peer_n:,} ({gap:+.2%})"
           + ("" if abs(gap) <= 0.01 else "  WARNING: more than 1% apart"))
-    rates: dict[str, list[float]] = {"ours": [], "peer": []}
+    wall: dict[str, list[float]] = {"ours": [], "peer": []}
+    cpu: dict[str, list[float]] = {"ours": [], "peer": []}
     for r in range(args.rounds):
         order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
         for key in order:
-            rates[key].append(samples_per_s(getattr(match, key).step, args.steps, args.batch))
-    ours, peer = statistics.median(rates["ours"]), statistics.median(rates["peer"])
+            w, c = samples_per_s(getattr(match, key).step, args.steps, args.batch)
+            wall[key].append(w)
+            cpu[key].append(c)
     for key, side in (("ours", match.ours), ("peer", match.peer)):
-        print(f"  {side.label:<24} {statistics.median(rates[key]):8.1f} samples/s  "
-              f"(rounds: {', '.join(f'{x:.1f}' for x in rates[key])})")
-    ratio = ours / peer
-    per_round = [a / b for a, b in zip(rates["ours"], rates["peer"])]
-    print(f"  ratio mmpt / peer: {ratio:.3f}  (per round: {', '.join(f'{x:.2f}' for x in per_round)})")
-    return ratio
+        print(f"  {side.label:<24} {statistics.median(wall[key]):8.1f} samples/s wall "
+              f"{statistics.median(cpu[key]):8.1f} per CPU-s  (wall rounds: {', '.join(f'{x:.1f}' for x in wall[key])})")
+    ratios = []
+    for name, rates in (("wall", wall), ("CPU", cpu)):
+        per_round = [a / b for a, b in zip(rates["ours"], rates["peer"])]
+        ratios.append(statistics.median(rates["ours"]) / statistics.median(rates["peer"]))
+        print(f"  ratio mmpt / peer ({name}): {ratios[-1]:.3f}  (per round: {', '.join(f'{x:.2f}' for x in per_round)})")
+    return ratios[0], ratios[1]
 
 
 def main() -> None:
@@ -386,7 +394,7 @@ def main() -> None:
     print(f"torch {torch.__version__} | threads {args.threads} | batch {args.batch} | {args.image_size} px / "
           f"patch {args.patch_size} | width {args.width} x {args.layers} layers | fp32 | "
           f"{args.rounds} rounds x {args.steps} steps")
-    ratios: dict[str, float] = {}
+    ratios: dict[str, tuple[float, float]] = {}
     for key in args.only.split(","):
         torch.manual_seed(0)
         match = MATCHES[key](args)
@@ -399,7 +407,7 @@ def main() -> None:
             ratios[match.name] = run(match, args)
         del match
     if ratios:
-        print("summary mmpt / peer: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+        print("summary mmpt / peer (wall | CPU time): " + ", ".join(f"{k} {w:.2f}x | {c:.2f}x" for k, (w, c) in ratios.items()))
 
 
 if __name__ == "__main__":
