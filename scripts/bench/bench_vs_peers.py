@@ -69,7 +69,8 @@ def mmpt_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def peer_optimizer(model: nn.Module, weight_decay: float = 0.2) -> torch.optim.Optimizer:
-    """torch.optim.AdamW with open_clip_train's groups: no decay for 1-d params, gains, biases, embeddings."""
+    """torch.optim.AdamW as open_clip_train builds it: no decay for 1-d params, norms, biases, logit_scale;
+    betas (0.9, 0.98), eps 1e-6; the default (per-tensor) implementation, as it does not ask for fused."""
     def exclude(name: str, p: nn.Parameter) -> bool:
         return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
