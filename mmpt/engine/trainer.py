@@ -25,7 +25,7 @@ from mmpt.data.tokenizer import TextTokenizer
 from mmpt.engine import checkpoint
 from mmpt.engine.config import ConfigError, TrainConfig
 from mmpt.engine.dist_env import DistEnv
-from mmpt.engine.ds_config import build_deepspeed_config, global_batch_size
+from mmpt.engine.ds_config import build_deepspeed_config, global_batch_size, mmpt_grad_clip, skip_single_rank_allreduce
 from mmpt.engine.loggers import RunLogger
 from mmpt.engine.mfu import peak_tflops
 from mmpt.engine.optim import build_optimizer, build_scheduler
@@ -43,14 +43,20 @@ log = logging.getLogger("mmpt")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def micro_step(engine: Any, batch: Batch | MixedBatch, weights: dict[str, float]) -> tuple[ModelOutput, torch.Tensor]:
+def micro_step(engine: Any, batch: Batch | MixedBatch, weights: dict[str, float],
+               grad_clip: float = 0.0) -> tuple[ModelOutput, torch.Tensor]:
     """forward -> one weighted sum of the objectives -> ONE backward (ZeRO-2 drops grads of a second) -> step.
 
-    engine.step() is called every micro-batch; DeepSpeed only updates at accumulation boundaries.
+    engine.step() is called every micro-batch; DeepSpeed only updates at accumulation boundaries. grad_clip > 0
+    (ds_config.mmpt_grad_clip: stage 0, fp32): mmpt clips at the boundary and hands the norm to the engine,
+    where get_global_grad_norm() reads it as it does ZeRO's.
     """
     out: ModelOutput = engine(batch)
     total = sum(weights[name] * loss for name, loss in out.losses.items())
     engine.backward(total)
+    if grad_clip > 0 and engine.is_gradient_accumulation_boundary():
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     engine.step()
     return out, total
 
@@ -117,10 +123,13 @@ class Trainer:
         model = self._build_model()
         optimizer = build_optimizer(model, cfg.optimizer)  # from requires_grad parameters only
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
-        self.ds_config = build_deepspeed_config(cfg, env.world_size)
+        resume_dir = checkpoint.resume_target(cfg.trainer.resume, self.ckpt_root)
+        self.ds_config = build_deepspeed_config(cfg, env.world_size, checkpoint.is_legacy_zero(resume_dir))
+        self.grad_clip = mmpt_grad_clip(cfg, self.ds_config)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
+        skip_single_rank_allreduce(self.engine, env.world_size)
         self.model: PretrainModel = self.engine.module
         self.after_step = getattr(self.model, "after_optimizer_step", None)
         self.peak_tflops = peak_tflops(cfg.trainer.peak_tflops, cfg.trainer.precision)
@@ -130,7 +139,7 @@ class Trainer:
         self.step = 0
         self.wandb_run_id = ""
         self.resolved = resolved
-        self._resume()
+        self._resume(resume_dir)
         torch.manual_seed(cfg.trainer.seed * 1000 + env.rank + self.step)  # per-rank masks/dropout
         wandb_config = {**resolved, "params": asdict(self.param_counts)}  # not in config.yaml: not a config key
         self.logger = RunLogger(cfg.logger, run_dir, self.wandb_run_id, wandb_config, env.is_main,
@@ -158,13 +167,7 @@ class Trainer:
         return model
 
     # ---- resume -----------------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        resume = self.cfg.trainer.resume
-        tag_dir = None
-        if resume == "auto":
-            tag_dir = checkpoint.latest_checkpoint(self.ckpt_root)
-        elif resume != "none":
-            tag_dir = checkpoint.resolve_checkpoint_dir(Path(resume))
+    def _resume(self, tag_dir: Path | None) -> None:
         if tag_dir is None:
             self.wandb_run_id = str(mdist.all_gather_objects(uuid.uuid4().hex[:8])[0])  # W&B ids: [a-z0-9]
             return
@@ -197,7 +200,7 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------------------
     def _micro_step(self, batch: Batch | MixedBatch, stats: IntervalStats) -> None:
-        out, total = micro_step(self.engine, batch.to(self.device, self.input_dtype), self.weights)
+        out, total = micro_step(self.engine, batch.to(self.device, self.input_dtype), self.weights, self.grad_clip)
         stats.add({"loss": total, **out.losses, **out.metrics})
         stats.flops += self._batch_flops(batch)
 
