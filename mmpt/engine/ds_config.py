@@ -1,9 +1,12 @@
 """Turn `cfg.deepspeed` plus trainer/data settings into DeepSpeed's config dict (batch sizes derived)."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from mmpt.engine.config import TrainConfig
+
+log = logging.getLogger("mmpt")
 
 
 def build_deepspeed_config(cfg: TrainConfig, world_size: int, keep_zero_stage: bool = False) -> dict[str, Any]:
@@ -40,6 +43,7 @@ def single_rank_zero_stage(zero: dict[str, Any], world_size: int) -> dict[str, A
     (ZeRO-Offload on one GPU) is kept: it is what makes a large model fit, not partitioning."""
     if world_size != 1 or zero.get("stage", 0) not in (1, 2) or any(k.startswith("offload") for k in zero):
         return zero
+    log.info("one process: ZeRO-%d runs as stage 0 (nothing to partition; same update, fewer copies)", zero["stage"])
     return {"stage": 0}
 
 

@@ -1,14 +1,14 @@
 """Throughput of mmpt's training step vs. a bare PyTorch loop: same tiny CLIP, same in-memory batch.
 
     python scripts/bench/bench_train_step.py [--steps 10] [--rounds 7] [--batch 64] [--precision fp32|bf16]
-        [--zero 0 1 2] [--threads 1 2] [--keep-stage]
+        [--zero 0 1 2] [--threads 1 2] [--as-before]
 
 Both loops do forward, backward, gradient clipping to 1.0 and an AdamW step with the warm-up/cosine schedule.
 The mmpt side is the trainer's step: the DeepSpeed engine built from mmpt's DeepSpeed config exactly as the
 trainer builds it (build_deepspeed_config, skip_single_rank_allreduce, mmpt_grad_clip), Batch.to, micro_step,
 and the per-step stats bookkeeping (IntervalStats.add, the gradient norm; one reduce per `--log-every`).
-On one process ZeRO-1/2 run as stage 0 (ds_config.single_rank_zero_stage); `--keep-stage` measures what
-DeepSpeed's ZeRO-1/2 themselves cost on one process. For each thread count, rounds alternate bare, ZeRO-0,
+On one process ZeRO-1/2 run as stage 0 (ds_config.single_rank_zero_stage); `--as-before` drives DeepSpeed as
+mmpt did before that (the configured stage, DeepSpeed's own clipping and its all-reduce with itself). For each thread count, rounds alternate bare, ZeRO-0,
 ZeRO-1, ZeRO-2 so machine noise hits all; prints medians of samples/s by wall clock and by process CPU time
 (on a loaded machine CPU time is the steadier measure of work) and each ratio mmpt / bare.
 """
@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--keep-stage", action="store_true", help="run ZeRO-1/2 as DeepSpeed does on one process")
+    ap.add_argument("--as-before", action="store_true",
+                    help="configured stage, DeepSpeed's clipping and self all-reduce (mmpt before the one-process rules)")
     args = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
@@ -86,14 +87,17 @@ def main() -> None:
         cfg = TrainConfig()
         cfg.data.batch_size, cfg.trainer.precision, cfg.trainer.grad_clip = args.batch, args.precision, 1.0
         cfg.deepspeed = {"zero_optimization": {"stage": stage}}
-        ds_config = build_deepspeed_config(cfg, world_size=1, keep_zero_stage=args.keep_stage)
+        ds_config = build_deepspeed_config(cfg, world_size=1, keep_zero_stage=args.as_before)
+        if args.as_before:
+            ds_config["gradient_clipping"] = cfg.trainer.grad_clip
         model = build_clip(model_cfg)
         optimizer = build_optimizer(model, opt_cfg)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                lr_scheduler=build_scheduler(optimizer, sched_cfg, total_steps),
                                                config=ds_config)
-        skip_single_rank_allreduce(engine, world_size=1)
-        grad_clip, weights = mmpt_grad_clip(cfg, ds_config), {"itc": 1.0}
+        if not args.as_before:
+            skip_single_rank_allreduce(engine, world_size=1)
+        grad_clip, weights = 0.0 if args.as_before else mmpt_grad_clip(cfg, ds_config), {"itc": 1.0}
         stats = [IntervalStats()]
 
         def step() -> None:  # what Trainer._micro_step and its loop do per step with grad_accum=1
@@ -123,7 +127,7 @@ def main() -> None:
         return n / (time.perf_counter() - wall), n / max(time.process_time() - cpu, 1e-9)
 
     print(f"device {device} | precision {args.precision} | batch {args.batch} | {args.steps} steps x "
-          f"{args.rounds} rounds | keep-stage {args.keep_stage} | samples/s medians: wall (CPU time)")
+          f"{args.rounds} rounds | as-before {args.as_before} | samples/s medians: wall (CPU time)")
     for threads in args.threads:
         torch.set_num_threads(threads)
         for fn in sides.values():  # warm-up at this thread count
