@@ -1,16 +1,18 @@
 """Throughput of mmpt's training step vs. a bare PyTorch loop: same tiny CLIP, same in-memory batch.
 
-    python scripts/bench/bench_train_step.py [--steps 10] [--rounds 7] [--batch 64] [--precision fp32|bf16]
-        [--zero 0 1 2] [--threads 1 2] [--as-before]
+    python scripts/bench/bench_train_step.py [--steps 1] [--rounds 40] [--batch 64] [--precision fp32|bf16]
+        [--zero 0 1 2] [--threads 1 2] [--before]
 
 Both loops do forward, backward, gradient clipping to 1.0 and an AdamW step with the warm-up/cosine schedule.
 The mmpt side is the trainer's step: the DeepSpeed engine built from mmpt's DeepSpeed config exactly as the
 trainer builds it (build_deepspeed_config, skip_single_rank_allreduce, mmpt_grad_clip), Batch.to, micro_step,
 and the per-step stats bookkeeping (IntervalStats.add, the gradient norm; one reduce per `--log-every`).
-On one process ZeRO-1/2 run as stage 0 (ds_config.single_rank_zero_stage); `--as-before` drives DeepSpeed as
-mmpt did before that (the configured stage, DeepSpeed's own clipping and its all-reduce with itself). For each thread count, rounds alternate bare, ZeRO-0,
-ZeRO-1, ZeRO-2 so machine noise hits all; prints medians of samples/s by wall clock and by process CPU time
-(on a loaded machine CPU time is the steadier measure of work) and each ratio mmpt / bare.
+On one process ZeRO-1/2 run as stage 0 (ds_config.single_rank_zero_stage); `--before` adds, for each stage, a
+side that drives DeepSpeed as mmpt did before that (the configured stage, DeepSpeed's own clipping and its
+all-reduce with itself). For each thread count, rounds alternate all sides (`--steps` steps each: short
+rounds, many of them, so bursts of load on a shared machine fall on single rounds and the median skips them);
+prints medians of samples/s by wall clock and by process CPU time (on a loaded machine CPU time is the steadier
+measure of work) and each ratio mmpt / bare.
 """
 from __future__ import annotations
 
@@ -37,15 +39,15 @@ def make_batch(batch: int, image_size: int, seq_len: int, vocab: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=10, help="steps per timed round")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=1, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--log-every", type=int, default=10)
-    ap.add_argument("--as-before", action="store_true",
-                    help="configured stage, DeepSpeed's clipping and self all-reduce (mmpt before the one-process rules)")
+    ap.add_argument("--before", action="store_true",
+                    help="add sides with the configured stage, DeepSpeed's clipping and self all-reduce (mmpt before)")
     args = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
@@ -82,22 +84,22 @@ def main() -> None:
         bare_opt.zero_grad(set_to_none=True)
         bare_sched.step()
 
-    def mmpt_step_for(stage: int) -> tuple[Callable[[], None], int]:
+    def mmpt_step_for(stage: int, before: bool) -> tuple[Callable[[], None], int]:
         torch.manual_seed(0)
         cfg = TrainConfig()
         cfg.data.batch_size, cfg.trainer.precision, cfg.trainer.grad_clip = args.batch, args.precision, 1.0
         cfg.deepspeed = {"zero_optimization": {"stage": stage}}
-        ds_config = build_deepspeed_config(cfg, world_size=1, keep_zero_stage=args.as_before)
-        if args.as_before:
+        ds_config = build_deepspeed_config(cfg, world_size=1, keep_zero_stage=before)
+        if before:
             ds_config["gradient_clipping"] = cfg.trainer.grad_clip
         model = build_clip(model_cfg)
         optimizer = build_optimizer(model, opt_cfg)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                lr_scheduler=build_scheduler(optimizer, sched_cfg, total_steps),
                                                config=ds_config)
-        if not args.as_before:
+        if not before:
             skip_single_rank_allreduce(engine, world_size=1)
-        grad_clip, weights = 0.0 if args.as_before else mmpt_grad_clip(cfg, ds_config), {"itc": 1.0}
+        grad_clip, weights = 0.0 if before else mmpt_grad_clip(cfg, ds_config), {"itc": 1.0}
         stats = [IntervalStats()]
 
         def step() -> None:  # what Trainer._micro_step and its loop do per step with grad_accum=1
@@ -112,8 +114,10 @@ def main() -> None:
 
     sides: dict[str, Callable[[], None]] = {"bare": bare_step}
     for stage in args.zero:
-        step, ran_as = mmpt_step_for(stage)
-        sides[f"ZeRO-{stage}" + (f" (ran as stage {ran_as})" if ran_as != stage else "")] = step
+        for before in (False, True) if args.before else (False,):
+            step, ran_as = mmpt_step_for(stage, before)
+            ran = f" (ran as stage {ran_as})" if ran_as != stage else ""
+            sides[f"ZeRO-{stage}" + (" before" if before else "") + ran] = step
 
     def timed(step_fn: Callable[[], None]) -> tuple[float, float]:
         if device.type == "cuda":
@@ -127,7 +131,7 @@ def main() -> None:
         return n / (time.perf_counter() - wall), n / max(time.process_time() - cpu, 1e-9)
 
     print(f"device {device} | precision {args.precision} | batch {args.batch} | {args.steps} steps x "
-          f"{args.rounds} rounds | as-before {args.as_before} | samples/s medians: wall (CPU time)")
+          f"{args.rounds} rounds | samples/s medians: wall (CPU time)")
     for threads in args.threads:
         torch.set_num_threads(threads)
         for fn in sides.values():  # warm-up at this thread count
