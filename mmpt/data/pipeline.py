@@ -146,7 +146,8 @@ def _prepare(raw: dict[str, Any], kind: str, transform: ImageTransform | None, m
     if ext is not None:
         assert transform is not None
         try:
-            image = transform(decode_image(raw[ext]), rng)
+            from_bytes = getattr(transform, "from_bytes", None)  # a transform that decodes for its crop (draft)
+            image = from_bytes(raw[ext], rng) if from_bytes else transform(decode_image(raw[ext]), rng)
         except Exception as exn:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ...: all mean "bad image"
             return "bad_image", f"{where}: {type(exn).__name__}: {exn}"
         if masker is not None:

@@ -69,7 +69,8 @@ def save(engine: Any, ckpt_root: Path, step: int, client_state: dict[str, Any], 
     if mdist.rank() == 0:
         for name, text in (extra_files or {}).items():
             (tag_dir / name).write_text(text)
-        (tag_dir / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": mdist.world_size()}))
+        marker = {"step": step, "world_size": mdist.world_size(), "zero_stage": engine.zero_optimization_stage()}
+        (tag_dir / COMPLETE_MARKER).write_text(json.dumps(marker))
         for old in complete_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     mdist.barrier()
@@ -85,6 +86,27 @@ def load(engine: Any, tag_dir: Path) -> dict[str, Any]:
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+def resume_target(resume: str, ckpt_root: Path) -> Path | None:
+    """The tag dir `trainer.resume` (auto | none | a path) points at; None to start fresh."""
+    if resume == "auto":
+        return latest_checkpoint(ckpt_root)
+    if resume != "none":
+        return resolve_checkpoint_dir(Path(resume))
+    return None
+
+
+def is_legacy_zero(tag_dir: Path | None) -> bool:
+    """A one-process checkpoint from before ZeRO-1/2 ran as stage 0 on one process (its marker records no
+    stage) may hold its optimizer state in ZeRO partition files: it must be resumed with the stage it used."""
+    if tag_dir is None:
+        return False
+    try:
+        marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+    except ValueError:
+        marker = {}
+    return "zero_stage" not in marker and any(tag_dir.glob("*zero_pp_rank_*optim_states.pt"))
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmpt.engine.engine_step import backward_and_step
 from mmpt.data.batch import Batch, MixedBatch
 from mmpt.models.protocol import ModelOutput
 
@@ -148,8 +149,8 @@ def forward_as_features(model: nn.Module) -> Iterator[None]:
         del model.forward
 
 
-def engine_step(engine: Any, batches: Sequence[Batch | MixedBatch], weights: dict[str, float]
-                ) -> tuple[ModelOutput, torch.Tensor]:
+def engine_step(engine: Any, batches: Sequence[Batch | MixedBatch], weights: dict[str, float],
+                grad_clip: float = 0.0) -> tuple[ModelOutput, torch.Tensor]:
     """One GradCache group through a DeepSpeed engine whose gradient_accumulation_steps counts these
     micro-batches: N engine.backward + engine.step calls, the last of which is the boundary of this group
     (or of the last of trainer.grad_accum groups)."""
@@ -161,8 +162,7 @@ def engine_step(engine: Any, batches: Sequence[Batch | MixedBatch], weights: dic
             return engine(batch).features
 
     def backward(surrogate: torch.Tensor) -> None:
-        engine.backward(surrogate)
-        engine.step()
+        backward_and_step(engine, surrogate, grad_clip)
 
     return cached_step(model, pairs, weights, forward_with_graph, backward, scale=float(len(pairs)))
 
@@ -174,11 +174,11 @@ class GradCacheAccumulator:
         self.steps = steps
         self.pending: list[Batch | MixedBatch] = []
 
-    def add(self, engine: Any, batch: Batch | MixedBatch, weights: dict[str, float]
+    def add(self, engine: Any, batch: Batch | MixedBatch, weights: dict[str, float], grad_clip: float = 0.0
             ) -> tuple[ModelOutput, torch.Tensor] | None:
         """None until the group is complete; then its (ModelOutput, total loss) after N backward passes."""
         self.pending.append(batch)
         if len(self.pending) < self.steps:
             return None
         group, self.pending = self.pending, []
-        return engine_step(engine, group, weights)
+        return engine_step(engine, group, weights, grad_clip)

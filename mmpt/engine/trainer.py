@@ -26,8 +26,10 @@ from mmpt.engine import checkpoint
 from mmpt.engine.compile import compile_blocks
 from mmpt.engine.config import ConfigError, TrainConfig
 from mmpt.engine.dist_env import DistEnv
+from mmpt.engine.ds_config import (build_deepspeed_config, global_batch_size, mmpt_grad_clip,
+                                   skip_single_rank_allreduce)
+from mmpt.engine.engine_step import backward_and_step
 from mmpt.engine.grad_cache import GradCacheAccumulator
-from mmpt.engine.ds_config import build_deepspeed_config, global_batch_size
 from mmpt.engine.loggers import RunLogger
 from mmpt.engine.mfu import peak_tflops
 from mmpt.engine.optim import build_optimizer, build_scheduler
@@ -45,15 +47,16 @@ log = logging.getLogger("mmpt")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def micro_step(engine: Any, batch: Batch | MixedBatch, weights: dict[str, float]) -> tuple[ModelOutput, torch.Tensor]:
+def micro_step(engine: Any, batch: Batch | MixedBatch, weights: dict[str, float],
+               grad_clip: float = 0.0) -> tuple[ModelOutput, torch.Tensor]:
     """forward -> one weighted sum of the objectives -> ONE backward (ZeRO-2 drops grads of a second) -> step.
 
-    engine.step() is called every micro-batch; DeepSpeed only updates at accumulation boundaries.
+    engine.step() is called every micro-batch; DeepSpeed only updates at accumulation boundaries. grad_clip > 0:
+    mmpt clips at the boundary (engine_step.backward_and_step, also GradCache's backward).
     """
     out: ModelOutput = engine(batch)
     total = sum(weights[name] * loss for name, loss in out.losses.items())
-    engine.backward(total)
-    engine.step()
+    backward_and_step(engine, total, grad_clip)
     return out, total
 
 
@@ -119,10 +122,13 @@ class Trainer:
         model = self._build_model()
         optimizer = build_optimizer(model, cfg.optimizer)  # from requires_grad parameters only
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
-        self.ds_config = build_deepspeed_config(cfg, env.world_size)
+        resume_dir = checkpoint.resume_target(cfg.trainer.resume, self.ckpt_root)
+        self.ds_config = build_deepspeed_config(cfg, env.world_size, checkpoint.is_legacy_zero(resume_dir))
+        self.grad_clip = mmpt_grad_clip(cfg, self.ds_config)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
+        skip_single_rank_allreduce(self.engine, env.world_size)
         self.model: PretrainModel = self.engine.module
         self.after_step = getattr(self.model, "after_optimizer_step", None)
         self.peak_tflops = peak_tflops(cfg.trainer.peak_tflops, cfg.trainer.precision)
@@ -134,7 +140,7 @@ class Trainer:
         self.step = 0
         self.wandb_run_id = ""
         self.resolved = resolved
-        self._resume()
+        self._resume(resume_dir)
         torch.manual_seed(cfg.trainer.seed * 1000 + env.rank + self.step)  # per-rank masks/dropout
         wandb_config = {**resolved, "params": asdict(self.param_counts)}  # not in config.yaml: not a config key
         self.logger = RunLogger(cfg.logger, run_dir, self.wandb_run_id, wandb_config, env.is_main,
@@ -164,13 +170,7 @@ class Trainer:
         return model
 
     # ---- resume -----------------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        resume = self.cfg.trainer.resume
-        tag_dir = None
-        if resume == "auto":
-            tag_dir = checkpoint.latest_checkpoint(self.ckpt_root)
-        elif resume != "none":
-            tag_dir = checkpoint.resolve_checkpoint_dir(Path(resume))
+    def _resume(self, tag_dir: Path | None) -> None:
         if tag_dir is None:
             self.wandb_run_id = str(mdist.all_gather_objects(uuid.uuid4().hex[:8])[0])  # W&B ids: [a-z0-9]
             return
@@ -206,8 +206,8 @@ class Trainer:
         stats.flops += self._batch_flops(batch)
         batch = batch.to(self.device, self.input_dtype)
         if self.grad_cache is None:
-            out, total = micro_step(self.engine, batch, self.weights)
-        elif (done := self.grad_cache.add(self.engine, batch, self.weights)) is not None:
+            out, total = micro_step(self.engine, batch, self.weights, self.grad_clip)
+        elif (done := self.grad_cache.add(self.engine, batch, self.weights, self.grad_clip)) is not None:
             out, total = done  # the group's one contrastive loss, after its N backward passes
         else:
             return  # stats count groups: _record multiplies by contrastive_accum_steps
@@ -229,7 +229,8 @@ class Trainer:
                 "Lower optimizer.lr, raise scheduler.warmup_steps, or use trainer.precision=fp32"
             )
         elapsed = time.perf_counter() - stats.started
-        samples = stats.micro_steps * self.cfg.data.batch_size * self.cfg.trainer.contrastive_accum_steps * self.env.world_size
+        per_group = self.cfg.data.batch_size * self.cfg.trainer.contrastive_accum_steps  # GradCache: groups
+        samples = stats.micro_steps * per_group * self.env.world_size
         skipped = sum(mdist.all_gather_objects(sum(stats.skipped.values())))  # type: ignore[arg-type]
         record: dict[str, Any] = {"step": self.step}
         record.update({f"train/{k}": v for k, v in values.items()})
