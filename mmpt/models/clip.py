@@ -32,7 +32,7 @@ class CLIPConfig(DualTowerConfig):
     (mmpt/interop/hf_clip.py) and loads open_clip state dicts (mmpt/interop/open_clip.py).
     """
 
-    supported_objectives: ClassVar[tuple[str, ...]] = ("itc",)
+    supported_objectives: ClassVar[tuple[str, ...]] = ("itc", "siglip")
     default_objectives: ClassVar[tuple[str, ...]] = ("itc",)
 
     arch_name: ClassVar[str] = "clip"
@@ -71,22 +71,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class CLIP(nn.Module):
-    """Dual encoder + ITC; implements the `PretrainModel` protocol."""
+    """Dual encoder + ITC (or SigLIP's sigmoid loss: objectives=[siglip]); implements the `PretrainModel` protocol."""
 
     objectives: tuple[str, ...] = ("itc",)
     data_kinds: tuple[str, ...] = ("pairs",)
     capabilities: frozenset[str] = frozenset()
-    default_loss_weights = {"itc": 1.0}  # loss.weights.<name> overrides
+    default_loss_weights = {"itc": 1.0, "siglip": 1.0}  # loss.weights.<name> overrides
 
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.objectives = tuple(cfg.objectives)
         act = QuickGELU if cfg.quick_gelu else nn.GELU
         self.visual = vision_tower_from(cfg.vision, act_layer=act)
         self.text = text_tower_from(cfg.text, causal=cfg.text_causal, act_layer=act)
         self.vision_proj = ProjectionHead(cfg.vision.width, cfg.contrastive.embed_dim)
         self.text_proj = ProjectionHead(cfg.text.width, cfg.contrastive.embed_dim)
-        self.itc = build_contrastive_loss(cfg.contrastive)
+        self.itc = build_contrastive_loss(cfg.contrastive, cfg.contrastive_objective())  # `itc`: the module's name either way
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images `b c h w` -> L2-normalised `b e` from the [CLS] token."""
@@ -107,7 +108,7 @@ class CLIP(nn.Module):
         text_features = self.encode_text(batch.input_ids, batch.attention_mask)
         loss, metrics = self.itc(image_features, text_features, itc_codes(
             self.config.contrastive.duplicate_positives, batch.image_ids, batch.input_ids, batch.attention_mask))
-        return ModelOutput(losses={"itc": loss}, metrics=metrics)
+        return ModelOutput(losses={self.objectives[0]: loss}, metrics=metrics)
 
     def flops_per_sample(self, kind: str = "pairs", batch_size: int = 1) -> float:
         """Training (forward + backward) FLOPs per image-text pair, for MFU.
