@@ -177,3 +177,19 @@ def test_siglip_replaces_itc(arch: str, objectives: list[str]) -> None:
 def test_impossible_combinations_are_refused(arch: str, objectives: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         preset_config(arch, "tiny", objectives=objectives)
+
+
+@pytest.mark.slow
+def test_presets_compose_and_validate(demo_env) -> None:
+    from tests.test_config import SINGLE, TWO, composed, demo_data_overrides
+    from mmpt.engine.run_setup import validate
+
+    tiny = validate(composed(["experiment=siglip_tiny"]), SINGLE).cfg
+    assert tiny.model.objectives == ["siglip"] and tiny.loss.weights == {"siglip": 1.0}
+    clip_tiny = validate(composed(["experiment=clip_tiny"]), SINGLE).cfg
+    for key in ("data", "trainer", "optimizer", "scheduler"):  # equal training, only the loss differs
+        assert getattr(tiny, key) == getattr(clip_tiny, key), key
+    base = validate(composed(["experiment=siglip_base", *demo_data_overrides(demo_env)]), TWO).cfg
+    assert base.model.objectives == ["siglip"] and base.model.vision.width == 768 and base.model.vision.patch_size == 16
+    assert base.trainer.grad_accum * base.data.batch_size * 2 == 32768  # the paper's global batch on 2 ranks
+    assert (base.optimizer.lr, base.optimizer.betas, base.optimizer.weight_decay) == (1e-3, [0.9, 0.95], 0.1)
