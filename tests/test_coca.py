@@ -75,7 +75,7 @@ def test_protocol_and_registry(model: CoCa) -> None:
     assert isinstance(model, PretrainModel) and callable(model.generate)
     assert model.objectives == ("itc", "caption") and "coca" in arch_names()
     assert model.data_kinds == ("pairs",) and model.capabilities == frozenset({"generate"})
-    assert model.default_loss_weights == {"itc": 1.0, "caption": 2.0}
+    assert model.default_loss_weights == {"itc": 1.0, "siglip": 1.0, "caption": 2.0}  # siglip: in place of itc
     text = {"vocab_size": VOCAB, "max_text_len": L}
     built = build_model({"arch": "coca", "vision": {"image_size": 32}, "text": text})
     assert isinstance(built, CoCa) and built.config.vision.image_size == 32 and built.config.text.vocab_size == VOCAB

@@ -17,6 +17,8 @@ class ALBEFConfig(DualTowerConfig, FusionObjectivesConfig):
 
     supported_objectives: ClassVar[tuple[str, ...]] = ("itc", "itm", "mlm")
     default_objectives: ClassVar[tuple[str, ...]] = ("itc", "itm", "mlm")
+    no_siglip_because: ClassVar[str] = ("ITM mines its hard negatives from the softmax over ITC similarities and the "
+                                        "momentum distillation targets are softmax distributions, both defined for itc")
 
     arch_name: ClassVar[str] = "albef"
     fusion_layers: int = 1

@@ -42,7 +42,7 @@ class BEiT3(CachedContrastive, nn.Module):
     data_kinds: tuple[str, ...] = ("pairs", "images", "texts")  # narrowed per instance to what its objectives read
     objectives: tuple[str, ...] = ("mdm_text", "mdm_image")  # per instance: config.objectives
     capabilities: frozenset[str] = frozenset()
-    default_loss_weights = {"mdm_text": 1.0, "mdm_image": 1.0, "itc": 1.0}
+    default_loss_weights = {"mdm_text": 1.0, "mdm_image": 1.0, "itc": 1.0, "siglip": 1.0}
 
     def __init__(self, cfg: BEiT3Config) -> None:
         super().__init__()
@@ -55,8 +55,8 @@ class BEiT3(CachedContrastive, nn.Module):
         # retrieval heads always exist: evaluation embeds through them whatever the stage trains (frozen without itc)
         self.vision_proj = ProjectionHead(width, embed_dim)
         self.text_proj = ProjectionHead(width, embed_dim)
-        self.itc = build_contrastive_loss(cfg.contrastive)
-        if not cfg.uses("itc"):
+        self.itc = build_contrastive_loss(cfg.contrastive, cfg.contrastive_objective())
+        if cfg.contrastive_objective() is None:
             for module in (self.vision_proj, self.text_proj, self.itc):
                 module.requires_grad_(False)
         # untied vocabulary projection straight from the final norm (torchscale BEiT-3's output projection)
@@ -73,7 +73,8 @@ class BEiT3(CachedContrastive, nn.Module):
         cfg = self.config
         last = f"encoder.transformer.blocks.{cfg.multiway.layers - 1}."
         idle = [] if cfg.uses("mdm_image") else ["encoder.patch_embed.mask_token"]
-        for side, read in (("v", cfg.uses("mdm_image") or cfg.uses("itc")), ("l", cfg.uses("mdm_text") or cfg.uses("itc"))):
+        contrastive = cfg.contrastive_objective() is not None
+        for side, read in (("v", cfg.uses("mdm_image") or contrastive), ("l", cfg.uses("mdm_text") or contrastive)):
             if not read:
                 idle += [f"{last}attn.{side}.proj.*", f"{last}attn.sub_norm_{side}.*", f"{last}ffn_{side}.*",
                          f"encoder.norm_{side}.*"]
@@ -97,16 +98,17 @@ class BEiT3(CachedContrastive, nn.Module):
         if self.mlm_head is not None or self.mim_head is not None:
             losses, metrics = self._mdm(parts)
         pairs = parts.get("pairs")
-        if "itc" in self.objectives and pairs is not None:
+        contrastive = self.config.contrastive_objective()
+        if contrastive is not None and pairs is not None:
             assert pairs.images is not None and pairs.input_ids is not None and pairs.attention_mask is not None
             codes = itc_codes(self.config.contrastive.duplicate_positives, pairs.image_ids, pairs.input_ids, pairs.attention_mask)
             loss, m = self.itc(self.encode_image(pairs.images), self.encode_text(pairs.input_ids, pairs.attention_mask), codes)
-            losses["itc"] = loss
+            losses[contrastive] = loss
             metrics.update(m)
         if not losses:
             raise ValueError(
                 f"BEiT-3 got a batch of {sorted(parts)} that none of model.objectives={list(self.objectives)} can "
-                "train on (itc needs pairs); feed data.sources of the kinds those objectives read"
+                "train on (itc/siglip need pairs); feed data.sources of the kinds those objectives read"
             )
         return ModelOutput(losses=losses, metrics=metrics)
 
@@ -204,7 +206,7 @@ class BEiT3(CachedContrastive, nn.Module):
             return enc.flops(True) + mim if self.mim_head is not None else 0.0
         mdm = self.mlm_head is not None or self.mim_head is not None
         total = enc.flops(True, length) + mlm + mim if mdm else 0.0  # the fused pass
-        if "itc" in self.objectives:
+        if self.config.contrastive_objective() is not None:
             total += enc.flops(True) + enc.flops(False, length)
             total += self.vision_proj.flops_per_sample() + self.text_proj.flops_per_sample()
         return total

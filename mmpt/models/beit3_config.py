@@ -14,14 +14,14 @@ from mmpt.models.multiway_presets import beit3_base_dims, beit3_giant_dims, beit
 @dataclass
 class BEiT3Config(MultiwayModelConfig):
     """objectives: mdm_text + mdm_image together are BEiT-3's one masked-data-modeling objective (logged by
-    modality); itc trains the dual-encoder retrieval path (a separate short stage). Heads exist only for the
+    modality); itc (or siglip) trains the dual-encoder retrieval path (a separate short stage). Heads exist only for the
     listed objectives; the ITC projections always exist (frozen when itc is not listed).
     text_mask_ratio / pair_text_mask_ratio: share of real, non-special text tokens masked in text-only
     samples (paper 15%) and in image-text pairs (paper 50%). The image mask comes with the data
     (`data.image_mask`, block-wise, 40%).
     """
 
-    supported_objectives: ClassVar[tuple[str, ...]] = ("mdm_text", "mdm_image", "itc")
+    supported_objectives: ClassVar[tuple[str, ...]] = ("mdm_text", "mdm_image", "itc", "siglip")
     default_objectives: ClassVar[tuple[str, ...]] = ("mdm_text", "mdm_image")
 
     arch_name: ClassVar[str] = "beit3"

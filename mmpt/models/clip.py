@@ -32,7 +32,7 @@ class CLIPConfig(DualTowerConfig):
     (mmpt/interop/hf_clip.py) and loads open_clip state dicts (mmpt/interop/open_clip.py).
     """
 
-    supported_objectives: ClassVar[tuple[str, ...]] = ("itc",)
+    supported_objectives: ClassVar[tuple[str, ...]] = ("itc", "siglip")
     default_objectives: ClassVar[tuple[str, ...]] = ("itc",)
 
     arch_name: ClassVar[str] = "clip"
@@ -71,24 +71,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class CLIP(CachedContrastive, nn.Module):
-    """Dual encoder + ITC; implements the `PretrainModel` protocol plus `grad_cache` (forward is exactly
-    `contrastive_loss(*contrastive_features(batch), batch)`)."""
+    """Dual encoder + ITC (or SigLIP's sigmoid loss: objectives=[siglip]); implements the `PretrainModel` protocol
+    plus `grad_cache` (forward is exactly `contrastive_loss(*contrastive_features(batch), batch)`)."""
 
     objectives: tuple[str, ...] = ("itc",)
     data_kinds: tuple[str, ...] = ("pairs",)
     capabilities: frozenset[str] = frozenset({"grad_cache"})
-    default_loss_weights = {"itc": 1.0}  # loss.weights.<name> overrides
+    default_loss_weights = {"itc": 1.0, "siglip": 1.0}  # loss.weights.<name> overrides
 
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.objectives = tuple(cfg.objectives)
         self.capabilities = grad_cache_capability(self.objectives)
         act = QuickGELU if cfg.quick_gelu else nn.GELU
         self.visual = vision_tower_from(cfg.vision, act_layer=act, patch_dropout=cfg.patch_dropout)
         self.text = text_tower_from(cfg.text, causal=cfg.text_causal, act_layer=act)
         self.vision_proj = ProjectionHead(cfg.vision.width, cfg.contrastive.embed_dim)
         self.text_proj = ProjectionHead(cfg.text.width, cfg.contrastive.embed_dim)
-        self.itc = build_contrastive_loss(cfg.contrastive)
+        self.itc = build_contrastive_loss(cfg.contrastive, cfg.contrastive_objective())  # `itc`: the module's name either way
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images `b c h w` -> L2-normalised `b e` from the [CLS] token."""

@@ -52,7 +52,7 @@ class CoCaConfig(DualTowerConfig):
     contrastive heads frozen (retrieval still embeds through them).
     """
 
-    supported_objectives: ClassVar[tuple[str, ...]] = ("itc", "caption")
+    supported_objectives: ClassVar[tuple[str, ...]] = ("itc", "siglip", "caption")
     default_objectives: ClassVar[tuple[str, ...]] = ("itc", "caption")
 
     arch_name: ClassVar[str] = "coca"
@@ -108,7 +108,7 @@ class CoCa(CachedContrastive, nn.Module):
 
     objectives: tuple[str, ...] = ("itc", "caption")
     data_kinds: tuple[str, ...] = ("pairs",)
-    default_loss_weights = {"itc": 1.0, "caption": 2.0}  # the paper's weights; loss.weights.<name> overrides
+    default_loss_weights = {"itc": 1.0, "siglip": 1.0, "caption": 2.0}  # the paper's weights; loss.weights.<name> overrides
 
     def __init__(self, cfg: CoCaConfig) -> None:
         super().__init__()
@@ -148,8 +148,8 @@ class CoCa(CachedContrastive, nn.Module):
         if captions:
             self.decoder_norm = nn.LayerNorm(t.width)
             self.lm_head = LMHead(t.width, t.vocab_size)  # untied, as in the paper
-        self.itc = build_contrastive_loss(cfg.contrastive)
-        if not cfg.uses("itc"):  # kept for retrieval embeddings, but no objective trains them
+        self.itc = build_contrastive_loss(cfg.contrastive, cfg.contrastive_objective())
+        if cfg.contrastive_objective() is None:  # kept for retrieval embeddings, but no objective trains them
             for module in (self.contrastive_pooler, self.vision_proj, self.text_norm, self.text_proj, self.itc):
                 if module is not None:
                     module.requires_grad_(False)
@@ -239,12 +239,13 @@ class CoCa(CachedContrastive, nn.Module):
         image_tokens = self.visual(batch.images)  # `b n c`
         pooled = self.pooler(image_tokens) if self.pooler is not None else None  # layout=open_clip: one pass for both
         tokens, text_features = self._unimodal(batch.input_ids, batch.attention_mask)
-        if self.config.uses("itc"):
+        contrastive = self.config.contrastive_objective()
+        if contrastive is not None:
             if pooled is not None:
                 image_features = l2_normalize(self.vision_proj(pooled[:, 0]))
             else:
                 image_features = self._embed_image(image_tokens)
-            losses["itc"], metrics = self.itc(image_features, text_features, itc_codes(
+            losses[contrastive], metrics = self.itc(image_features, text_features, itc_codes(
                 self.config.contrastive.duplicate_positives, batch.image_ids, batch.input_ids, batch.attention_mask))
         if self.config.uses("caption"):
             context = pooled[:, 1:] if pooled is not None else self._context(image_tokens)
@@ -340,7 +341,7 @@ class CoCa(CachedContrastive, nn.Module):
         total = self.visual.flops_per_sample() + self.unimodal.flops(n_txt + 1)
         if self.pooler is not None:
             total += self.pooler.flops_per_sample(n_img)
-        if cfg.uses("itc"):
+        if cfg.contrastive_objective() is not None:
             total += self.contrastive_pooler.flops_per_sample(n_img) if self.contrastive_pooler is not None else 0.0
             total += self.vision_proj.flops_per_sample() + self.text_proj.flops_per_sample()
         if self.multimodal is not None:

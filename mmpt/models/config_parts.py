@@ -19,6 +19,8 @@ from mmpt.visual_tokenizer import VisualTokenizerConfig
 # Ids that `mmpt-data tokenizer` writes ([PAD] [UNK] [CLS] [SEP] [MASK]): what a model built in code without a
 # tokenizer uses for ids left unset. Training always fills unset ids from the configured tokenizer.
 MMPT_TOKENIZER_IDS = {"pad": 0, "bos": 2, "eos": 3, "mask": 4}
+# The contrastive objectives: one loss on the dual-encoder embeddings, at most one of them per model.
+CONTRASTIVE_OBJECTIVES = ("itc", "siglip")
 
 
 @dataclass
@@ -79,9 +81,11 @@ class MultiwayConfig(TowerConfig, PatchGrid, TextInput):
 
 @dataclass
 class ContrastiveConfig:
-    """`model.contrastive`: the ITC head. Temperature is learnable from temperature_init and clamped to
-    [min, max]_temperature (logit scale 1/T); learnable_temperature=false keeps it fixed at init.
-    duplicate_positives: pairs sharing an image id or an identical caption are positives, not negatives."""
+    """`model.contrastive`: the contrastive head (objective `itc` or `siglip`). ITC: temperature learnable from
+    temperature_init and clamped to [min, max]_temperature (logit scale 1/T). SigLIP: scale t = exp(t') from
+    siglip_scale_init and bias from siglip_bias_init (the paper's 10 and -10), unclamped.
+    learnable_temperature=false keeps the temperature / scale fixed at init. duplicate_positives: pairs sharing
+    an image id or an identical caption are positives, not negatives (SigLIP: label +1)."""
 
     embed_dim: int = 64
     temperature_init: float = 0.07
@@ -89,6 +93,8 @@ class ContrastiveConfig:
     max_temperature: float = 1.0
     learnable_temperature: bool = True
     duplicate_positives: bool = False
+    siglip_scale_init: float = 10.0
+    siglip_bias_init: float = -10.0
 
 
 @dataclass
@@ -165,6 +171,7 @@ class ModelConfigBase:
     arch_name: ClassVar[str] = ""  # the registered name; `arch` defaults to it
     supported_objectives: ClassVar[tuple[str, ...]] = ()
     default_objectives: ClassVar[tuple[str, ...]] = ()
+    no_siglip_because: ClassVar[str] = ""  # why an arch without siglip refuses it (the error says so)
 
     arch: str = ""
     preset: Optional[str] = None
@@ -200,12 +207,21 @@ class ModelConfigBase:
         """Consistency of the config alone; subclasses extend the list."""
         p: list[str] = []
         known = self.supported_objectives
-        if not self.objectives or len(set(self.objectives)) != len(self.objectives) or set(self.objectives) - set(known):
+        unsupported = set(self.objectives) - set(known)
+        if "siglip" in unsupported and self.no_siglip_because:
+            p.append(f"objective siglip is not available for {self.arch_name}: {self.no_siglip_because}; use itc")
+            unsupported.discard("siglip")
+        if not self.objectives or len(set(self.objectives)) != len(self.objectives) or unsupported:
             p.append(f"objectives={self.objectives} must be distinct names from {list(known)}, at least one")
         unknown = sorted(set(self.loss_weights) - set(known))
         if unknown:
             p.append(f"loss_weights {unknown} are not objectives of {self.arch_name} ({list(known)})")
+        if set(CONTRASTIVE_OBJECTIVES) <= set(self.objectives):
+            p.append(f"objectives={self.objectives} list both itc and siglip: they are two losses on the same "
+                     "embeddings; keep one (model.objectives=[siglip,...] or [itc,...])")
         c = self.contrastive
+        if c.siglip_scale_init <= 0:
+            p.append(f"contrastive.siglip_scale_init={c.siglip_scale_init} must be > 0 (it is exp(t'))")
         if not 0 < c.min_temperature <= c.temperature_init <= c.max_temperature:
             p.append("need 0 < contrastive.min_temperature <= temperature_init <= max_temperature, got "
                      f"{c.min_temperature}, {c.temperature_init}, {c.max_temperature}")
@@ -255,6 +271,10 @@ class ModelConfigBase:
 
     def uses(self, objective: str) -> bool:
         return objective in self.objectives
+
+    def contrastive_objective(self) -> Optional[str]:
+        """The configured contrastive objective (itc or siglip), None when neither is listed."""
+        return next((name for name in CONTRASTIVE_OBJECTIVES if name in self.objectives), None)
 
     def launch_problems(self, launch: Launch) -> list[str]:
         """Checks against the run; the engine raises one ConfigError listing them. Subclasses extend it."""
@@ -419,10 +439,17 @@ def _coerce_nested(cfg: Any) -> None:
                 setattr(cfg, f.name, replace(default, **value))
 
 
-def build_contrastive_loss(c: ContrastiveConfig) -> Any:
-    """The ITC module for `model.contrastive` (logit scale clamped to [1/max_T, 1/min_T])."""
+def build_contrastive_loss(c: ContrastiveConfig, objective: Optional[str] = "itc") -> Any:
+    """The module of `objective` for `model.contrastive`: ITC (logit scale clamped to [1/max_T, 1/min_T]) or
+    SigLIP (objective "siglip"). None (no contrastive objective configured) builds ITC: its heads still serve
+    retrieval embeddings, frozen by the model."""
     from mmpt.objectives.itc import ContrastiveLoss
+    from mmpt.objectives.siglip import SigLipLoss
 
+    if objective == "siglip":
+        siglip = SigLipLoss(c.siglip_scale_init, c.siglip_bias_init)
+        siglip.logit_scale.requires_grad_(c.learnable_temperature)
+        return siglip
     loss = ContrastiveLoss(c.temperature_init, max_logit_scale=1.0 / c.min_temperature,
                            min_logit_scale=1.0 / c.max_temperature)
     loss.logit_scale.requires_grad_(c.learnable_temperature)

@@ -19,7 +19,7 @@ CONTRASTIVE_OBJECTIVES = ("itc", "siglip")
 # Objective -> the data kinds it reads, for every architecture (a model's `data_kinds` is the union over its
 # configured objectives).
 OBJECTIVE_KINDS: dict[str, tuple[str, ...]] = {
-    "itc": ("pairs",), "itm": ("pairs",), "mlm": ("pairs", "texts"), "mim": ("images",), "caption": ("pairs",),
+    "itc": ("pairs",), "siglip": ("pairs",), "itm": ("pairs",), "mlm": ("pairs", "texts"), "mim": ("images",), "caption": ("pairs",),
     "mdm_text": ("texts", "pairs"), "mdm_image": ("images", "pairs"),
 }  # fmt: skip
 

@@ -21,6 +21,7 @@ class VLMoConfig(MultiwayModelConfig, FusionObjectivesConfig):
 
     supported_objectives: ClassVar[tuple[str, ...]] = ("itc", "itm", "mlm", "mim")
     default_objectives: ClassVar[tuple[str, ...]] = ("itc", "itm", "mlm")
+    no_siglip_because: ClassVar[str] = "ITM mines its hard negatives from the softmax over ITC similarities"
 
     arch_name: ClassVar[str] = "vlmo"
 
