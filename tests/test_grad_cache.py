@@ -24,10 +24,11 @@ from tests.dist_helpers import run_ranks
 VOCAB, L, IMAGE = 64, 12, 32
 
 
-def tiny_clip(dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+def tiny_clip(dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float64,
+              objective: str = "itc") -> torch.nn.Module:
     """Two 32-wide blocks per tower, 32 px; duplicate captions / image ids count as positives (codes exercised)."""
     torch.manual_seed(seed)
-    cfg = preset_config("clip", "tiny", vision={"image_size": IMAGE, "patch_size": 8, "width": 32, "heads": 2,
+    cfg = preset_config("clip", "tiny", objectives=[objective], vision={"image_size": IMAGE, "patch_size": 8, "width": 32, "heads": 2,
                                                 "dropout": dropout},
                         text={"width": 32, "heads": 2, "vocab_size": VOCAB, "max_text_len": L, "dropout": dropout},
                         contrastive={"embed_dim": 16, "duplicate_positives": True})
@@ -73,6 +74,20 @@ def test_cached_gradients_equal_one_backward_of_the_full_batch_loss() -> None:
     torch.testing.assert_close(total, 0.5 * out.losses["itc"].detach(), rtol=0, atol=1e-12)
     assert got.metrics["itc_acc"] == out.metrics["itc_acc"]
     assert_same_grads(grads(cached), grads(full), atol=1e-10)
+
+
+def test_cached_siglip_gradients_equal_one_backward_of_the_full_batch_loss() -> None:
+    """The same equality for SigLIP: its bias rides on the loss-parameter path with the temperature."""
+    batches = [pairs(3, seed=s) for s in range(3)]
+    full = tiny_clip(objective="siglip")
+    out = full(concat(batches))
+    out.losses["siglip"].backward()
+    cached = tiny_clip(objective="siglip")
+    got, _ = cached_step(cached, batches, {"siglip": 1.0}, cached.contrastive_features, torch.Tensor.backward)
+    torch.testing.assert_close(got.losses["siglip"], out.losses["siglip"].detach(), rtol=0, atol=1e-10)
+    want = grads(full)
+    assert "itc.logit_bias" in want and want["itc.logit_bias"].abs().item() > 0
+    assert_same_grads(grads(cached), want, atol=1e-10)
 
 
 def test_the_re_forward_replays_each_micro_batch_dropout() -> None:
