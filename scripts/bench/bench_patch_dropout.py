@@ -18,19 +18,7 @@ import statistics
 import time
 
 import torch
-
-
-def make_batch(batch: int, image_size: int, seq_len: int, vocab: int):
-    from mmpt.data.batch import Batch
-
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab, (batch, seq_len), generator=gen)
-    ids[:, 0] = 2
-    mask = torch.ones_like(ids)
-    mask[:, seq_len // 2 :] = 0
-    ids[mask == 0] = 0
-    return Batch(images=torch.randn(batch, 3, image_size, image_size, generator=gen), input_ids=ids,
-                 attention_mask=mask, image_ids=[str(i) for i in range(batch)])
+from bench_batches import make_batch  # scripts/bench/, the directory of this script
 
 
 def main() -> None:
