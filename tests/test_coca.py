@@ -369,3 +369,20 @@ def test_mean_image_pool_embeds_the_patch_mean_without_a_pooler() -> None:
     assert model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="image_pool"):
         tiny_config(image_pool="max")
+
+
+def test_cls_image_pool_embeds_the_vit_cls_token() -> None:
+    """image_pool=cls: the ViT gets a [CLS] token (one more token than patches), the image embedding is its
+    projected output (as CLIP's), no contrastive pooler exists, and the ITC gradient reaches that token."""
+    torch.manual_seed(0)
+    model = build_coca(tiny_config(image_pool="cls"))
+    assert model.contrastive_pooler is None and not any("contrastive_pooler" in n for n, _ in model.named_parameters())
+    assert model.visual.num_tokens == (32 // 8) ** 2 + 1
+    images = make_batch().images
+    tokens = model.visual(images)
+    want = torch.nn.functional.normalize(model.vision_proj(tokens[:, 0]), dim=-1)
+    torch.testing.assert_close(model.encode_image(images), want)
+    assert not torch.allclose(want, torch.nn.functional.normalize(model.vision_proj(tokens[:, 1:].mean(1)), dim=-1))
+    out = model(make_batch())
+    out.losses["itc"].backward()
+    assert model.visual.patch_embed.cls_token.grad.abs().sum() > 0

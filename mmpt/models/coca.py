@@ -57,7 +57,8 @@ class CoCaConfig(DualTowerConfig):
     multimodal_layers: int = 1
     num_decoder_queries: int = 8  # paper: 256
     # the image embedding: "attention" = an attentional pooler with one query (the paper), "mean" = the mean
-    # of the ViT's patch tokens (no pooler parameters to learn first)
+    # of the ViT's patch tokens (no pooler parameters to learn first), "cls" = the ViT's own [CLS] token (as
+    # CLIP; the ViT then has one, and the decoder pooler reads it with the patches)
     image_pool: str = "attention"
 
     def problems(self) -> list[str]:
@@ -67,8 +68,8 @@ class CoCaConfig(DualTowerConfig):
                 p.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.vision.layers < 1 or self.text.layers < 1:
             p.append(f"vision.layers={self.vision.layers} and text.layers={self.text.layers} must be >= 1")
-        if self.image_pool not in ("attention", "mean"):
-            p.append(f"image_pool={self.image_pool!r} must be 'attention' or 'mean'")
+        if self.image_pool not in ("attention", "mean", "cls"):
+            p.append(f"image_pool={self.image_pool!r} must be 'attention', 'mean' or 'cls'")
         if self.text.max_text_len < 2:
             p.append(f"text.max_text_len={self.text.max_text_len} must be >= 2 (BOS + one target)")
         return p
@@ -101,8 +102,8 @@ class CoCa(nn.Module):
         self.capabilities = frozenset({"generate"} if captions else ())
         t, embed_dim = cfg.text, cfg.contrastive.embed_dim
         drop = dict(mlp_ratio=t.mlp_ratio, dropout=t.dropout, attn_dropout=t.dropout, norm_eps=t.norm_eps)
-        # No ViT [CLS]: both summaries come from attentional pooling over all patch tokens.
-        self.visual = vision_tower_from(cfg.vision, cls_token=False)
+        # No ViT [CLS] unless image_pool=cls: both summaries come from attentional pooling over all patch tokens.
+        self.visual = vision_tower_from(cfg.vision, cls_token=cfg.image_pool == "cls")
         vw, vh = cfg.vision.width, cfg.vision.heads
         self.contrastive_pooler = AttentionalPooler(vw, vw, 1, vh) if cfg.image_pool == "attention" else None
         self.decoder_pooler = AttentionalPooler(vw, vw, cfg.num_decoder_queries, vh) if captions else None
@@ -135,7 +136,9 @@ class CoCa(nn.Module):
 
     def _embed_image(self, tokens: torch.Tensor) -> torch.Tensor:
         """ViT tokens `b n c` -> L2-normalised image embedding `b e` (`config.image_pool`)."""
-        if self.contrastive_pooler is None:
+        if self.config.image_pool == "cls":
+            pooled = tokens[:, 0]
+        elif self.contrastive_pooler is None:
             pooled = reduce(tokens, "b n c -> b c", "mean")
         else:
             pooled = rearrange(self.contrastive_pooler(tokens), "b 1 c -> b c")
