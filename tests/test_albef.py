@@ -453,9 +453,10 @@ def test_objectives_must_include_itc() -> None:
 @pytest.mark.parametrize("momentum", [False, True])
 def test_itc_only_builds_no_fusion_side(momentum: bool) -> None:
     """objectives=[itc]: no fusion layers, ITM head or MLM head (parameters, state dict, teacher copy), no
-    capabilities (itm_score refuses), and forward returns the ITC loss only, with gradients to every parameter."""
+    itm_score (it refuses; GradCache only without a teacher), and forward returns the ITC loss only, with gradients
+    to every parameter."""
     model = build(momentum, objectives=["itc"])
-    assert model.objectives == ("itc",) and model.capabilities == frozenset()
+    assert model.objectives == ("itc",) and model.capabilities == (frozenset() if momentum else {"grad_cache"})
     assert model.text.fusion is None and model.itm_head is None and model.text.mlm_head is None
     assert isinstance(model.text.fusion_norm, torch.nn.Identity)
     parts = ("fusion", "itm_head", "mlm_head")

@@ -307,6 +307,7 @@ def test_capabilities_work_when_offered_and_refuse_otherwise(arch: str, objectiv
     calls = {
         "itm_score": lambda: model.itm_score(batch.images, batch.input_ids, batch.attention_mask),
         "generate": lambda: model.generate(batch.images, max_len=5),
+        "grad_cache": lambda: model.contrastive_loss(*model.contrastive_features(batch), batch),
     }
     assert set(calls) == set(CAPABILITIES)  # a new capability needs a check here
     for name, call in calls.items():
@@ -320,6 +321,12 @@ def test_capabilities_work_when_offered_and_refuse_otherwise(arch: str, objectiv
         if name == "itm_score":
             assert out.shape == (B,) and out.is_floating_point()
             assert ((out >= 0) & (out <= 1)).all(), out
+        elif name == "grad_cache":  # forward's losses, split into embeddings + loss (GradCache replays them)
+            with torch.no_grad():
+                want = model(batch).losses
+            assert out.losses.keys() == want.keys() == set(objectives)
+            for key in want:
+                torch.testing.assert_close(out.losses[key], want[key], rtol=0, atol=1e-6, msg=key)
         else:
             assert not out.is_floating_point() and out.ndim == 2, out.dtype
             assert out.shape[0] == B and 1 <= out.shape[1] <= 5, out.shape

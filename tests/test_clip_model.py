@@ -39,7 +39,7 @@ def model() -> CLIP:
 
 def test_protocol_and_registry(model: CLIP) -> None:
     assert isinstance(model, PretrainModel)
-    assert model.objectives == ("itc",) and model.data_kinds == ("pairs",) and model.capabilities == frozenset()
+    assert model.objectives == ("itc",) and model.data_kinds == ("pairs",) and model.capabilities == {"grad_cache"}
     text = {"vocab_size": VOCAB, "max_text_len": L}
     built = build_model({"arch": "clip", "vision": {"image_size": 32}, "text": text})
     assert isinstance(built, CLIP) and built.config.vision.image_size == 32 and built.config.vision.patch_size == 8

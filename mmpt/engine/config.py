@@ -83,6 +83,9 @@ class TokenizerConfig:
 class TrainerConfig:
     max_steps: int = 1000
     grad_accum: int = 1
+    # GradCache: one contrastive loss over this many micro-batches (data.batch_size each) per accumulation step,
+    # at the activation memory of one; 1 = off (mmpt/engine/grad_cache.py)
+    contrastive_accum_steps: int = 1
     global_batch_size: Optional[int] = None
     grad_clip: float = 1.0
     precision: str = "fp32"
@@ -99,6 +102,10 @@ class TrainerConfig:
     # dense peak TFLOP/s per device for train/mfu: null = known GPUs detected (H100/H200/A100, by precision);
     # on CPU train/mfu is logged only when this is set
     peak_tflops: Optional[float] = None
+    # torch.compile every transformer block in place (mmpt/engine/compile.py; ZeRO 0-2); eager by default: on
+    # CPU the compile time (minutes) is rarely won back. compile_backend: a torch.compile backend name
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -287,6 +294,7 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
         raise ConfigError("trainer.precision=fp16 needs a GPU (loss scaling on CPU is unsupported); use bf16 or fp32")
     for key, value in (("trainer.max_steps", t.max_steps), ("data.batch_size", d.batch_size),
                        ("trainer.grad_accum", t.grad_accum), ("trainer.log_every", t.log_every),
+                       ("trainer.contrastive_accum_steps", t.contrastive_accum_steps),
                        ("trainer.save_every", t.save_every), ("data.eval_batch_size", d.eval_batch_size),
                        ("trainer.preempt_check_every", t.preempt_check_every)):
         if value <= 0:
@@ -299,11 +307,14 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
     if t.keep_last < 1:
         raise ConfigError(f"trainer.keep_last={t.keep_last} must be >= 1 (resuming needs a checkpoint)")
     if t.global_batch_size is not None:
-        per_step = d.batch_size * world_size
+        per_step = d.batch_size * world_size * t.contrastive_accum_steps
         if t.global_batch_size % per_step:
+            key, value = ((" x trainer.contrastive_accum_steps", f" x {t.contrastive_accum_steps}")
+                          if t.contrastive_accum_steps > 1 else ("", ""))
             raise ConfigError(
-                f"trainer.global_batch_size={t.global_batch_size} is not divisible by data.batch_size x world size "
-                f"= {d.batch_size} x {world_size} = {per_step}; choose a multiple of {per_step} or change data.batch_size"
+                f"trainer.global_batch_size={t.global_batch_size} is not divisible by data.batch_size x world size{key} "
+                f"= {d.batch_size} x {world_size}{value} = {per_step}; choose a multiple of {per_step} or change "
+                "data.batch_size"
             )
         t.grad_accum = t.global_batch_size // per_step
     if not d.train.urls and not d.sources:
@@ -325,6 +336,18 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
     stage = zero_stage(cfg)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage={stage} must be 0, 1, 2 or 3")
+    if t.contrastive_accum_steps > 1 and stage == 3:
+        raise ConfigError(
+            f"trainer.contrastive_accum_steps={t.contrastive_accum_steps} does not support ZeRO-3: its embedding pass "
+            "runs outside DeepSpeed's forward, where ZeRO-3 gathers partitioned parameters; use deepspeed=zero2"
+        )
+    if t.compile:
+        from mmpt.engine.compile import compile_backends
+
+        _check_choice("trainer.compile_backend", t.compile_backend, tuple(compile_backends()))
+        if stage == 3:
+            raise ConfigError("trainer.compile=true supports ZeRO stages 0-2 (stage 3 gathers parameters in module "
+                              "hooks that compiled blocks would trace); use deepspeed=zero2 or trainer.compile=false")
     resume = t.resume
     if resume not in ("auto", "none") and not Path(resume).is_dir():
         raise ConfigError(f"trainer.resume={resume!r}: no such checkpoint directory; use auto, none or a checkpoint dir")
@@ -334,6 +357,17 @@ def zero_stage(cfg: TrainConfig) -> int:
     return int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
 
 
+def check_grad_cache(cfg: TrainConfig, capabilities: frozenset[str]) -> None:
+    """trainer.contrastive_accum_steps > 1 needs the model's `grad_cache` capability (the model config's
+    `launch_problems` already named a non-contrastive objective or a momentum teacher; this catches the rest)."""
+    n = cfg.trainer.contrastive_accum_steps
+    if n > 1 and "grad_cache" not in capabilities:
+        raise ConfigError(
+            f"trainer.contrastive_accum_steps={n}: model.arch={cfg.model.arch} does not offer contrastive gradient "
+            "caching (capability grad_cache); set trainer.contrastive_accum_steps=1 and use trainer.grad_accum"
+        )
+
+
 def check_model_launch(cfg: TrainConfig, world_size: int, tokenizer: Any = None) -> None:
     """The model config's own checks against this run (`launch_problems`: momentum vs ZeRO, queue size, patch
     and image geometry, token ids); the engine does not know which architecture it asks."""
@@ -341,7 +375,8 @@ def check_model_launch(cfg: TrainConfig, world_size: int, tokenizer: Any = None)
 
     mask = cfg.data.image_mask
     launch = Launch(world_size, cfg.data.batch_size, zero_stage(cfg), cfg.data.image_size,
-                    mask.patch_size if mask.enabled else None, tokenizer, cfg.data.mean, cfg.data.std)
+                    mask.patch_size if mask.enabled else None, tokenizer, cfg.data.mean, cfg.data.std,
+                    cfg.trainer.contrastive_accum_steps)
     problems = cfg.model.launch_problems(launch)
     if problems:
         raise ConfigError("model: " + "; ".join(problems))

@@ -63,7 +63,7 @@ def dry_run_report(cfg: TrainConfig, world: int, trainable: int, frozen: int, en
     nodes = node_count(environ, world)
     stage = int(dict(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0))
     memory = model_state_bytes(trainable, frozen, t.precision, stage, world)
-    global_batch = d.batch_size * t.grad_accum * world
+    global_batch = d.batch_size * t.grad_accum * t.contrastive_accum_steps * world
     return {
         "model": cfg.model.arch,
         "nodes": nodes,
@@ -71,6 +71,7 @@ def dry_run_report(cfg: TrainConfig, world: int, trainable: int, frozen: int, en
         "ranks_per_node": math.ceil(world / nodes),
         "micro_batch_per_rank": d.batch_size,
         "grad_accum": t.grad_accum,
+        "contrastive_accum_steps": t.contrastive_accum_steps,
         "global_batch": global_batch,
         "max_steps": t.max_steps,
         "samples": global_batch * t.max_steps,
@@ -86,10 +87,12 @@ def dry_run_report(cfg: TrainConfig, world: int, trainable: int, frozen: int, en
 def format_report(report: dict[str, Any]) -> str:
     """Human lines for the terminal, then one `dry_run: {json}` line for scripts."""
     mem = report["model_state_gib_per_rank"]
+    n = report["contrastive_accum_steps"]
+    cached = f"{n} contrastive (GradCache) x " if n > 1 else ""
     lines = [
         f"dry run: {report['model']} -- nothing is trained",
         f"  world        {report['nodes']} node(s) x {report['ranks_per_node']} rank(s) = {report['ranks']} ranks",
-        f"  batch        {report['micro_batch_per_rank']} per rank x {report['grad_accum']} accumulation x "
+        f"  batch        {report['micro_batch_per_rank']} per rank x {cached}{report['grad_accum']} accumulation x "
         f"{report['ranks']} ranks = {report['global_batch']} per step",
         f"  steps        {report['max_steps']} ({report['samples']:,} samples)",
         f"  parameters   {report['params_trainable']:,} trainable, {report['params_frozen']:,} frozen",

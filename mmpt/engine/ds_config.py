@@ -7,11 +7,15 @@ from mmpt.engine.config import TrainConfig
 
 
 def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """train_batch_size = micro batch x grad accumulation x world size, never set by hand."""
+    """train_batch_size = micro batch x grad accumulation x world size, never set by hand.
+
+    With contrastive gradient caching every micro-batch is one engine.backward, so DeepSpeed accumulates
+    grad_accum x contrastive_accum_steps of them (and divides each by that; mmpt/engine/grad_cache.py
+    scales its surrogate loss back)."""
     ds: dict[str, Any] = dict(cfg.deepspeed)
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-    ds["gradient_accumulation_steps"] = cfg.trainer.grad_accum
-    ds["train_batch_size"] = cfg.data.batch_size * cfg.trainer.grad_accum * world_size
+    ds["gradient_accumulation_steps"] = cfg.trainer.grad_accum * cfg.trainer.contrastive_accum_steps
+    ds["train_batch_size"] = global_batch_size(cfg, world_size)
     ds["gradient_clipping"] = cfg.trainer.grad_clip
     ds["bf16"] = {"enabled": cfg.trainer.precision == "bf16"}
     ds["fp16"] = {"enabled": cfg.trainer.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
@@ -25,4 +29,6 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
 
 
 def global_batch_size(cfg: TrainConfig, world_size: int) -> int:
-    return cfg.data.batch_size * cfg.trainer.grad_accum * world_size
+    """Samples per optimizer step; the contrastive batch is data.batch_size x contrastive_accum_steps x world."""
+    t = cfg.trainer
+    return cfg.data.batch_size * t.grad_accum * t.contrastive_accum_steps * world_size

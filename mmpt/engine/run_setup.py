@@ -23,8 +23,8 @@ from mmpt.data.pipeline import BatchLoader, build_eval_loader, build_train_loade
 from mmpt.data.sources import build_mixed_train_loader
 from mmpt.data.tokenizer import TextTokenizer, load_tokenizer
 from mmpt.engine.checkpoint import init_checkpoint_source
-from mmpt.engine.config import (ConfigError, TrainConfig, check_combinations, check_data, check_model_launch,
-                                check_paths, image_masker, resolve, source_specs, typed_config)
+from mmpt.engine.config import (ConfigError, TrainConfig, check_combinations, check_data, check_grad_cache,
+                                check_model_launch, check_paths, image_masker, resolve, source_specs, typed_config)
 from mmpt.engine.dist_env import DistEnv, detect_env, device_for, init_process_group
 from mmpt.models.config_parts import fill_tokens
 from mmpt.models.freezing import ParamCounts, apply_freeze
@@ -63,6 +63,7 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
     with torch.device("meta"):
         probe = build_model(cfg.model)
     check_combinations(cfg, env.world_size, torch.cuda.is_available(), tuple(probe.objectives))
+    check_grad_cache(cfg, probe.capabilities)
     check_data(cfg, tuple(probe.data_kinds), need_train)
     preset_weights = {**probe.default_loss_weights, **cfg.model.loss_weights}
     defaults = {k: w for k, w in preset_weights.items() if k in probe.objectives}

@@ -23,8 +23,10 @@ from mmpt import distributed as mdist
 from mmpt.data.batch import Batch, MixedBatch
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.engine import checkpoint
+from mmpt.engine.compile import compile_blocks
 from mmpt.engine.config import ConfigError, TrainConfig
 from mmpt.engine.dist_env import DistEnv
+from mmpt.engine.grad_cache import GradCacheAccumulator
 from mmpt.engine.ds_config import build_deepspeed_config, global_batch_size
 from mmpt.engine.loggers import RunLogger
 from mmpt.engine.mfu import peak_tflops
@@ -127,6 +129,8 @@ class Trainer:
         self._flops_of_shape: dict[tuple[tuple[str, int], ...], float] = {}
         self.input_dtype = PRECISION_DTYPES[cfg.trainer.precision]
         self.weights = dict(cfg.loss.weights)
+        n = cfg.trainer.contrastive_accum_steps
+        self.grad_cache = GradCacheAccumulator(n) if n > 1 else None  # one contrastive loss over n micro-batches
         self.step = 0
         self.wandb_run_id = ""
         self.resolved = resolved
@@ -153,6 +157,8 @@ class Trainer:
             except ValueError as exc:  # a shape mismatch or a tower the model lacks: the config's fault
                 raise ConfigError(f"model.init: {exc}") from None
         self.param_counts = apply_freeze(model, getattr(mcfg, "train", ()), getattr(mcfg, "freeze", ()))
+        if self.cfg.trainer.compile:  # in place, before DeepSpeed: same parameters, same state-dict keys
+            compile_blocks(model, self.cfg.trainer.compile_backend)
         if self.env.is_main:
             log.info("%s", self.param_counts.summary())
         return model
@@ -197,9 +203,15 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------------------
     def _micro_step(self, batch: Batch | MixedBatch, stats: IntervalStats) -> None:
-        out, total = micro_step(self.engine, batch.to(self.device, self.input_dtype), self.weights)
-        stats.add({"loss": total, **out.losses, **out.metrics})
         stats.flops += self._batch_flops(batch)
+        batch = batch.to(self.device, self.input_dtype)
+        if self.grad_cache is None:
+            out, total = micro_step(self.engine, batch, self.weights)
+        elif (done := self.grad_cache.add(self.engine, batch, self.weights)) is not None:
+            out, total = done  # the group's one contrastive loss, after its N backward passes
+        else:
+            return  # stats count groups: _record multiplies by contrastive_accum_steps
+        stats.add({"loss": total, **out.losses, **out.metrics})
 
     def _batch_flops(self, batch: Batch | MixedBatch) -> float:
         """Training FLOPs of a micro-batch, memoised by its kinds and sizes (host arithmetic, no sync)."""
@@ -217,7 +229,7 @@ class Trainer:
                 "Lower optimizer.lr, raise scheduler.warmup_steps, or use trainer.precision=fp32"
             )
         elapsed = time.perf_counter() - stats.started
-        samples = stats.micro_steps * self.cfg.data.batch_size * self.env.world_size
+        samples = stats.micro_steps * self.cfg.data.batch_size * self.cfg.trainer.contrastive_accum_steps * self.env.world_size
         skipped = sum(mdist.all_gather_objects(sum(stats.skipped.values())))  # type: ignore[arg-type]
         record: dict[str, Any] = {"step": self.step}
         record.update({f"train/{k}": v for k, v in values.items()})
@@ -259,7 +271,7 @@ class Trainer:
             log.info("training from step %d to %d, global batch %d", self.step, t.max_steps,
                      global_batch_size(self.cfg, self.env.world_size))
         while self.step < t.max_steps:
-            for _ in range(t.grad_accum):
+            for _ in range(t.grad_accum * t.contrastive_accum_steps):
                 waited = time.perf_counter()
                 batch = next(batches)
                 stats.data_wait_s += time.perf_counter() - waited

@@ -114,6 +114,9 @@ def load_open_clip(model: nn.Module, sd: StateDict, source: str | Path) -> LoadR
         kind, text_causal = "CLIP", cfg.text_causal
         pairs = _clip_pairs(model, "text." if any(k.startswith("text.transformer.") for k in sd) else "")
     elif isinstance(model, CoCa):
+        if cfg.layout != "mmpt":  # its [CLS] ViT and shared pooler would map ln_post/proj onto the wrong tensors
+            raise ValueError(f"{source}: loading open_clip CoCa weights needs model.layout=mmpt (layout={cfg.layout} "
+                             "is not mapped yet)")
         kind, text_causal, pairs = "CoCa", True, _coca_pairs(model)
     else:
         raise ValueError(f"{source} is an open_clip state dict, which maps onto arch clip or coca, "

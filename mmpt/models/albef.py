@@ -23,6 +23,7 @@ from torch import nn
 from mmpt.data.batch import Batch
 from mmpt.models.albef_config import PRESETS, ALBEFConfig
 from mmpt.models.albef_parts import TextFusionEncoder
+from mmpt.models.cached_contrastive import CachedContrastive, grad_cache_capability
 from mmpt.models.momentum import MomentumTeacher
 from mmpt.models.protocol import ModelOutput, check_kind
 from mmpt.models.registry import register_arch
@@ -37,9 +38,10 @@ from mmpt.objectives.pair_codes import itc_codes
 __all__ = ["ALBEF", "ALBEFConfig", "build_albef"]
 
 
-class ALBEF(nn.Module):
+class ALBEF(CachedContrastive, nn.Module):
     """ITC on unimodal [CLS] projections, ITM on the fusion [CLS] with global hard negatives, MLM through
-    the fusion layers; implements the `PretrainModel` protocol plus `itm_score` and `after_optimizer_step`."""
+    the fusion layers; implements the `PretrainModel` protocol plus `itm_score` and `after_optimizer_step`, and
+    `grad_cache` with objectives=[itc] and no momentum teacher."""
 
     objectives: tuple[str, ...] = ("itc", "itm", "mlm")
     data_kinds: tuple[str, ...] = ("pairs",)
@@ -50,8 +52,9 @@ class ALBEF(nn.Module):
         super().__init__()
         self.config = cfg
         self.objectives = tuple(cfg.objectives)
-        self.capabilities = frozenset({"itm_score"} if cfg.uses("itm") else ())
-        self.visual = vision_tower_from(cfg.vision)
+        self.capabilities = frozenset({"itm_score"} if cfg.uses("itm") else ()) | grad_cache_capability(
+            cfg.objectives, momentum_teacher=cfg.momentum.enabled)
+        self.visual = vision_tower_from(cfg.vision, patch_dropout=cfg.patch_dropout)
         self.text = TextFusionEncoder(
             cfg.text, cfg.fusion_layers if cfg.fuses() else 0, context_dim=cfg.vision.width, mlm_head=cfg.uses("mlm")
         )
@@ -209,19 +212,21 @@ class ALBEF(nn.Module):
         """Training FLOPs per image-text pair at `batch_size` pairs per micro-batch, for MFU (conventions of
         `CLIP.flops_per_sample`), for the configured objectives only.
 
-        Student (forward + backward): ViT once; text encoder once, plus once on masked ids with mlm; fusion 3
-        times with itm (the positive, two negative pairs) and once with mlm; MLM head on
+        Student (forward + backward): ViT once (on the kept patches with model.patch_dropout, which the
+        fusion layers then read); text encoder once, plus once on masked ids with mlm; fusion 3 times with itm
+        (the positive, two negative pairs) and once with mlm; MLM head on
         `masked_rows_capacity(batch_size * l) / batch_size` rows; ITM head 3x; projections.
-        Teacher (forward only, a third of training FLOPs): ViT, vision/text projections, text encoder (twice
-        with mlm), fusion + MLM head once with mlm. ITC logits against the queue: 8 q e (student, both
-        directions, forward + the feature gradient; the candidates are constants) + 4 q e (teacher targets).
+        Teacher (forward only, a third of training FLOPs; eval mode, so every patch): ViT, vision/text
+        projections, text encoder (twice with mlm), fusion + MLM head once with mlm. ITC logits against the
+        queue: 8 q e (student, both directions, forward + the feature gradient; the candidates are constants)
+        + 4 q e (teacher targets).
         Not counted: norms, softmax, GELU, embedding lookups, the global-batch part of the logits and
         hard-negative sampling (O(w b e) per pair).
         """
         if not check_kind(kind, self.data_kinds):
             return 0.0
         cfg = self.config
-        l, n = cfg.text.max_text_len, self.visual.num_tokens
+        l, n = cfg.text.max_text_len, self.visual.num_train_tokens  # the student fuses the kept image tokens
         mlm = cfg.uses("mlm")
         mlm_rows = masked_rows_capacity(batch_size * l, cfg.mlm.mask_prob) / batch_size if mlm else 0.0
         projections = self.vision_proj.flops_per_sample() + self.text_proj.flops_per_sample()
@@ -235,8 +240,10 @@ class ALBEF(nn.Module):
         if self.teacher is None:
             return student
         pe = self.visual.patch_embed
-        vit_forward = (self.visual.flops_per_sample() + 2.0 * pe.proj.weight.numel() * pe.num_patches) / 3
-        teacher_text = self.text.flops(l, n, text_passes=1 + mlm, fusion_passes=int(mlm), mlm_rows=mlm_rows)
+        # the teacher runs in eval mode: every image token, no patch dropout
+        vit_forward = (self.visual.flops_per_sample(dropped=False) + 2.0 * pe.proj.weight.numel() * pe.num_patches) / 3
+        n_all = self.visual.num_tokens
+        teacher_text = self.text.flops(l, n_all, text_passes=1 + mlm, fusion_passes=int(mlm), mlm_rows=mlm_rows)
         teacher = vit_forward + (teacher_text + projections) / 3
         queue = 12.0 * cfg.momentum.queue_size * cfg.contrastive.embed_dim
         return student + teacher + queue

@@ -28,6 +28,9 @@ class ALBEFConfig(DualTowerConfig, FusionObjectivesConfig):
         """Whether any objective needs the fusion layers."""
         return self.uses("itm") or self.uses("mlm")
 
+    def block_stacks(self) -> dict[str, int]:
+        return {**super().block_stacks(), **({"fusion": self.fusion_layers} if self.fuses() else {})}
+
     def problems(self) -> list[str]:
         p = super().problems() + self.fusion_problems()
         if "itc" not in self.objectives:
@@ -42,6 +45,13 @@ class ALBEFConfig(DualTowerConfig, FusionObjectivesConfig):
             p.append(f"momentum.queue_size={m.queue_size} must be positive (a multiple of the global batch)")
         if not 0.0 <= m.alpha <= 1.0 or m.alpha_warmup_steps < 0:
             p.append(f"need momentum.alpha in [0, 1] and alpha_warmup_steps >= 0, got {m.alpha}, {m.alpha_warmup_steps}")
+        return p
+
+    def grad_cache_problems(self, steps: int) -> list[str]:
+        p = super().grad_cache_problems(steps)
+        if self.momentum.enabled:
+            p.append(f"trainer.contrastive_accum_steps={steps} cannot cache the momentum teacher's distillation "
+                     "(its queue enqueues every forward); set model.momentum.enabled=false")
         return p
 
     def launch_problems(self, launch: Launch) -> list[str]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from mmpt.data.batch import Batch, MixedBatch
 from mmpt.models.beit3_config import PRESETS, BEiT3Config
+from mmpt.models.cached_contrastive import CachedContrastive, grad_cache_capability
 from mmpt.models.config_parts import build_contrastive_loss
 from mmpt.models.freezing import freeze_idle
 from mmpt.models.masked_image_head import MaskedImageHead
@@ -34,8 +35,9 @@ from mmpt.objectives.mlm import mask_tokens, mlm_loss
 from mmpt.objectives.pair_codes import itc_codes
 
 
-class BEiT3(nn.Module):
-    """Multiway encoder + MDM heads (MLM over the vocabulary, MIM over the visual tokenizer's targets) + ITC."""
+class BEiT3(CachedContrastive, nn.Module):
+    """Multiway encoder + MDM heads (MLM over the vocabulary, MIM over the visual tokenizer's targets) + ITC;
+    `grad_cache` with objectives=[itc]."""
 
     data_kinds: tuple[str, ...] = ("pairs", "images", "texts")  # narrowed per instance to what its objectives read
     objectives: tuple[str, ...] = ("mdm_text", "mdm_image")  # per instance: config.objectives
@@ -47,8 +49,9 @@ class BEiT3(nn.Module):
         self.config = cfg
         self.objectives = tuple(name for name in cfg.supported_objectives if name in cfg.objectives)
         self.data_kinds = data_kinds_of(self.objectives)
+        self.capabilities = grad_cache_capability(self.objectives)
         width, embed_dim = cfg.multiway.width, cfg.contrastive.embed_dim
-        self.encoder = MultiwayEncoder(**vars(cfg.multiway))
+        self.encoder = MultiwayEncoder(**vars(cfg.multiway), patch_dropout=cfg.patch_dropout)
         # retrieval heads always exist: evaluation embeds through them whatever the stage trains (frozen without itc)
         self.vision_proj = ProjectionHead(width, embed_dim)
         self.text_proj = ProjectionHead(width, embed_dim)
@@ -160,7 +163,7 @@ class BEiT3(nn.Module):
                 text_y.append(labels)
             image_mask = pairs.image_mask if self.mim_head is not None else None
             fused = self.encoder.encode_pair(pairs.images, ids, pairs.attention_mask, image_mask)
-            split = self.encoder.num_image_tokens  # [CLS] + patches, then text
+            split = self.encoder.text_start(fused, ids)  # [CLS] + patches (the kept ones, patch dropout), then text
             if self.mlm_head is not None:
                 text_h.append(fused[:, split:])
             if image_mask is not None:

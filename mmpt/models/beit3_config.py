@@ -29,7 +29,7 @@ class BEiT3Config(MultiwayModelConfig):
     pair_text_mask_ratio: float = 0.5
 
     def problems(self) -> list[str]:
-        p = super().problems() + self.tokenizer_file_problems("mdm_image")
+        p = super().problems() + self.tokenizer_file_problems("mdm_image") + self.patch_dropout_problems(("mdm_image",))
         for key in ("text_mask_ratio", "pair_text_mask_ratio"):
             if not 0.0 < getattr(self, key) < 1.0:
                 p.append(f"{key}={getattr(self, key)} must be in (0, 1)")

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from mmpt.data.batch import Batch
+from mmpt.models.cached_contrastive import CachedContrastive, grad_cache_capability
 from mmpt.models.protocol import ModelOutput, check_kind
 from mmpt.models.registry import register_arch
 from mmpt.modules.encoders import text_tower_from, vision_tower_from
 from mmpt.modules.heads import ProjectionHead, l2_normalize
 from mmpt.modules.mlp import QuickGELU
 from mmpt.models.config_parts import DualTowerConfig, build_contrastive_loss
-from mmpt.objectives.pair_codes import itc_codes
 
 
 @dataclass
@@ -70,19 +70,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-class CLIP(nn.Module):
-    """Dual encoder + ITC; implements the `PretrainModel` protocol."""
+class CLIP(CachedContrastive, nn.Module):
+    """Dual encoder + ITC; implements the `PretrainModel` protocol plus `grad_cache` (forward is exactly
+    `contrastive_loss(*contrastive_features(batch), batch)`)."""
 
     objectives: tuple[str, ...] = ("itc",)
     data_kinds: tuple[str, ...] = ("pairs",)
-    capabilities: frozenset[str] = frozenset()
+    capabilities: frozenset[str] = frozenset({"grad_cache"})
     default_loss_weights = {"itc": 1.0}  # loss.weights.<name> overrides
 
     def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.capabilities = grad_cache_capability(self.objectives)
         act = QuickGELU if cfg.quick_gelu else nn.GELU
-        self.visual = vision_tower_from(cfg.vision, act_layer=act)
+        self.visual = vision_tower_from(cfg.vision, act_layer=act, patch_dropout=cfg.patch_dropout)
         self.text = text_tower_from(cfg.text, causal=cfg.text_causal, act_layer=act)
         self.vision_proj = ProjectionHead(cfg.vision.width, cfg.contrastive.embed_dim)
         self.text_proj = ProjectionHead(cfg.text.width, cfg.contrastive.embed_dim)
@@ -103,17 +105,14 @@ class CLIP(nn.Module):
         return l2_normalize(self.text_proj(pooled))
 
     def forward(self, batch: Batch) -> ModelOutput:
-        image_features = self.encode_image(batch.images)
-        text_features = self.encode_text(batch.input_ids, batch.attention_mask)
-        loss, metrics = self.itc(image_features, text_features, itc_codes(
-            self.config.contrastive.duplicate_positives, batch.image_ids, batch.input_ids, batch.attention_mask))
-        return ModelOutput(losses={"itc": loss}, metrics=metrics)
+        return self.contrastive_loss(*self.contrastive_features(batch), batch)
 
     def flops_per_sample(self, kind: str = "pairs", batch_size: int = 1) -> float:
         """Training (forward + backward) FLOPs per image-text pair, for MFU.
 
         Sum over towers of 6 * (matmul weights) * tokens + 12 * layers * tokens^2 * width (attention
-        scores and weights @ V), with tokens = 1 + (image_size/patch_size)^2 for the ViT and max_text_len
+        scores and weights @ V), with tokens = 1 + (image_size/patch_size)^2 for the ViT (the kept patches with
+        model.patch_dropout) and max_text_len
         for text (padding is computed too), plus 4 * patch-conv weights * patches (no input gradient for
         images) and 6 * weights for each projection head. Not counted: norms, softmax, GELU, the embedding lookup, and
         the ITC logits (12 * global_batch * embed_dim per pair: ~0.2% at ViT-B/16 with a 32k batch).

@@ -25,9 +25,11 @@ from mmpt.models.generation import (
     beam_search,
     greedy_search,
 )
+from mmpt.models.cached_contrastive import CachedContrastive, grad_cache_capability
 from mmpt.models.protocol import ModelOutput, check_kind
 from mmpt.models.registry import register_arch
 from mmpt.modules.block import Transformer
+from mmpt.modules.cross_decoder import SelfCrossDecoder
 from mmpt.modules.embeddings import TextEmbedding
 from mmpt.modules.encoders import vision_tower_from
 from mmpt.modules.heads import LMHead, ProjectionHead, l2_normalize
@@ -60,6 +62,15 @@ class CoCaConfig(DualTowerConfig):
     # of the ViT's patch tokens (no pooler parameters to learn first), "cls" = the ViT's own [CLS] token (as
     # CLIP; the ViT then has one, and the decoder pooler reads it with the patches)
     image_pool: str = "attention"
+    # "mmpt": the above (ViT without [CLS], two poolers at the ViT width, one block per multimodal layer);
+    # "open_clip": open_clip's CoCa, for equal-size comparisons and its weights: ViT with [CLS], ONE pooler of
+    # 1 + num_decoder_queries queries at the embedding width (query 0 -> contrastive embedding, the rest ->
+    # decoder context; LayerNorm on queries, context and output), and per multimodal layer a self-attention
+    # block then a cross-attention block, each with its own FFN (mmpt/modules/cross_decoder.py)
+    layout: str = "mmpt"
+
+    def block_stacks(self) -> dict[str, int]:
+        return {**super().block_stacks(), **({"multimodal": self.multimodal_layers} if self.uses("caption") else {})}
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -70,6 +81,11 @@ class CoCaConfig(DualTowerConfig):
             p.append(f"vision.layers={self.vision.layers} and text.layers={self.text.layers} must be >= 1")
         if self.image_pool not in ("attention", "mean", "cls"):
             p.append(f"image_pool={self.image_pool!r} must be 'attention', 'mean' or 'cls'")
+        if self.layout not in ("mmpt", "open_clip"):
+            p.append(f"layout={self.layout!r} must be 'mmpt' or 'open_clip'")
+        elif self.layout == "open_clip" and self.image_pool != "attention":
+            p.append("layout=open_clip pools the contrastive embedding with the shared attentional pooler: "
+                     f"set image_pool=attention (got {self.image_pool!r})")
         if self.text.max_text_len < 2:
             p.append(f"text.max_text_len={self.text.max_text_len} must be >= 2 (BOS + one target)")
         return p
@@ -89,8 +105,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-class CoCa(nn.Module):
-    """Contrastive captioner; implements the `PretrainModel` protocol plus `generate` and `caption_logits`."""
+class CoCa(CachedContrastive, nn.Module):
+    """Contrastive captioner; implements the `PretrainModel` protocol plus `generate` and `caption_logits`, and
+    `grad_cache` with objectives=[itc]."""
 
     objectives: tuple[str, ...] = ("itc", "caption")
     data_kinds: tuple[str, ...] = ("pairs",)
@@ -101,15 +118,24 @@ class CoCa(nn.Module):
         self.config = cfg
         self.objectives = tuple(cfg.objectives)
         captions = cfg.uses("caption")
-        self.capabilities = frozenset({"generate"} if captions else ())
+        self.capabilities = frozenset({"generate"} if captions else ()) | grad_cache_capability(cfg.objectives)
         t, embed_dim = cfg.text, cfg.contrastive.embed_dim
         drop = dict(mlp_ratio=t.mlp_ratio, dropout=t.dropout, attn_dropout=t.dropout, norm_eps=t.norm_eps)
-        # No ViT [CLS] unless image_pool=cls: both summaries come from attentional pooling over all patch tokens.
-        self.visual = vision_tower_from(cfg.vision, cls_token=cfg.image_pool == "cls")
         vw, vh = cfg.vision.width, cfg.vision.heads
-        self.contrastive_pooler = AttentionalPooler(vw, vw, 1, vh) if cfg.image_pool == "attention" else None
-        self.decoder_pooler = AttentionalPooler(vw, vw, cfg.num_decoder_queries, vh) if captions else None
-        self.vision_proj = ProjectionHead(vw, embed_dim)
+        self.open_clip_layout = cfg.layout == "open_clip"
+        self.contrastive_pooler: AttentionalPooler | None = None
+        self.decoder_pooler: AttentionalPooler | None = None
+        self.pooler: AttentionalPooler | None = None
+        if self.open_clip_layout:  # ViT with [CLS]; one pooler at the embedding width, query 0 for ITC
+            self.visual = vision_tower_from(cfg.vision, cls_token=True, patch_dropout=cfg.patch_dropout)
+            self.pooler = AttentionalPooler(embed_dim, vw, 1 + cfg.num_decoder_queries, t.heads, query_norm=True)
+            self.vision_proj = ProjectionHead(embed_dim, embed_dim)
+        else:  # no ViT [CLS] unless image_pool=cls: the summaries come from attentional pooling over the tokens
+            cls_token = cfg.image_pool == "cls"
+            self.visual = vision_tower_from(cfg.vision, cls_token=cls_token, patch_dropout=cfg.patch_dropout)
+            self.contrastive_pooler = AttentionalPooler(vw, vw, 1, vh) if cfg.image_pool == "attention" else None
+            self.decoder_pooler = AttentionalPooler(vw, vw, cfg.num_decoder_queries, vh) if captions else None
+            self.vision_proj = ProjectionHead(vw, embed_dim)
         # One extra position: the text [CLS] sits right after the last real token, which may be position L.
         self.text_embed = TextEmbedding(t.vocab_size, t.max_text_len + 1, t.width, dropout=t.dropout)
         self.text_cls_token = nn.Parameter(torch.zeros(t.width))  # name contains `cls_token`: no decay
@@ -117,10 +143,13 @@ class CoCa(nn.Module):
         self.unimodal = Transformer(t.width, t.layers, t.heads, **drop)
         self.text_norm = nn.LayerNorm(t.width)
         self.text_proj = ProjectionHead(t.width, embed_dim)
-        self.multimodal: Transformer | None = None
-        if captions:
+        self.multimodal: Transformer | SelfCrossDecoder | None = None
+        if captions and self.open_clip_layout:
+            self.multimodal = SelfCrossDecoder(t.width, cfg.multimodal_layers, t.heads, embed_dim, **drop)
+        elif captions:
             self.multimodal = Transformer(t.width, cfg.multimodal_layers, t.heads, cross_attention=True, context_dim=vw,
                                           **drop)  # fmt: skip
+        if captions:
             self.decoder_norm = nn.LayerNorm(t.width)
             self.lm_head = LMHead(t.width, t.vocab_size)  # untied, as in the paper
         self.itc = build_contrastive_loss(cfg.contrastive)
@@ -134,11 +163,16 @@ class CoCa(nn.Module):
     def _image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images `b c h w` -> (normalised embedding `b e`, decoder context `b q c`) from one ViT pass."""
         tokens = self.visual(images)  # `b n c`
+        if self.pooler is not None:  # layout=open_clip: one pooler pass serves both
+            pooled = self.pooler(tokens)  # `b (1+q) e`
+            return l2_normalize(self.vision_proj(pooled[:, 0])), pooled[:, 1:]
         return self._embed_image(tokens), self._context(tokens)
 
     def _embed_image(self, tokens: torch.Tensor) -> torch.Tensor:
-        """ViT tokens `b n c` -> L2-normalised image embedding `b e` (`config.image_pool`)."""
-        if self.config.image_pool == "cls":
+        """ViT tokens `b n c` -> L2-normalised image embedding `b e` (`config.image_pool`; layout)."""
+        if self.pooler is not None:
+            pooled = self.pooler(tokens)[:, 0]
+        elif self.config.image_pool == "cls":
             pooled = tokens[:, 0]
         elif self.contrastive_pooler is None:
             pooled = reduce(tokens, "b n c -> b c", "mean")
@@ -148,8 +182,11 @@ class CoCa(nn.Module):
 
     def _context(self, tokens: torch.Tensor) -> torch.Tensor:
         """ViT tokens `b n c` -> decoder context `b q c`."""
-        if self.decoder_pooler is None:
+        if self.multimodal is None:
             raise ValueError("CoCa without caption in model.objectives has no decoder")
+        if self.pooler is not None:
+            return self.pooler(tokens)[:, 1:]
+        assert self.decoder_pooler is not None
         return self.decoder_pooler(tokens)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -206,13 +243,18 @@ class CoCa(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
         image_tokens = self.visual(batch.images)  # `b n c`
+        pooled = self.pooler(image_tokens) if self.pooler is not None else None  # layout=open_clip: one pass for both
         tokens, text_features = self._unimodal(batch.input_ids, batch.attention_mask)
         if self.config.uses("itc"):
-            image_features = self._embed_image(image_tokens)
+            if pooled is not None:
+                image_features = l2_normalize(self.vision_proj(pooled[:, 0]))
+            else:
+                image_features = self._embed_image(image_tokens)
             losses["itc"], metrics = self.itc(image_features, text_features, itc_codes(
                 self.config.contrastive.duplicate_positives, batch.image_ids, batch.input_ids, batch.attention_mask))
         if self.config.uses("caption"):
-            losses["caption"], metrics["caption_acc"] = self._caption_loss(batch, tokens, self._context(image_tokens))
+            context = pooled[:, 1:] if pooled is not None else self._context(image_tokens)
+            losses["caption"], metrics["caption_acc"] = self._caption_loss(batch, tokens, context)
         return ModelOutput(losses=losses, metrics=metrics)
 
     def _caption_loss(
@@ -259,7 +301,7 @@ class CoCa(nn.Module):
             raise ValueError(f"num_beams={num_beams} must be >= 1")
         tok = cfg.tokens
         gen = GenerationConfig(tok.id("bos"), tok.id("eos"), tok.id("pad"), max_len, min_len, length_penalty)
-        context = self._context(self.visual(images))  # `b q c`, computed once
+        context = self._context(self.visual(images, drop_patches=False))  # `b q c` once, from every patch
         k = num_beams if strategy == "beam" else 1
         context = repeat(context, "b q c -> (b k) q c", k=k)
         if use_cache:
@@ -289,22 +331,27 @@ class CoCa(nn.Module):
     def flops_per_sample(self, kind: str = "pairs", batch_size: int = 1) -> float:
         """Training (forward + backward) FLOPs per image-text pair, for MFU, from the modules' helpers.
 
-        ViT over n = (image/patch)^2 tokens (no [CLS]); the unimodal stack over L + 1 tokens (L =
-        max_text_len, padding computed too, + the text [CLS]); with itc the contrastive pooler over the n
-        tokens and the two projection heads; with caption the decoder pooler, the multimodal stack over L - 1
-        tokens cross-attending to num_decoder_queries tokens and the LM head on L - 1 tokens. Not counted:
-        norms, softmax, GELU, embedding lookups, the loss, the ITC logits.
+        ViT over n = (image/patch)^2 tokens (no [CLS]; the kept ones with model.patch_dropout); the unimodal
+        stack over L + 1 tokens (L = max_text_len, padding computed too, + the text [CLS]); with itc the
+        contrastive pooler over the n tokens and the two projection heads; with caption the decoder pooler,
+        the multimodal stack over L - 1 tokens cross-attending to num_decoder_queries tokens and the LM head
+        on L - 1 tokens. Not counted: norms, softmax, GELU, embedding lookups, the loss, the ITC logits.
+        layout=open_clip: the ViT has [CLS], its one pooler runs 1 + num_decoder_queries queries, the decoder
+        has two blocks per layer.
         """
         if not check_kind(kind, self.data_kinds):
             return 0.0
         cfg = self.config
-        n_img, n_txt = self.visual.num_tokens, cfg.text.max_text_len
+        n_img, n_txt = self.visual.num_train_tokens, cfg.text.max_text_len  # fewer with patch dropout
         total = self.visual.flops_per_sample() + self.unimodal.flops(n_txt + 1)
+        if self.pooler is not None:
+            total += self.pooler.flops_per_sample(n_img)
         if cfg.uses("itc"):
             total += self.contrastive_pooler.flops_per_sample(n_img) if self.contrastive_pooler is not None else 0.0
             total += self.vision_proj.flops_per_sample() + self.text_proj.flops_per_sample()
-        if self.multimodal is not None and self.decoder_pooler is not None:
-            total += self.decoder_pooler.flops_per_sample(n_img)
+        if self.multimodal is not None:
+            if self.decoder_pooler is not None:
+                total += self.decoder_pooler.flops_per_sample(n_img)
             total += self.multimodal.flops(n_txt - 1, context_tokens=cfg.num_decoder_queries)
             total += self.lm_head.flops(n_txt - 1)
         return total
@@ -312,7 +359,7 @@ class CoCa(nn.Module):
     def param_counts(self) -> dict[str, int]:
         """Parameters by part, as the paper reports them: image encoder, poolers (+ image projection), text decoder."""
         part_of = {"visual": "image_encoder", "itc": "other"}
-        part_of.update(dict.fromkeys(("contrastive_pooler", "decoder_pooler", "vision_proj"), "poolers"))
+        part_of.update(dict.fromkeys(("contrastive_pooler", "decoder_pooler", "pooler", "vision_proj"), "poolers"))
         counts = {"image_encoder": 0, "poolers": 0, "text_decoder": 0, "other": 0}
         for name, p in self.named_parameters():
             counts[part_of.get(name.split(".")[0], "text_decoder")] += p.numel()

@@ -9,9 +9,10 @@ tokenizer, data geometry) in `launch_problems`, which the engine calls without k
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any, ClassVar, Optional, Protocol
+from typing import Any, ClassVar, Optional, Protocol, Union
 
 from mmpt.models.pretrained import InitConfig
+from mmpt.models.protocol import CONTRASTIVE_OBJECTIVES
 from mmpt.visual_tokenizer import KINDS as VISUAL_TOKENIZER_KINDS
 from mmpt.visual_tokenizer import VisualTokenizerConfig
 
@@ -148,6 +149,7 @@ class Launch:
     tokenizer: Optional[TokenizerIds] = None
     mean: Optional[list[float]] = None  # data.mean / data.std: how images are normalised
     std: Optional[list[float]] = None
+    contrastive_accum_steps: int = 1  # trainer.contrastive_accum_steps (GradCache)
 
 
 @dataclass
@@ -175,6 +177,14 @@ class ModelConfigBase:
     # a preset's objective weights over the arch's defaults (`default_loss_weights`); `loss.weights` overrides
     # both. Weights of objectives that are not configured are ignored (a preset's defaults, not a user's choice).
     loss_weights: dict[str, float] = field(default_factory=dict)
+    # FLIP: share of image patch tokens dropped per sample in training (after position embeddings, [CLS] kept;
+    # mmpt/modules/patch_dropout.py). Every arch has a ViT, so it lives here; archs whose losses need every
+    # patch refuse p > 0 (`patch_dropout_problems`).
+    patch_dropout: float = 0.0
+    # recompute block activations in backward instead of keeping them (mmpt/modules/checkpointing.py):
+    # true = every block of every tower, an int n = the first n blocks of each block stack (fewer where a
+    # stack is shallower), false = none. Same results, about one extra forward per step, less memory.
+    activation_checkpointing: Union[bool, int] = False
 
     def __post_init__(self) -> None:
         self.arch = self.arch or self.arch_name
@@ -206,7 +216,34 @@ class ModelConfigBase:
             p.append(f"tokens {ids} must be distinct")
         vocab = self.vocab_size()
         p += [f"tokens.{k}={v} must be in [0, vocab_size={vocab})" for k, v in ids.items() if not 0 <= v < vocab]
-        return p
+        if not 0.0 <= self.patch_dropout < 1.0:
+            p.append(f"patch_dropout={self.patch_dropout} must be in [0, 1) (the share of patch tokens dropped)")
+        return p + self.checkpointing_problems()
+
+    def checkpointing_problems(self) -> list[str]:
+        """`activation_checkpointing` is a bool or a block count no deeper than the deepest block stack."""
+        ac, stacks = self.activation_checkpointing, self.block_stacks()
+        if isinstance(ac, bool):
+            return []
+        most = max(stacks.values(), default=0)
+        if not isinstance(ac, int) or not 0 <= ac <= most:
+            towers = ", ".join(f"{name} {n}" for name, n in stacks.items())
+            return [f"activation_checkpointing={ac!r} must be true, false or a number of blocks per tower in "
+                    f"[0, {most}] (blocks per tower: {towers}); true checkpoints every block"]
+        return []
+
+    def block_stacks(self) -> dict[str, int]:
+        """Block stacks (towers) by name -> number of blocks (subclasses say which they build)."""
+        raise NotImplementedError
+
+    def patch_dropout_problems(self, needs_every_patch: tuple[str, ...]) -> list[str]:
+        """Refuse patch dropout when an objective in `needs_every_patch` (one whose targets are masked patches,
+        which dropping would remove from the encoder) is configured."""
+        clash = [name for name in needs_every_patch if self.uses(name)]
+        if self.patch_dropout > 0 and clash:
+            return [f"patch_dropout={self.patch_dropout} drops image patches but objectives {clash} predict masked "
+                    f"patches and need every one; set model.patch_dropout=0 or remove {clash} from model.objectives"]
+        return []
 
     def vocab_size(self) -> int:
         """Embedding rows of the text side (subclasses say which tower holds them)."""
@@ -239,7 +276,19 @@ class ModelConfigBase:
             if masks_text and tok.mask_id is None and self.tokens.mask is None:
                 p.append(f"objectives {sorted(masks_text)} mask captions but the tokenizer has no [MASK]/<mask> token; "
                          "use a tokenizer with one or drop those objectives")
+        if launch.contrastive_accum_steps > 1:
+            p += self.grad_cache_problems(launch.contrastive_accum_steps)
         return p
+
+    def grad_cache_problems(self, steps: int) -> list[str]:
+        """Why trainer.contrastive_accum_steps > 1 cannot cache this model's losses (subclasses add teachers)."""
+        others = [o for o in self.objectives if o not in CONTRASTIVE_OBJECTIVES]
+        if not others:
+            return []
+        return [f"trainer.contrastive_accum_steps={steps} caches contrastive losses only "
+                f"({', '.join(CONTRASTIVE_OBJECTIVES)}), but objectives {others} are not a function of the per-pair "
+                "embeddings; set model.objectives=[itc], or trainer.contrastive_accum_steps=1 and trainer.grad_accum "
+                "to accumulate"]
 
 
 def fill_tokens(tokens: SpecialTokens, tok: TokenizerIds) -> None:
@@ -262,6 +311,9 @@ class DualTowerConfig(ModelConfigBase):
     def patch_grid(self) -> PatchGrid:
         return self.vision
 
+    def block_stacks(self) -> dict[str, int]:
+        return {"vision": self.vision.layers, "text": self.text.layers}
+
     def problems(self) -> list[str]:
         return super().problems() + tower_problems("vision", self.vision) + tower_problems("text", self.text) + (
             grid_problems("vision", self.vision))
@@ -279,6 +331,9 @@ class MultiwayModelConfig(ModelConfigBase):
 
     def patch_grid(self) -> PatchGrid:
         return self.multiway
+
+    def block_stacks(self) -> dict[str, int]:
+        return {"multiway": self.multiway.layers}
 
     def problems(self) -> list[str]:
         m = self.multiway

@@ -9,8 +9,13 @@ import torch
 from mmpt.data.batch import KINDS, Batch, MixedBatch
 
 # Optional methods a model may offer; `capabilities` says which this instance has (ALBEF without `itm` in its
-# objectives builds no ITM head, so it cannot re-rank).
-CAPABILITIES = ("itm_score", "generate")
+# objectives builds no ITM head, so it cannot re-rank). "grad_cache": `contrastive_features(batch)` and
+# `contrastive_loss(image_features, text_features, batch)` (mmpt/models/cached_contrastive.py), which
+# `trainer.contrastive_accum_steps` needs.
+CAPABILITIES = ("itm_score", "generate", "grad_cache")
+# Objectives whose loss is a function of the per-pair image/text embeddings alone: the ones gradient caching can
+# split into an embedding pass and a loss over all embeddings.
+CONTRASTIVE_OBJECTIVES = ("itc", "siglip")
 # Objective -> the data kinds it reads, for every architecture (a model's `data_kinds` is the union over its
 # configured objectives).
 OBJECTIVE_KINDS: dict[str, tuple[str, ...]] = {
@@ -32,7 +37,8 @@ class PretrainModel(Protocol):
     """What the trainer and evaluation call. `objectives`: the configured objectives (forward returns exactly
     these losses for data of every kind it reads); `data_kinds`: the kinds of sample it trains on;
     `capabilities`: the optional methods of CAPABILITIES it offers — `itm_score(images, input_ids,
-    attention_mask)` (retrieval re-ranking), `generate(images, ...)` (captioning eval). Optional hook:
+    attention_mask)` (retrieval re-ranking), `generate(images, ...)` (captioning eval), `grad_cache`
+    (`contrastive_features` + `contrastive_loss`: contrastive gradient caching). Optional hook:
     `after_optimizer_step(step)` (called after every optimizer step, outside forward: momentum teachers,
     schedules kept in buffers)."""
 

@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
+from mmpt.modules.checkpointing import set_activation_checkpointing
+
 BUILTIN_MODULES = ("clip", "albef", "coca", "vlmo", "beit3")
 
 
@@ -85,9 +87,12 @@ def preset_config(arch: str, preset: str, **overrides: Any) -> Any:
 
 
 def build_model(model_cfg: Any) -> nn.Module:
-    """Accepts the arch's typed config, or a dict/DictConfig that is validated into one first."""
+    """Accepts the arch's typed config, or a dict/DictConfig that is validated into one first; applies the
+    config's `activation_checkpointing` to every block stack the builder made."""
     typed = model_cfg if is_dataclass(model_cfg) else model_config(model_cfg)
-    return arch_entry(typed.arch).builder(typed)
+    model = arch_entry(typed.arch).builder(typed)
+    set_activation_checkpointing(model, typed.activation_checkpointing)  # every tower's block stacks, one place
+    return model
 
 
 def register_model_presets() -> None:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mmpt.data.batch import Batch, MixedBatch
+from mmpt.models.cached_contrastive import CachedContrastive, grad_cache_capability
 from mmpt.models.masked_image_head import MaskedImageHead
 from mmpt.models.config_parts import build_contrastive_loss
 from mmpt.models.freezing import freeze_idle
@@ -49,8 +50,9 @@ from mmpt.objectives.pair_codes import itc_codes
 __all__ = ["VLMo", "VLMoConfig", "build_vlmo"]
 
 
-class VLMo(nn.Module):
-    """`PretrainModel` with `itm_score` and `after_optimizer_step`; see the module docstring."""
+class VLMo(CachedContrastive, nn.Module):
+    """`PretrainModel` with `itm_score`, `after_optimizer_step` and (objectives=[itc]) `grad_cache`; see the module
+    docstring."""
 
     objectives: tuple[str, ...] = ("itc", "itm", "mlm")
     data_kinds: tuple[str, ...] = ("pairs", "texts")
@@ -62,9 +64,9 @@ class VLMo(nn.Module):
         self.config = cfg
         self.objectives = tuple(cfg.objectives)
         self.data_kinds = data_kinds_of(self.objectives)  # image-only data only with mim, and so on
-        self.capabilities = frozenset({"itm_score"} if cfg.uses("itm") else ())
+        self.capabilities = frozenset({"itm_score"} if cfg.uses("itm") else ()) | grad_cache_capability(cfg.objectives)
         width, embed_dim = cfg.multiway.width, cfg.contrastive.embed_dim
-        self.encoder = MultiwayEncoder(**vars(cfg.multiway))
+        self.encoder = MultiwayEncoder(**vars(cfg.multiway), patch_dropout=cfg.patch_dropout)
         self.image_proj = ProjectionHead(width, embed_dim)
         self.text_proj = ProjectionHead(width, embed_dim)
         self.itc = build_contrastive_loss(cfg.contrastive)
@@ -112,12 +114,13 @@ class VLMo(nn.Module):
         if self.itm_head is None:
             raise ValueError("itm_score needs the ITM head: add itm to model.objectives")
         fused = self.encoder.encode_pair(images, input_ids, attention_mask)
-        return self.itm_head(self._text_cls(fused)).float().softmax(dim=-1)[:, 1]
+        return self.itm_head(self._text_cls(fused, input_ids)).float().softmax(dim=-1)[:, 1]
 
-    def _text_cls(self, fused: torch.Tensor) -> torch.Tensor:
+    def _text_cls(self, fused: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """`b (1+n+l) d` -> `b d`: the text [CLS] after fusion (VLMo pools the first token of its text-first
-        sequence; here image tokens come first, so the text [CLS] sits right after them)."""
-        return fused[:, self.encoder.num_image_tokens]
+        sequence; here image tokens come first, so the text [CLS] sits right after them; n is the kept
+        patches with patch dropout)."""
+        return fused[:, self.encoder.text_start(fused, input_ids)]
 
     # ---- training ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -196,13 +199,14 @@ class VLMo(nn.Module):
         if not rows:
             return losses, None, None, metrics
         fused = self.encoder.encode_pair(*(torch.cat(parts) for parts in zip(*rows)))  # `(r b) (1+n+l) d`
+        text_start = self.encoder.text_start(fused, ids)
         if self.itm_head is not None:
-            itm_logits = self.itm_head(self._text_cls(fused[: 3 * b]))  # `(3 b) 2`
+            itm_logits = self.itm_head(fused[: 3 * b, text_start])  # `(3 b) 2` from the text [CLS]
             losses["itm"], m_itm = itm_loss(itm_logits[:b], itm_logits[b:])
             metrics.update(m_itm)
         logits = None
         if self.mlm_head is not None:
-            logits = self.mlm_head(fused[-b:, self.encoder.num_image_tokens :])  # `b l v`
+            logits = self.mlm_head(fused[-b:, text_start:])  # `b l v`
         return losses, logits, labels, metrics
 
     def _mim(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -26,6 +26,7 @@ class VLMoConfig(MultiwayModelConfig, FusionObjectivesConfig):
 
     def problems(self) -> list[str]:
         p = super().problems() + self.fusion_problems() + self.tokenizer_file_problems("mim")
+        p += self.patch_dropout_problems(("mim",))
         if (self.uses("itm") or self.uses("mlm")) and self.multiway.vl_layers < 1:
             p.append(f"multiway.vl_layers={self.multiway.vl_layers} must be >= 1 for itm/mlm (the fused pass)")
         return p

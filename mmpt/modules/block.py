@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mmpt.modules.attention import Attention, CrossAttention, make_attn_mask
+from mmpt.modules.checkpointing import run_block
 from mmpt.modules.kv_cache import LayerCache, TransformerCache
 from mmpt.modules.mlp import Mlp
 
@@ -123,7 +124,8 @@ class Transformer(nn.Module):
     With `cross_attention=True` every block cross-attends to the context passed to `forward` (a stack that
     mixes text-only and fusion layers is two stacks, as ALBEF's text encoder + fusion encoder are).
     `norm_first=False` makes every block post-LN (BERT layout, see `Block`); `act_layer` is the FFN activation
-    (`mmpt.modules.mlp.QuickGELU` for OpenAI CLIP weights).
+    (`mmpt.modules.mlp.QuickGELU` for OpenAI CLIP weights). The first `checkpoint_blocks` blocks run under
+    activation checkpointing in training (mmpt/modules/checkpointing.py; never with a cache).
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class Transformer(nn.Module):
         self.width = width
         self.cross_attention = cross_attention
         self.norm_first = norm_first
+        self.checkpoint_blocks = 0  # `model.activation_checkpointing`, set by set_activation_checkpointing
         self.blocks = nn.ModuleList(
             Block(
                 width,
@@ -192,8 +195,11 @@ class Transformer(nn.Module):
             past = cache.length
         mask = make_attn_mask(n, past + n, key_padding_mask, attn_mask, is_causal, dtype=x.dtype, device=x.device)
         causal_only = is_causal and mask is None and past == 0  # keeps SDPA's flash path for pure causal masking
+        checkpointed = self.checkpoint_blocks if cache is None else 0
         for i, block in enumerate(self.blocks):
-            x = block(
+            x = run_block(
+                block,
+                i < checkpointed,
                 x,
                 attn_mask=mask,
                 is_causal=causal_only,

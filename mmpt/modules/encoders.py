@@ -12,6 +12,7 @@ from torch import nn
 
 from mmpt.modules.block import Transformer
 from mmpt.modules.embeddings import PatchEmbedding, TextEmbedding
+from mmpt.modules.patch_dropout import PatchDropout, kept_patches
 
 
 class VisionTransformer(nn.Module):
@@ -20,6 +21,8 @@ class VisionTransformer(nn.Module):
     `pre_norm=True` adds a LayerNorm (`norm_pre`) on the embedded tokens (patches + [CLS] + positions) before
     the first block: OpenAI CLIP's `ln_pre` (Hugging Face `pre_layrnorm`), needed to load/export that layout.
     `patch_bias=False` drops the patch convolution's bias, as OpenAI CLIP has none.
+    `patch_dropout=p`: in training, a random share p of the patch tokens of each image is dropped after the
+    position embeddings ([CLS] kept), so the blocks run on 1 + round((1 - p) n) tokens (FLIP; patch_dropout.py).
     """
 
     def __init__(
@@ -38,12 +41,14 @@ class VisionTransformer(nn.Module):
         pre_norm: bool = False,
         patch_bias: bool = True,
         act_layer: type[nn.Module] = nn.GELU,
+        patch_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.width = width
         self.patch_embed = PatchEmbedding(
             image_size, patch_size, width, in_chans=in_chans, cls_token=cls_token, bias=patch_bias
         )
+        self.patch_dropout = PatchDropout(patch_dropout, prefix_tokens=1 if cls_token else 0)
         self.norm_pre: nn.LayerNorm | None = nn.LayerNorm(width, eps=norm_eps) if pre_norm else None
         self.drop = nn.Dropout(dropout)
         self.transformer = Transformer(
@@ -56,20 +61,33 @@ class VisionTransformer(nn.Module):
     def num_tokens(self) -> int:
         return self.patch_embed.num_tokens
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_train_tokens(self) -> int:
+        """Tokens the blocks see in a training forward: [CLS] (if any) + the patches patch dropout keeps."""
+        pe = self.patch_embed
+        return pe.num_tokens - pe.num_patches + kept_patches(pe.num_patches, self.patch_dropout.p)
+
+    def forward(self, images: torch.Tensor, drop_patches: bool = True) -> torch.Tensor:
+        """images `b c h w` -> `b t d`: t = num_tokens, or num_train_tokens in training with patch dropout.
+        drop_patches=False keeps every patch even in training mode (caption generation)."""
         x = self.patch_embed(images)
+        if drop_patches:
+            x = self.patch_dropout(x)
         if self.norm_pre is not None:
             x = self.norm_pre(x)
         return self.norm(self.transformer(self.drop(x)))
 
-    def flops_per_sample(self) -> float:
-        """Training FLOPs for one image: patch projection + `Transformer.flops(num_tokens)`.
+    def flops_per_sample(self, dropped: bool = True) -> float:
+        """Training FLOPs for one image: patch projection + `Transformer.flops(tokens)`, tokens =
+        `num_train_tokens` (dropped=True, a training forward) or every token (dropped=False: a momentum
+        teacher, which runs in eval mode).
 
         The patch projection counts 4 * weights * patches, not 6: images need no gradient, so its backward
-        computes only the weight gradient.
+        computes only the weight gradient. It runs on every patch: dropping happens after the embedding.
         """
         pe = self.patch_embed
-        return 4.0 * pe.proj.weight.numel() * pe.num_patches + self.transformer.flops(self.num_tokens)
+        tokens = self.num_train_tokens if dropped else self.num_tokens
+        return 4.0 * pe.proj.weight.numel() * pe.num_patches + self.transformer.flops(tokens)
 
 
 class TextTransformer(nn.Module):
@@ -129,12 +147,15 @@ class TextTransformer(nn.Module):
         return self.transformer.flops(seq_len if seq_len is not None else self.max_len)
 
 
-def vision_tower_from(cfg: Any, cls_token: bool = True, act_layer: type[nn.Module] = nn.GELU) -> VisionTransformer:
-    """The ViT of a `model.vision` config (mmpt.models.config_parts.VisionConfig: patch grid + tower geometry)."""
+def vision_tower_from(
+    cfg: Any, cls_token: bool = True, act_layer: type[nn.Module] = nn.GELU, patch_dropout: float = 0.0
+) -> VisionTransformer:
+    """The ViT of a `model.vision` config (mmpt.models.config_parts.VisionConfig: patch grid + tower geometry);
+    patch_dropout is `model.patch_dropout` (a model-level switch, not a tower's)."""
     return VisionTransformer(
         cfg.image_size, cfg.patch_size, cfg.width, cfg.layers, cfg.heads, mlp_ratio=cfg.mlp_ratio,
         dropout=cfg.dropout, attn_dropout=cfg.dropout, cls_token=cls_token, norm_eps=cfg.norm_eps,
-        pre_norm=cfg.pre_norm, patch_bias=cfg.patch_bias, act_layer=act_layer,
+        pre_norm=cfg.pre_norm, patch_bias=cfg.patch_bias, act_layer=act_layer, patch_dropout=patch_dropout,
     )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from mmpt.modules.attention import Attention, attend, make_attn_mask
 from mmpt.modules.block import init_weights_
+from mmpt.modules.checkpointing import run_block
 from mmpt.modules.mlp import Mlp
 
 
@@ -196,7 +197,8 @@ class MultiwayTransformer(nn.Module):
     The top `vl_layers` blocks own a VL expert. In a fused pass (`fused=True`: image + text tokens) those
     blocks send every token through VL-FFN and the lower ones route by modality; in a unimodal pass every
     block routes by modality, the top ones included (VLMo's dual encoder for ITC uses V-FFN / L-FFN all the
-    way up). With vl_layers=0 (released BEiT-3) a fused pass routes by modality in every block.
+    way up). With vl_layers=0 (released BEiT-3) a fused pass routes by modality in every block. The first
+    `checkpoint_blocks` blocks run under activation checkpointing in training (mmpt/modules/checkpointing.py).
     """
 
     def __init__(
@@ -220,6 +222,7 @@ class MultiwayTransformer(nn.Module):
             raise ValueError(f"vl_layers={vl_layers} must be in [0, layers={layers}] (the top blocks owning a VL-FFN)")
         self.width = width
         self.vl_start = layers - vl_layers
+        self.checkpoint_blocks = 0  # `model.activation_checkpointing` (mmpt/modules/checkpointing.py)
         self.blocks = nn.ModuleList(
             MultiwayBlock(
                 width,
@@ -257,7 +260,7 @@ class MultiwayTransformer(nn.Module):
             )
         mask = make_attn_mask(n, n, key_padding_mask, dtype=x.dtype, device=x.device)
         for i, block in enumerate(self.blocks):
-            x = block(x, split, vl=fused and i >= self.vl_start, attn_mask=mask)
+            x = run_block(block, i < self.checkpoint_blocks, x, split, vl=fused and i >= self.vl_start, attn_mask=mask)
         return x
 
     def matmul_params_per_token(self) -> int:

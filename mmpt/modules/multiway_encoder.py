@@ -15,6 +15,9 @@ Layout switches (presets in mmpt/models/multiway_presets.py):
   `norm_l`; otherwise one shared final `norm` (VLMo);
 - `sub_norm`: torchscale's Sub-LN (released BEiT-3, needs decoupled attention);
 - `layer_scale`: per-channel residual scales (VLMo/BEiT init 0.1).
+`patch_dropout=p` (FLIP, mmpt/modules/patch_dropout.py): in training, the image-only and fused passes keep
+[CLS] + round((1 - p) n) random patches per image, so `split` (and where text starts) is the kept count; it
+cannot be combined with an image mask (masked image modeling predicts every masked patch).
 
 Parameter names for freezing patterns: `patch_embed.*` (incl. `patch_embed.mask_token`), `text_embed.*`,
 `type_embed.*`, `transformer.blocks.<i>.{attn_norm,attn,ffn_v,ffn_l,ffn_vl}.*`, final `norm*`.
@@ -28,6 +31,7 @@ from torch import nn
 from mmpt.modules.block import init_weights_
 from mmpt.modules.embeddings import PatchEmbedding, TextEmbedding
 from mmpt.modules.multiway import MultiwayTransformer, route
+from mmpt.modules.patch_dropout import PatchDropout, kept_patches
 
 IMAGE_TYPE, TEXT_TYPE = 0, 1
 
@@ -57,10 +61,12 @@ class MultiwayEncoder(nn.Module):
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         norm_eps: float = 1e-5,
+        patch_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.width = width
         self.patch_embed = PatchEmbedding(image_size, patch_size, width, in_chans=in_chans, mask_token=True)
+        self.patch_dropout = PatchDropout(patch_dropout, prefix_tokens=1)
         # dropout 0 here: `self.drop` applies it once, after the modality-type embedding, to both modalities
         self.text_embed = TextEmbedding(vocab_size, max_text_len, width, 0.0, norm=text_embed_norm, norm_eps=norm_eps)
         self.type_embed: nn.Embedding | None = nn.Embedding(2, width) if type_embed else None
@@ -101,6 +107,11 @@ class MultiwayEncoder(nn.Module):
         return self.patch_embed.num_tokens
 
     @property
+    def num_train_image_tokens(self) -> int:
+        """[CLS] + the patches patch dropout keeps: the image tokens of a training pass."""
+        return 1 + kept_patches(self.num_patches, self.patch_dropout.p)
+
+    @property
     def max_text_len(self) -> int:
         return self.text_embed.max_len
 
@@ -108,7 +119,10 @@ class MultiwayEncoder(nn.Module):
         return x + self.type_embed.weight[kind] if self.type_embed is not None else x
 
     def _embed_image(self, images: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
-        return self._with_type(self.patch_embed(images, patch_mask=image_mask), IMAGE_TYPE)
+        if image_mask is not None and self.patch_dropout.active():
+            raise ValueError("patch dropout cannot be combined with an image mask (masked image modeling predicts "
+                             "every masked patch): set model.patch_dropout=0 or drop the image-masking objective")
+        return self.patch_dropout(self._with_type(self.patch_embed(images, patch_mask=image_mask), IMAGE_TYPE))
 
     def _embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if input_ids.ndim != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
@@ -125,7 +139,8 @@ class MultiwayEncoder(nn.Module):
         return route(x, split, self.norm_v, self.norm_l)
 
     def encode_image(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """images `b c h w` (+ image_mask `b n` bool, True = masked patch) -> `b (1+n) d`, [CLS] first."""
+        """images `b c h w` (+ image_mask `b n` bool, True = masked patch) -> `b (1+n) d`, [CLS] first (n: the
+        kept patches in training with patch dropout)."""
         x = self.drop(self._embed_image(images, image_mask))
         split = x.shape[1]
         return self._final_norm(self.transformer(x, None, split), split)
@@ -142,7 +157,8 @@ class MultiwayEncoder(nn.Module):
         attention_mask: torch.Tensor,
         image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Fused pass -> `b (1+n+l) d`: image tokens ([CLS] first) then text tokens; text padding is masked."""
+        """Fused pass -> `b (1+n+l) d`: image tokens ([CLS] first) then text tokens; text padding is masked.
+        With patch dropout in training n is the kept count: text starts at `text_start(fused, input_ids)`."""
         img = self._embed_image(images, image_mask)
         txt = self._embed_text(input_ids, attention_mask)
         if img.shape[0] != txt.shape[0]:
@@ -153,13 +169,19 @@ class MultiwayEncoder(nn.Module):
         x = self.drop(torch.cat([img, txt], dim=1))
         return self._final_norm(self.transformer(x, keep, split, fused=True), split)
 
+    @staticmethod
+    def text_start(fused: torch.Tensor, input_ids: torch.Tensor) -> int:
+        """Index of the first text token (the text [CLS]) in an `encode_pair` output: text comes last."""
+        return fused.shape[1] - input_ids.shape[1]
+
     def flops(self, image: bool, text_len: int = 0) -> float:
         """Training FLOPs of one pass over one sample: `image` tokens (if any) + `text_len` text tokens.
 
-        The patch projection counts 4 * weights * patches (images need no input gradient), as
+        Image tokens are those of a training pass (`num_train_image_tokens`: fewer with patch dropout). The
+        patch projection counts 4 * weights * patches (images need no input gradient), as
         `VisionTransformer.flops_per_sample` does; embedding lookups are free.
         """
         pe = self.patch_embed
-        n = (pe.num_tokens if image else 0) + text_len
+        n = (self.num_train_image_tokens if image else 0) + text_len
         patch = 4.0 * pe.proj.weight.numel() * pe.num_patches if image else 0.0
         return patch + self.transformer.flops(n)
