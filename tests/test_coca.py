@@ -25,7 +25,7 @@ Trained = tuple[CoCa, Batch, list[dict[str, float]]]  # model after a tiny overf
 
 
 def tiny_config(**overrides: object) -> CoCaConfig:
-    """The `tiny` preset (64 wide ViT x 2, 1 unimodal + 1 multimodal layer, 8 decoder queries) at 32 px,
+    """The `tiny` preset (64 wide ViT x 2 at its [CLS], 2 unimodal + 1 multimodal layer, 8 decoder queries) at 32 px,
     100 tokens of vocabulary and 16 positions."""
     text = {"vocab_size": VOCAB, "max_text_len": L}
     contrastive = {"temperature_init": 0.07, **overrides.pop("contrastive", {})}  # type: ignore[dict-item]
@@ -118,7 +118,8 @@ def test_presets_validate(preset: str) -> None:
         assert (cfg.vision.width, cfg.vision.layers, cfg.text.layers, cfg.multimodal_layers) == (768, 12, 12, 12)
         assert cfg.num_decoder_queries == 256
     else:
-        assert (cfg.vision.width, cfg.vision.layers, cfg.text.layers, cfg.multimodal_layers) == (64, 2, 1, 1)
+        assert (cfg.vision.width, cfg.vision.layers, cfg.text.layers, cfg.multimodal_layers) == (64, 2, 2, 1)
+        assert cfg.image_pool == "cls"
 
 
 # ---- forward / losses -----------------------------------------------------------------------------------
@@ -327,12 +328,14 @@ def test_search_against_brute_force(min_len: int) -> None:
 def test_no_weight_decay_names(model: CoCa) -> None:
     names = no_weight_decay_names(model)
     assert {
-        "itc.logit_scale", "text_cls_token", "contrastive_pooler.cls_token", "decoder_pooler.cls_token",
+        "itc.logit_scale", "text_cls_token", "visual.patch_embed.cls_token", "decoder_pooler.cls_token",
         "text_embed.pos_embed", "visual.patch_embed.pos_embed", "decoder_norm.weight", "text_norm.bias",
     } <= names  # fmt: skip
     decayed = {n for n, _ in model.named_parameters()} - names
     expected = {"lm_head.decoder.weight", "text_embed.token_embed.weight", "multimodal.blocks.0.cross_attn.kv.weight"}
     assert expected <= decayed
+    # the paper's pooled image embedding (image_pool=attention): its query is a token, not a decayed weight
+    assert "contrastive_pooler.cls_token" in no_weight_decay_names(build_coca(tiny_config(image_pool="attention")))
 
 
 def test_lm_head_is_untied(model: CoCa) -> None:
@@ -369,3 +372,20 @@ def test_mean_image_pool_embeds_the_patch_mean_without_a_pooler() -> None:
     assert model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="image_pool"):
         tiny_config(image_pool="max")
+
+
+def test_cls_image_pool_embeds_the_vit_cls_token() -> None:
+    """image_pool=cls: the ViT gets a [CLS] token (one more token than patches), the image embedding is its
+    projected output (as CLIP's), no contrastive pooler exists, and the ITC gradient reaches that token."""
+    torch.manual_seed(0)
+    model = build_coca(tiny_config(image_pool="cls"))
+    assert model.contrastive_pooler is None and not any("contrastive_pooler" in n for n, _ in model.named_parameters())
+    assert model.visual.num_tokens == (32 // 8) ** 2 + 1
+    images = make_batch().images
+    tokens = model.visual(images)
+    want = torch.nn.functional.normalize(model.vision_proj(tokens[:, 0]), dim=-1)
+    torch.testing.assert_close(model.encode_image(images), want)
+    assert not torch.allclose(want, torch.nn.functional.normalize(model.vision_proj(tokens[:, 1:].mean(1)), dim=-1))
+    out = model(make_batch())
+    out.losses["itc"].backward()
+    assert model.visual.patch_embed.cls_token.grad.abs().sum() > 0

@@ -20,7 +20,7 @@ OPEN_CLIP_330_COUNT = 67_937  # sum(p.numel()) of the matching open_clip.CoCa(..
 
 def layout_config(**overrides: object) -> CoCaConfig:
     return preset_config(
-        "coca", "tiny", layout="open_clip", num_decoder_queries=N, multimodal_layers=1,
+        "coca", "tiny", layout="open_clip", image_pool="attention", num_decoder_queries=N, multimodal_layers=1,
         vision={"image_size": 32, "patch_size": P, "width": VW, "layers": 1, "heads": 2, "pre_norm": True,
                 "patch_bias": False},
         text={"width": E, "layers": 1, "heads": 2, "vocab_size": V, "max_text_len": L},

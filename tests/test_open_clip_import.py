@@ -154,7 +154,8 @@ def open_clip_coca_state_dict(vision_width: int, text_width: int, vocab: int, ct
 
 def test_open_clip_coca_maps_vit_and_unimodal_text_and_reports_the_rest(tmp_path: Path) -> None:
     cfg = preset_config("coca", "tiny", vision={"pre_norm": True, "patch_bias": False, "image_size": 32},
-                        text={"vocab_size": 120, "max_text_len": 16, "width": 64})
+                        text={"vocab_size": 120, "max_text_len": 16, "width": 64, "layers": 1},
+                        image_pool="attention")  # open_clip's CoCa layout: pooled image, no ViT [CLS]
     model = build_model(cfg)
     sd = open_clip_coca_state_dict(64, 64, 120, 16, grid=4)
     torch.save({"state_dict": sd}, tmp_path / "coca.pt")  # nested, as training scripts save

@@ -113,7 +113,7 @@ def test_training_step_runs_on_kept_tokens_with_matching_flops(arch: str, object
     images = pairs(cfg).images
     with torch.no_grad():
         tokens = model.visual(images) if hasattr(model, "visual") else model.encoder.encode_image(images)
-    has_cls = arch != "coca"
+    has_cls = arch != "coca" or cfg.image_pool == "cls"  # CoCa's ViT has a [CLS] only when it embeds images by it
     assert tokens.shape[1] == has_cls + 8
 
 
@@ -155,7 +155,7 @@ def test_eval_mode_is_exactly_the_model_without_dropout(arch: str) -> None:
         dropped.visual.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[1]))
         with torch.no_grad():
             assert torch.equal(plain.generate(view.images, max_len=5), dropped.train().generate(view.images, max_len=5))
-        assert seen == [16]  # every patch (CoCa's ViT has no [CLS])
+        assert seen == [16 + (cfg.image_pool == "cls")]  # every patch (+ the ViT [CLS] when CoCa embeds by it)
 
 
 @pytest.mark.parametrize(("arch", "objectives"), [pytest.param(a, o, id=case_id(a, o)) for a, o in REFUSED])

@@ -59,7 +59,8 @@ class CoCaConfig(DualTowerConfig):
     multimodal_layers: int = 1
     num_decoder_queries: int = 8  # paper: 256
     # the image embedding: "attention" = an attentional pooler with one query (the paper), "mean" = the mean
-    # of the ViT's patch tokens (no pooler parameters to learn first)
+    # of the ViT's patch tokens (no pooler parameters to learn first), "cls" = the ViT's own [CLS] token (as
+    # CLIP; the ViT then has one, and the decoder pooler reads it with the patches)
     image_pool: str = "attention"
     # "mmpt": the above (ViT without [CLS], two poolers at the ViT width, one block per multimodal layer);
     # "open_clip": open_clip's CoCa, for equal-size comparisons and its weights: ViT with [CLS], ONE pooler of
@@ -78,8 +79,8 @@ class CoCaConfig(DualTowerConfig):
                 p.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.vision.layers < 1 or self.text.layers < 1:
             p.append(f"vision.layers={self.vision.layers} and text.layers={self.text.layers} must be >= 1")
-        if self.image_pool not in ("attention", "mean"):
-            p.append(f"image_pool={self.image_pool!r} must be 'attention' or 'mean'")
+        if self.image_pool not in ("attention", "mean", "cls"):
+            p.append(f"image_pool={self.image_pool!r} must be 'attention', 'mean' or 'cls'")
         if self.layout not in ("mmpt", "open_clip"):
             p.append(f"layout={self.layout!r} must be 'mmpt' or 'open_clip'")
         elif self.layout == "open_clip" and self.image_pool != "attention":
@@ -91,8 +92,10 @@ class CoCaConfig(DualTowerConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # 64 px / patch 8 ViT 64 x 2, 1 unimodal + 1 multimodal layer, 8 queries, ITC from temperature 0.03
-    "tiny": {"text": {"layers": 1}, "contrastive": {"temperature_init": 0.03}},
+    # 64 px / patch 8 ViT 64 x 2, 2 unimodal + 1 multimodal layer, 8 queries, ITC from temperature 0.03; the
+    # image embedding is the ViT's [CLS] (the paper's 1-query pooler and 1 unimodal layer: t2i R@1 0.145 vs
+    # 0.286 on data no preset was tuned on, docs/RESULTS.md issue 11)
+    "tiny": {"text": {"layers": 2}, "image_pool": "cls", "contrastive": {"temperature_init": 0.03}},
     # CoCa-Base (Yu et al. 2022): ViT-B/16, 12 + 12 decoder layers 768 wide, 256 decoder queries, 512-d ITC
     "base": {
         "vision": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "heads": 12},
@@ -127,8 +130,9 @@ class CoCa(CachedContrastive, nn.Module):
             self.visual = vision_tower_from(cfg.vision, cls_token=True, patch_dropout=cfg.patch_dropout)
             self.pooler = AttentionalPooler(embed_dim, vw, 1 + cfg.num_decoder_queries, t.heads, query_norm=True)
             self.vision_proj = ProjectionHead(embed_dim, embed_dim)
-        else:  # no ViT [CLS]: both summaries come from attentional pooling over all patch tokens
-            self.visual = vision_tower_from(cfg.vision, cls_token=False, patch_dropout=cfg.patch_dropout)
+        else:  # no ViT [CLS] unless image_pool=cls: the summaries come from attentional pooling over the tokens
+            cls_token = cfg.image_pool == "cls"
+            self.visual = vision_tower_from(cfg.vision, cls_token=cls_token, patch_dropout=cfg.patch_dropout)
             self.contrastive_pooler = AttentionalPooler(vw, vw, 1, vh) if cfg.image_pool == "attention" else None
             self.decoder_pooler = AttentionalPooler(vw, vw, cfg.num_decoder_queries, vh) if captions else None
             self.vision_proj = ProjectionHead(vw, embed_dim)
@@ -168,6 +172,8 @@ class CoCa(CachedContrastive, nn.Module):
         """ViT tokens `b n c` -> L2-normalised image embedding `b e` (`config.image_pool`; layout)."""
         if self.pooler is not None:
             pooled = self.pooler(tokens)[:, 0]
+        elif self.config.image_pool == "cls":
+            pooled = tokens[:, 0]
         elif self.contrastive_pooler is None:
             pooled = reduce(tokens, "b n c -> b c", "mean")
         else:

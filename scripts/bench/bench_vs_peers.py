@@ -151,7 +151,8 @@ def coca_match(args: argparse.Namespace) -> Match | str:
     w, depth, heads, queries = args.width, args.layers, max(1, args.width // 64), 64
     vocab, seq = 1000, 32
     cfg = preset_config(
-        "coca", "tiny", layout="open_clip", num_decoder_queries=queries, multimodal_layers=depth,
+        "coca", "tiny", layout="open_clip", image_pool="attention", num_decoder_queries=queries,
+        multimodal_layers=depth,
         vision={"image_size": args.image_size, "patch_size": args.patch_size, "width": w, "layers": depth, "heads": heads,
                 "pre_norm": True, "patch_bias": False},
         text={"width": w, "layers": depth, "heads": heads, "vocab_size": vocab, "max_text_len": seq},
