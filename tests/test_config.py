@@ -73,6 +73,7 @@ def test_global_batch_size_derives_accumulation(demo_env):
         (["trainer.precision=fp16"], "needs a GPU"),
         (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid"),
         (["eval.rerank_score=sum"], "eval.rerank_score='sum' is not valid; choose one of itm, itm+itc, itm+itc_logit"),
+        (["eval.rerank_min_itm=1.5"], "eval.rerank_min_itm=1.5 a probability in [0, 1]"),
         (["+deepspeed.train_batch_size=64"], "deepspeed.train_batch_size is derived by mmpt"),
         (["+loss.weights.mlm=1.0"], "loss.weights has ['mlm'] but model.objectives=['itc']"),
         (["data.image_size=60"], "vision.image_size=60 must be a multiple of vision.patch_size=8"),

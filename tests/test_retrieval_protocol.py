@@ -13,7 +13,7 @@ from mmpt.data.pipeline import build_eval_loader
 from mmpt.data.tokenizer import TextTokenizer, train_wordpiece
 from mmpt.eval.gallery import Gallery
 from mmpt.eval.retrieval import (EvalEmbeddings, EvalInputs, embed_eval_set, itm_rerank, itm_rerank_sims,
-                                 retrieval_metrics)
+                                 rerank_scores, retrieval_metrics)
 from mmpt.models.albef import build_albef
 from mmpt.models.registry import preset_config
 
@@ -96,6 +96,40 @@ def test_rerank_fails_loudly_when_no_rank_holds_an_image():
     emb.inputs.pixel_image_ids[0] = "elsewhere"
     with pytest.raises(RuntimeError, match="no rank holds the pixels of 1 eval images"):
         itm_rerank(OracleITM(), emb, k=6, device=CPU)
+
+
+def test_rerank_score_weight_and_confidence_gate_hand_computed():
+    """Two queries, two candidates each (ITC order), ITC scale 10. Query 0: p 0.3 / 0.6, cos 0.5 / 0.45. Weight 1:
+    log 0.3 + 5 = 3.796 < log 0.6 + 4.5 = 3.989 -> ITM swaps them; weight 0.5: 5 - 0.602 = 4.398 > 4.5 - 0.255 =
+    4.245 -> ITC order kept. Query 1: p 0.1 / 0.4, cos 0.4 / 0.3: weight 1 gives 1.697 < 2.084 (swap), but its
+    best p 0.4 is under min_itm 0.5, so the gated score is the ITC logit 4 / 3 (kept); query 0 (best p 0.6)
+    is re-ranked as before."""
+    p = torch.tensor([[0.3, 0.6], [0.1, 0.4]])
+    cos = torch.tensor([[0.5, 0.45], [0.4, 0.3]])
+    full = rerank_scores(p, cos, "itm+itc_logit", itc_scale=10.0)
+    assert full.flatten().tolist() == pytest.approx([math.log(0.3) + 5, math.log(0.6) + 4.5,
+                                                     math.log(0.1) + 4, math.log(0.4) + 3], abs=1e-5)
+    assert full.argmax(1).tolist() == [1, 1]
+    half = rerank_scores(p, cos, "itm+itc_logit", itc_scale=10.0, itm_weight=0.5)
+    assert half[0].tolist() == pytest.approx([5 + 0.5 * math.log(0.3), 4.5 + 0.5 * math.log(0.6)], abs=1e-5)
+    assert half.argmax(1).tolist() == [0, 0]
+    gated = rerank_scores(p, cos, "itm+itc_logit", itc_scale=10.0, min_itm=0.5)
+    assert gated.flatten().tolist() == pytest.approx(full[0].tolist() + [4.0, 3.0], abs=1e-5)
+    assert rerank_scores(p, cos, "itm", min_itm=0.5).tolist() == p.tolist()  # ITM alone: p, never gated
+
+
+def test_itm_rerank_passes_weight_and_gate_to_the_score():
+    """The hand set's oracle ITM gives p 1 to the true pair and 0 to the others: a gate above 1 leaves every query
+    in ITC order (the ITC metrics), a weight of 0 too; the defaults give the oracle's re-ranking (see above)."""
+    emb = hand_set()
+    itc = retrieval_metrics(emb, ks=[1, 5])
+    for kwargs in ({"min_itm": 1.5}, {"itm_weight": 0.0}):
+        reranked = itm_rerank(OracleITM(), emb, k=6, device=CPU, score="itm+itc", **kwargs)
+        m = retrieval_metrics(emb, ks=[1, 5], prefix="retrieval", rerank=reranked)
+        assert m == itc, kwargs
+    reranked = itm_rerank(OracleITM(), emb, k=6, device=CPU, score="itm+itc", min_itm=1.0)
+    m = retrieval_metrics(emb, ks=[1], prefix="retrieval_itm", rerank=reranked)
+    assert m["retrieval_itm/t2i_r1"] == pytest.approx(20 / 60)
 
 
 # ---- a brute-force reference: python sorts over random sets with repeated captions ----------------------

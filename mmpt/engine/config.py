@@ -149,6 +149,8 @@ class EvalConfig:
     rerank_k: int = 4  # ITM re-ranks each query's ITC top-k (models with itm_score); 0 = off
     # itm+itc_logit: log ITM probability + ITC logit; itm: ITM alone (ALBEF); itm+itc: + ITC cosine (BLIP/LAVIS-style)
     rerank_score: str = "itm+itc_logit"
+    rerank_itm_weight: float = 1.0  # itm+itc*: weight * log p(ITM) + the ITC term (retrieval.rerank_scores)
+    rerank_min_itm: float = 0.0  # itm+itc*: a query whose best p(ITM) in its top-k is below this keeps its ITC order
     caption_max_images: int = 256  # captioning eval (models with generate); 0 = off
     caption_max_len: int = 20
     caption_beams: int = 3
@@ -290,6 +292,9 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
     _check_choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _check_choice("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
     _check_choice("eval.rerank_score", cfg.eval.rerank_score, ("itm", "itm+itc", "itm+itc_logit"))
+    if cfg.eval.rerank_itm_weight < 0 or not 0 <= cfg.eval.rerank_min_itm <= 1:
+        raise ConfigError(f"eval.rerank_itm_weight={cfg.eval.rerank_itm_weight} must be >= 0 and "
+                          f"eval.rerank_min_itm={cfg.eval.rerank_min_itm} a probability in [0, 1]")
     if t.precision == "fp16" and not has_gpu:
         raise ConfigError("trainer.precision=fp16 needs a GPU (loss scaling on CPU is unsupported); use bf16 or fp32")
     for key, value in (("trainer.max_steps", t.max_steps), ("data.batch_size", d.batch_size),

@@ -29,7 +29,7 @@ from mmpt.eval.pixel_store import LocalPixels, release_freed_memory
 from mmpt.models.protocol import PretrainModel
 
 __all__ = ["EvalEmbeddings", "EvalInputs", "embed_eval_set", "recall_at_k", "retrieval_metrics", "itm_rerank",
-           "itm_rerank_sims", "RERANK_SCORES"]
+           "itm_rerank_sims", "rerank_scores", "RERANK_SCORES"]
 
 
 @torch.no_grad()
@@ -199,7 +199,7 @@ def _score_owned_pairs(model: Any, inputs: EvalInputs, gallery: Gallery, image_i
 
 @torch.no_grad()
 def itm_rerank(model: Any, emb: EvalEmbeddings, k: int, device: torch.device, dtype: torch.dtype | None = None,
-               batch_size: int = 256, score: str = "itm") -> Reranked:
+               batch_size: int = 256, score: str = "itm", itm_weight: float = 1.0, min_itm: float = 0.0) -> Reranked:
     """Second stage: each query's ITC top-k candidates are re-scored and ranked above all others; t2i queries
     are the texts over the unique images, i2t queries the images over all texts. Collective.
 
@@ -209,11 +209,12 @@ def itm_rerank(model: Any, emb: EvalEmbeddings, k: int, device: torch.device, dt
     (within [-1, 1]) breaks near-ties that ITM is unsure about (measured on tiny ALBEF: docs/RESULTS.md).
     "itm+itc_logit": log p(match) + the ITC logit (cosine / temperature, the model's `itc.scale()`): a product
     of the two models' likelihoods, so a weak ITM cannot overrule a confident ITC ranking.
+    itm_weight and min_itm: `rerank_scores`.
     """
     if score not in RERANK_SCORES:
         raise ValueError(f"re-rank score {score!r}: choose one of {', '.join(RERANK_SCORES)}")
     assert emb.inputs is not None, "embed_eval_set(..., keep_inputs=True) is needed for re-ranking"
-    itc_weight = float(model.itc.scale()) if score == "itm+itc_logit" else 1.0
+    itc_scale = float(model.itc.scale()) if score == "itm+itc_logit" else 1.0
     gallery = Gallery.of(emb.image_ids)
     rows = itc_rows(emb, gallery)
     n_txt, n_img = len(emb.image_ids), len(gallery)
@@ -232,20 +233,37 @@ def itm_rerank(model: Any, emb: EvalEmbeddings, k: int, device: torch.device, dt
     placed = {}
     for direction, scores in (("t2i", itm[:n_txt * k_t2i].view(n_txt, k_t2i)),
                               ("i2t", itm[n_txt * k_t2i:].view(n_img, k_i2t))):
-        if score != "itm":
-            scores = scores.clamp_min(1e-12).log() + itc_weight * cos[direction]
+        scores = rerank_scores(scores, cos[direction], score, itc_scale, itm_weight, min_itm)
         # shift each query's k scores so their minimum sits above 1, the largest cosine (a per-row shift
         # keeps their order and never loses float precision)
         placed[direction] = scores - scores.amin(dim=1, keepdim=True) + 2.0
     return Reranked(top, placed)
 
 
+def rerank_scores(itm: torch.Tensor, cos: torch.Tensor, score: str, itc_scale: float = 1.0,
+                  itm_weight: float = 1.0, min_itm: float = 0.0) -> torch.Tensor:
+    """The second-stage score of each query's ITC top-k candidates (`q k`, higher first); itm: p(match), cos: the
+    ITC cosines, both `q k`. "itm": p alone; otherwise itm_weight * log p + itc_scale * cos (itc_scale: 1 for
+    "itm+itc", the ITC logit scale for "itm+itc_logit"). min_itm: a query whose best p is below it keeps its
+    ITC order (scores = itc_scale * cos): an ITM that matches none of the candidates has nothing to add, and
+    on tiny models its near-prior p only shuffles near-ties (measured: docs/RESULTS.md, issue 11)."""
+    if score == "itm":
+        scores = itm
+    else:
+        itc = itc_scale * cos
+        scores = itm_weight * itm.clamp_min(1e-12).log() + itc
+        unsure = itm.amax(dim=1, keepdim=True) < min_itm
+        scores = torch.where(unsure, itc, scores)
+    return scores
+
+
 def itm_rerank_sims(model: Any, emb: EvalEmbeddings, k: int, device: torch.device,
                     dtype: torch.dtype | None = None, batch_size: int = 256,
-                    score: str = "itm") -> tuple[torch.Tensor, torch.Tensor]:
+                    score: str = "itm", itm_weight: float = 1.0,
+                    min_itm: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`itm_rerank` as dense (`texts images`, `images texts`) score matrices, for small sets and tests
     (COCO-size sets pass the `Reranked` to retrieval_metrics instead)."""
-    reranked = itm_rerank(model, emb, k, device, dtype, batch_size, score)
+    reranked = itm_rerank(model, emb, k, device, dtype, batch_size, score, itm_weight, min_itm)
     gallery = Gallery.of(emb.image_ids)
     rows = reranked.over(itc_rows(emb, gallery))
     return rows("t2i", 0, len(emb.image_ids)), rows("i2t", 0, len(gallery))

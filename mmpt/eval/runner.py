@@ -117,7 +117,8 @@ def _retrieval_and_captions(model: PretrainModel, loader: Iterable[Batch], token
     metrics = retrieval_metrics(emb, eval_cfg.ks)
     result = EvalResult(metrics)
     if can_rerank:
-        reranked = itm_rerank(model, emb, eval_cfg.rerank_k, device, dtype, score=eval_cfg.rerank_score)
+        reranked = itm_rerank(model, emb, eval_cfg.rerank_k, device, dtype, score=eval_cfg.rerank_score,
+                              itm_weight=eval_cfg.rerank_itm_weight, min_itm=eval_cfg.rerank_min_itm)
         metrics.update(retrieval_metrics(emb, eval_cfg.ks, prefix="retrieval_itm", rerank=reranked))
     if can_caption:
         captions = caption_eval(model, emb, tokenizer, device, dtype, eval_cfg.caption_max_images,
