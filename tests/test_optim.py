@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mmpt.engine.config import OptimizerConfig, SchedulerConfig
+from mmpt.engine.config import ConfigError, OptimizerConfig, SchedulerConfig
 from mmpt.engine.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from mmpt.models.clip import CLIPConfig, build_clip
 
@@ -77,3 +77,5 @@ def test_lr_mult_gives_matching_parameters_their_own_group_and_schedule():
     assert scaled["lr"] == pytest.approx(1e-2 * 2 / 4) and plain_free["lr"] == pytest.approx(1e-3 * 2 / 4)
     with pytest.raises(ValueError, match="needs the base lr"):
         param_groups(model, 0.1, lr_mult={"logit_bias": 2.0})
+    with pytest.raises(ConfigError, match=r"\['logit_bais'\] match no parameter"):  # a typo is refused
+        param_groups(model, 0.1, lr=1e-3, lr_mult={"logit_bais": 2.0})

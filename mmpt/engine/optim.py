@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mmpt.engine.config import OptimizerConfig, SchedulerConfig
+from mmpt.engine.config import ConfigError, OptimizerConfig, SchedulerConfig
 from mmpt.modules.block import no_weight_decay_names
 
 def lr_multiplier(name: str, lr_mult: Mapping[str, float]) -> float:
@@ -41,6 +41,11 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    unmatched = [k for k in lr_mult if not any(lr_multiplier(n, {k: 2.0}) != 1.0 for n, _ in model.named_parameters())]
+    if unmatched:  # a typo would otherwise train silently at the base lr
+        example = next(n for n, _ in model.named_parameters())
+        raise ConfigError(f"optimizer.lr_mult: {unmatched} match no parameter name (a whole name or its last dotted "
+                          f"parts, e.g. 'logit_bias' for 'itc.logit_bias'; this model has e.g. {example!r})")
     if scaled and lr is None:
         raise ValueError("param_groups: lr_mult needs the base lr")
     for (is_free, mult), params in scaled.items():
