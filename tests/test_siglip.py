@@ -2,6 +2,7 @@
 ranks (loss, feature / scale / bias / model-parameter gradients), and the refusals of impossible configs."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from datetime import timedelta
@@ -187,8 +188,10 @@ def test_presets_compose_and_validate(demo_env) -> None:
     tiny = validate(composed(["experiment=siglip_tiny"]), SINGLE).cfg
     assert tiny.model.objectives == ["siglip"] and tiny.loss.weights == {"siglip": 1.0}
     clip_tiny = validate(composed(["experiment=clip_tiny"]), SINGLE).cfg
-    for key in ("data", "trainer", "optimizer", "scheduler"):  # equal training, only the loss differs
+    for key in ("data", "optimizer", "scheduler"):  # equal training, only the loss (and the clip norm) differs
         assert getattr(tiny, key) == getattr(clip_tiny, key), key
+    assert tiny.trainer.grad_clip == 10.0 and clip_tiny.trainer.grad_clip == 1.0  # measured: RESULTS.md
+    assert dataclasses.replace(tiny.trainer, grad_clip=clip_tiny.trainer.grad_clip) == clip_tiny.trainer
     base = validate(composed(["experiment=siglip_base", *demo_data_overrides(demo_env)]), TWO).cfg
     assert base.model.objectives == ["siglip"] and base.model.vision.width == 768 and base.model.vision.patch_size == 16
     assert base.trainer.grad_accum * base.data.batch_size * 2 == 32768  # the paper's global batch on 2 ranks

@@ -114,6 +114,9 @@ class OptimizerConfig:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
+    # parameter-name suffix -> lr multiplier, e.g. {logit_bias: 10}: SigLIP's bias lives in logit units (~-10)
+    # while Adam moves a parameter by ~lr per step, so at lr 1e-3 it can hardly follow the scale t.
+    lr_mult: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
