@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpt.data.batch import Batch
+
 Step = Callable[[], None]
 
 
@@ -91,13 +93,20 @@ def caption_batch(batch: int, seq_len: int, vocab: int, gen: torch.Generator) ->
     return ids * mask, mask
 
 
+def random_pairs(args: argparse.Namespace, seq_len: int, vocab: int) -> Batch:
+    """The one input batch both sides of a match read: random images `b 3 h w` and `caption_batch` captions."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
+    ids, mask = caption_batch(args.batch, seq_len, vocab, gen)
+    return Batch(images=images, input_ids=ids, attention_mask=mask)
+
+
 # ---- CLIP ------------------------------------------------------------------------------------------------
 def clip_match(args: argparse.Namespace) -> Match | str:
     if importlib.util.find_spec("open_clip") is None:
         return "open_clip is not installed"
     import open_clip
 
-    from mmpt.data.batch import Batch
     from mmpt.models.clip import build_clip
     from mmpt.models.registry import preset_config
 
@@ -109,10 +118,8 @@ def clip_match(args: argparse.Namespace) -> Match | str:
         text={"width": w, "layers": depth, "heads": heads, "vocab_size": vocab, "max_text_len": seq},
         contrastive={"embed_dim": w},
     )  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
-    ids, mask = caption_batch(args.batch, seq, vocab, gen)
-    batch = Batch(images=images, input_ids=ids, attention_mask=mask)
+    batch = random_pairs(args, seq, vocab)
+    images, ids, mask = batch.images, batch.input_ids, batch.attention_mask
 
     ours = build_clip(cfg).train()
     ours_opt = mmpt_optimizer(ours)
@@ -144,7 +151,6 @@ def coca_match(args: argparse.Namespace) -> Match | str:
         return "open_clip is not installed"
     import open_clip
 
-    from mmpt.data.batch import Batch
     from mmpt.models.coca import build_coca
     from mmpt.models.registry import preset_config
 
@@ -158,10 +164,8 @@ def coca_match(args: argparse.Namespace) -> Match | str:
         text={"width": w, "layers": depth, "heads": heads, "vocab_size": vocab, "max_text_len": seq},
         contrastive={"embed_dim": w},
     )  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
-    ids, mask = caption_batch(args.batch, seq, vocab, gen)
-    batch = Batch(images=images, input_ids=ids, attention_mask=mask)
+    batch = random_pairs(args, seq, vocab)
+    images, ids, mask = batch.images, batch.input_ids, batch.attention_mask
 
     ours = build_coca(cfg).train()
     ours_opt = mmpt_optimizer(ours)
@@ -222,9 +226,8 @@ def beit3_match(args: argparse.Namespace) -> Match | str:
     cfg = preset_config("beit3", "tiny", objectives=["itc"], multiway={
         "width": w, "layers": depth, "heads": heads, "image_size": args.image_size, "patch_size": args.patch_size,
         "vocab_size": vocab, "max_text_len": seq})  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
-    ids, mask = caption_batch(args.batch, seq, vocab, gen)
+    pairs = random_pairs(args, seq, vocab)
+    images, ids, mask = pairs.images, pairs.input_ids, pairs.attention_mask
 
     ours = WithHead(build_model(cfg).encoder, w, vocab).train()
     ours_opt = mmpt_optimizer(ours)
@@ -289,9 +292,8 @@ def albef_match(args: argparse.Namespace) -> Match | str:
         text={"width": w, "layers": text_layers, "heads": heads, "vocab_size": vocab, "max_text_len": seq,
               "norm_first": False, "norm_eps": 1e-12},
     )  # fmt: skip
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen)
-    ids, mask = caption_batch(args.batch, seq, vocab, gen)
+    pairs = random_pairs(args, seq, vocab)
+    images, ids, mask = pairs.images, pairs.input_ids, pairs.attention_mask
 
     model = build_model(cfg)
     ours = Towers(model.visual, model.text).train()
