@@ -15,6 +15,7 @@ from mmpt.data.batch import Batch, MixedBatch
 from mmpt.data.masking import BlockMasker
 from mmpt.data.pipeline import build_train_loader
 from mmpt.data.sources import SourceSpec, build_mixed_train_loader, source_counts
+from mmpt.data.stream_state import LoaderState
 from mmpt.data.tokenizer import TextTokenizer, train_wordpiece
 from mmpt.engine.config import ConfigError, TrainConfig, image_masker
 from mmpt.engine.dist_env import DistEnv
@@ -190,13 +191,13 @@ def test_workers_split_text_lines_and_carry_masks(data, tokenizer):
     assert all(b.parts["images"].image_mask.sum(dim=1).tolist() == [6] for b in batches)
 
 
-def test_reproducible_and_resume_reseeds(data, tokenizer):
+def test_reproducible_and_legacy_resume_reseeds(data, tokenizer):
     a, b = mixed(specs_of(data), tokenizer, 5), mixed(specs_of(data), tokenizer, 5)
     for kind in ("pairs", "images", "texts"):
         assert keys(a, kind) == keys(b, kind)
     assert all(torch.equal(x.parts["images"].image_mask, y.parts["images"].image_mask) for x, y in zip(a, b))
     assert all(torch.equal(x.parts["pairs"].images, y.parts["pairs"].images) for x, y in zip(a, b))
-    resumed = mixed(specs_of(data), tokenizer, 5, resume_step=100)
+    resumed = mixed(specs_of(data), tokenizer, 5, resume=LoaderState(world_size=1, num_workers=0, reseed=100))
     assert keys(resumed, "pairs") != keys(a, "pairs")
 
 
@@ -251,7 +252,7 @@ def all_kinds_clip(monkeypatch):
 def test_mixed_demo_validates_and_builds_mixed_batches(demo_env, all_kinds_clip):
     prep = validate(composed(["data=mixed_demo", "data.num_workers=0", "data.train.shuffle_buffer=8"]), TWO)
     assert [s.kind for s in prep.cfg.data.sources] == ["pairs", "images", "texts"]
-    batch = next(iter(build_train_loader_for(prep.cfg, prep.tokenizer, SINGLE, step=0)))
+    batch = next(iter(build_train_loader_for(prep.cfg, prep.tokenizer, SINGLE)))
     assert isinstance(batch, MixedBatch) and {k: len(v) for k, v in batch.parts.items()} == {
         "pairs": 32, "images": 16, "texts": 16}
     assert batch.parts["images"].image_mask.shape == (16, 64)  # 64 px / patch 8
@@ -266,7 +267,7 @@ def test_sources_replace_a_required_train_pattern(demo_env):
 
 def test_default_data_path_still_yields_plain_pair_batches(demo_env):
     prep = validate(composed(["data.num_workers=0", "data.batch_size=4", "data.train.shuffle_buffer=4"]), SINGLE)
-    batch = next(iter(build_train_loader_for(prep.cfg, prep.tokenizer, SINGLE, step=0)))
+    batch = next(iter(build_train_loader_for(prep.cfg, prep.tokenizer, SINGLE)))
     assert isinstance(batch, Batch) and batch.kind == "pairs" and batch.image_mask is None and len(batch) == 4
 
 

@@ -28,6 +28,7 @@ from webdataset.tariterators import tarfile_samples
 from mmpt.data.batch import Batch, MixedBatch
 from mmpt.data.masking import BlockMasker
 from mmpt.data.shards import ShardSpec, check_local_shards, expand_urls, split_shards
+from mmpt.data.stream_state import Cursor, LoaderState, resume_problem, stamp
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, decode_image
 
@@ -40,6 +41,10 @@ ImageTransform = Callable[[Any, random.Random], torch.Tensor]
 # samples in a row, is broken: fail loudly instead of resampling forever with no batch
 MAX_EMPTY_SHARDS_IN_A_ROW = 200
 MAX_SKIPS_IN_A_ROW = 10_000
+# a train stream block (the unit a resume re-reads without decoding) ends at the first shard end after this many
+# raw samples per shuffle-buffer slot (and at least MIN_BLOCK_SAMPLES): the buffer drains once per block
+BLOCK_SAMPLES_PER_BUFFER_SLOT = 4
+MIN_BLOCK_SAMPLES = 1024
 
 
 def derive_seed(*parts: int) -> int:
@@ -212,7 +217,8 @@ def _raw_samples(urls: Iterable[str], counter: SkipCounter,
 
 
 def _resampled(urls: list[str], rng: random.Random, state: dict[str, int], rank: int) -> Iterator[str]:
-    """Urls drawn with replacement, forever; errors out if they keep coming back empty."""
+    """Urls drawn with replacement, forever; errors out if they keep coming back empty (`state` counts empty
+    shards in a row, across blocks)."""
     while True:
         if state["empty_shards"] >= MAX_EMPTY_SHARDS_IN_A_ROW:
             raise RuntimeError(
@@ -227,6 +233,33 @@ def _mark_nonempty(raw: Iterable[dict[str, Any]], state: dict[str, int]) -> Iter
     for sample in raw:
         state["empty_shards"] = 0
         yield sample
+
+
+def _block_raw(urls: Iterable[str], counter: SkipCounter, text_slot: tuple[int, int] | None, state: dict[str, int],
+               min_samples: int) -> Iterator[dict[str, Any]]:
+    """Raw samples of one block: whole shards from `urls` until at least `min_samples` have been read."""
+    read = 0
+    for url in urls:
+        for sample in _mark_nonempty(_raw_samples([url], counter, text_slot), state):
+            read += 1
+            yield sample
+        if read >= min_samples:
+            return
+
+
+def _positioned(blocks: Iterable[tuple[int, Iterator[dict[str, Any]], list[int]]], cursor: Cursor,
+                start: Cursor) -> Iterator[tuple[dict[str, Any], random.Random]]:
+    """(raw sample, its augmentation rng) from each block, from `start` on; `cursor` tracks the next position.
+
+    Samples before `start` in its block are read (the shuffle needs their arrival) but neither decoded nor
+    handed on; an augmentation seed depends only on (block seed, position), so skipping draws nothing.
+    """
+    for block, raw, seed in blocks:
+        for position, sample in enumerate(raw):
+            if block == start.block and position < start.position:
+                continue
+            cursor.block, cursor.position = block, position + 1  # set before the hand-off: consumers see it
+            yield sample, random.Random(derive_seed(*seed, position))
 
 
 @dataclass
@@ -247,10 +280,17 @@ class SampleSource:
     split: bool = False
 
     def train_samples(self, counter: SkipCounter, seeds: tuple[int, ...], rank: int, world_size: int,
-                      worker: int, num_workers: int) -> Iterator[_Good]:
-        """Infinite shuffled stream; `seeds` (seed, rank, worker, resume_step, epoch, ...) fix it exactly."""
-        rngs = [random.Random(derive_seed(*seeds, purpose)) for purpose in range(3)]
-        # independent streams for shard choice, shuffle and augmentation
+                      worker: int, num_workers: int, cursor: Cursor | None = None) -> Iterator[_Good]:
+        """Infinite shuffled stream; `seeds` (seed, rank, worker, reseed, epoch, ...) fix it exactly.
+
+        The stream is a sequence of blocks, each seeded by (seeds, block) alone: whole shards drawn with
+        replacement until `size` raw samples (a whole shard more at most), shuffled through the buffer (which drains at the block's
+        end), each sample augmented with an rng seeded by (seeds, block, position). `cursor` (mutated) says where
+        to start, and after each yielded sample holds the position just past it, so a consumer can save it and
+        a later stream started there continues exactly (mmpt.data.stream_state).
+        """
+        cursor = cursor if cursor is not None else Cursor()
+        start = Cursor(cursor.block, cursor.position)
         slots, slot = world_size * num_workers, rank * num_workers + worker
         pool, text_slot = self.urls, None
         if self.kind == "texts":
@@ -262,11 +302,20 @@ class SampleSource:
                 tars = split_shards(tars, rank, world_size, worker, num_workers)
             pool = tars + texts
         state = {"empty_shards": 0}
-        raw: Iterable[dict[str, Any]] = _mark_nonempty(
-            _raw_samples(_resampled(pool, rngs[0], state, rank), counter, text_slot), state)
-        if self.shuffle_buffer > 1:
-            raw = _shuffled(raw, self.shuffle_buffer, rngs[1])
-        return self._decode(raw, counter, rngs[2], rank, train=True)
+        size = max(BLOCK_SAMPLES_PER_BUFFER_SLOT * self.shuffle_buffer, MIN_BLOCK_SAMPLES)
+
+        def blocks() -> Iterator[tuple[int, Iterator[dict[str, Any]], list[int]]]:
+            block = start.block
+            while True:
+                # independent rngs for shard choice, shuffle and augmentation
+                shard_rng, shuffle_rng = (random.Random(derive_seed(*seeds, block, purpose)) for purpose in (0, 1))
+                raw = _block_raw(_resampled(pool, shard_rng, state, rank), counter, text_slot, state, size)
+                if self.shuffle_buffer > 1:
+                    raw = _shuffled(raw, self.shuffle_buffer, shuffle_rng)
+                yield block, raw, [*seeds, block, 2]
+                block += 1
+
+        return self._decode(_positioned(blocks(), cursor, start), counter, rank, train=True)
 
     def pass_samples(self, counter: SkipCounter, rank: int, world_size: int, worker: int,
                      num_workers: int) -> Iterator[_Good]:
@@ -278,15 +327,16 @@ class SampleSource:
         """
         mine = split_shards(self.urls, rank, world_size, worker, num_workers)
         raw = _raw_samples(mine, counter, (0, 1) if self.kind == "texts" else None)
-        good = self._decode(raw, counter, random.Random(0), rank, train=False)  # eval transforms ignore the rng
+        same = random.Random(0)  # eval transforms ignore the rng
+        good = self._decode(((sample, same) for sample in raw), counter, rank, train=False)
         return (pair for sample in good for pair in _one_per_caption(sample))
 
-    def _decode(self, raw: Iterable[dict[str, Any]], counter: SkipCounter, aug_rng: random.Random, rank: int,
+    def _decode(self, raw: Iterable[tuple[dict[str, Any], random.Random]], counter: SkipCounter, rank: int,
                 train: bool) -> Iterator[_Good]:
+        """(raw sample, its own rng) -> decoded samples; augmentation never depends on what other samples drew."""
         skips_in_a_row = 0
-        for sample in raw:
-            # one fresh generator per sample: augmentation does not depend on what other samples consumed
-            result = _prepare(sample, self.kind, self.transform, self.masker, random.Random(aug_rng.getrandbits(64)))
+        for sample, rng in raw:
+            result = _prepare(sample, self.kind, self.transform, self.masker, rng)
             if isinstance(result, _Good):
                 skips_in_a_row = 0
                 yield result
@@ -335,7 +385,7 @@ class _ShardStream(IterableDataset):
         seed: int,
         rank: int,
         world_size: int,
-        resume_step: int,
+        resume: LoaderState | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -344,51 +394,86 @@ class _ShardStream(IterableDataset):
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.source, self.tokenizer = source, tokenizer
         self.batch_size, self.train = batch_size, train
-        self.seed, self.rank, self.world_size, self.resume_step = seed, rank, world_size, resume_step
+        self.seed, self.rank, self.world_size, self.resume = seed, rank, world_size, resume
         self.epoch = -1  # bumped per __iter__, so re-iterating a loader does not replay the stream
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self.epoch += 1
+        if not self.train:
+            counter = SkipCounter(self.rank, physical)
+            good = self.source.pass_samples(counter, self.rank, self.world_size, physical, num_workers)
+            yield from self._batches(good, counter)
+            return
+        worker, reseed, start = stream_start(self.resume, physical, num_workers, self.epoch)
+        cursor = start(0)
         counter = SkipCounter(self.rank, worker)
-        if self.train:
-            seeds = (self.seed, self.rank, worker, self.resume_step, self.epoch)
-            good = self.source.train_samples(counter, seeds, self.rank, self.world_size, worker, num_workers)
-        else:
-            good = self.source.pass_samples(counter, self.rank, self.world_size, worker, num_workers)
-        yield from self._batches(good, counter)
+        seeds = (self.seed, self.rank, worker, reseed, self.epoch)
+        good = self.source.train_samples(counter, seeds, self.rank, self.world_size, worker, num_workers, cursor)
+        yield from self._batches(good, counter, (worker, cursor))
 
-    def _batches(self, good: Iterable[_Good], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    def _batches(self, good: Iterable[_Good], counter: SkipCounter,
+                 stream: tuple[int, Cursor] | None = None) -> Iterator[dict[str, Any]]:
         """Full batches (train) or full + one smaller last batch (eval).
 
         A full batch is emitted only when the next good sample arrives (or the stream ends), so skips
-        that happen after its last sample still travel with it instead of being lost at the end.
+        that happen after its last sample still travel with it instead of being lost at the end. A train
+        batch carries its worker's stream cursor as it stood just after the batch's last sample ("stream").
         """
         kind = self.source.kind
         buf: list[_Good] = []
+        after_last: list[Cursor] = []
+
+        def emit() -> dict[str, Any]:
+            out = collate(buf, kind, self.tokenizer, counter.pop())
+            if stream is not None:
+                out["stream"] = stamp(stream[0], after_last)
+            return out
+
         for item in good:
             if len(buf) == self.batch_size:
-                yield collate(buf, kind, self.tokenizer, counter.pop())
+                yield emit()
                 buf = []
             buf.append(item)
+            if stream is not None:
+                after_last = [Cursor(stream[1].block, stream[1].position)]
         if buf and (not self.train or len(buf) == self.batch_size):
-            yield collate(buf, kind, self.tokenizer, counter.pop())
+            yield emit()
         leftover = counter.pop()
         if leftover:
             log.warning("%s: %s skipped after the last batch (not in any Batch.skipped)", counter.tag, leftover)
 
 
+def stream_start(resume: LoaderState | None, physical: int, num_workers: int,
+                 epoch: int) -> tuple[int, int, Callable[[int], Cursor]]:
+    """(logical worker, reseed, start cursor of source i) for DataLoader worker `physical` of a train stream.
+
+    The first pass of a resumed loader continues the saved streams (mmpt.data.stream_state); later passes
+    (re-iterating the loader) start fresh streams, told apart by the epoch in their seeds.
+    """
+    if resume is None or epoch > 0:
+        return physical, 0 if resume is None else resume.reseed, lambda source: Cursor()
+    if resume.slots != num_workers:
+        raise ValueError(f"loader resumes {resume.slots} worker streams per rank but runs {num_workers} workers")
+    worker = resume.logical_worker(physical)
+    return worker, resume.reseed, lambda source: resume.cursor(worker, source)
+
+
 class BatchLoader:
     """Iterable of `Batch` (or `MixedBatch` for multi-source data) over a DataLoader of batch dicts;
-    `.skipped_total` sums the `skipped` counts seen."""
+    `.skipped_total` sums the `skipped` counts seen; `.state` (train) is where the consumed stream stands."""
 
-    def __init__(self, dataloader: DataLoader):
+    def __init__(self, dataloader: DataLoader, state: LoaderState | None = None):
         self.dataloader = dataloader
         self.skipped_total: Counter[str] = Counter()
+        self.state = state
 
     def __iter__(self) -> Iterator[Batch | MixedBatch]:
         for item in self.dataloader:
+            stream = item.pop("stream", None)
+            if stream is not None and self.state is not None:
+                self.state.record(stream)
             batch: Batch | MixedBatch
             if "parts" in item:
                 batch = MixedBatch({kind: Batch(**part) for kind, part in item["parts"].items()})
@@ -408,8 +493,14 @@ def _worker_init(_: int) -> None:
         signal.signal(number, signal.SIG_IGN)
 
 
-def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None) -> BatchLoader:
-    """A DataLoader whose workers build whole batches (batch_size=None), wrapped into a `BatchLoader`."""
+def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None,
+                state: LoaderState | None = None) -> BatchLoader:
+    """A DataLoader whose workers build whole batches (batch_size=None), wrapped into a `BatchLoader`.
+
+    Its own generator: starting an iteration draws a worker base seed, which must not come from (and shift)
+    the global torch RNG that dropout and masks draw from (an exact resume restores that RNG). The pipeline's
+    randomness never uses the workers' global RNGs.
+    """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     loader = DataLoader(
@@ -419,8 +510,9 @@ def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | N
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         worker_init_fn=_worker_init if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),
     )
-    return BatchLoader(loader)
+    return BatchLoader(loader, state)
 
 
 def build_train_loader(
@@ -434,7 +526,7 @@ def build_train_loader(
     rank: int,
     world_size: int,
     shuffle_buffer: int = 1000,
-    resume_step: int = 0,
+    resume: LoaderState | None = None,
     scale: tuple[float, float] = (0.5, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip: bool = False,
@@ -445,18 +537,29 @@ def build_train_loader(
 ) -> BatchLoader:
     """Infinite stream of pair `Batch` (images `b c h w`, ids/mask `b l`), each exactly `batch_size`.
 
-    Every (rank, worker) samples shards with replacement from its own RNG seeded by
-    (seed, rank, worker, resume_step), so ranks see different data and a resumed run draws fresh
-    samples rather than replaying the start. Same arguments -> same batches. With `image_mask`, each
-    batch also carries a block mask `b n` per image.
+    Every (rank, worker) samples shards with replacement from its own RNG seeded by (seed, rank, worker), so
+    ranks see different data. Same arguments -> same batches. `resume` (a checkpoint's `LoaderState`) continues
+    the streams exactly where the batches consumed before it left them; the returned loader's `.state` tracks
+    the batches consumed from it. With `image_mask`, each batch also carries a block mask `b n` per image.
     """
     expanded = expand_urls(urls)
     check_local_shards(urls)
     transform = TrainTransform(image_size, scale=scale, ratio=ratio, hflip=hflip, mean=mean, std=std)
     source = SampleSource(expanded, "pairs", transform, image_mask, shuffle_buffer)
+    state = resume_state(resume, world_size, num_workers)
     dataset = _ShardStream(source, tokenizer, batch_size=batch_size, train=True, seed=seed, rank=rank,
-                           world_size=world_size, resume_step=resume_step)
-    return make_loader(dataset, num_workers, pin_memory)
+                           world_size=world_size, resume=LoaderState.from_dict(state.to_dict()))
+    return make_loader(dataset, num_workers, pin_memory, state)
+
+
+def resume_state(resume: LoaderState | None, world_size: int, num_workers: int) -> LoaderState:
+    """The live state a train loader updates: the resumed one (refused if its stream count differs), or a new one."""
+    if resume is None:
+        return LoaderState(world_size=world_size, num_workers=num_workers)
+    problem = resume_problem(resume.world_size, resume.num_workers, world_size, num_workers)
+    if problem is not None:
+        raise ValueError(problem)
+    return resume
 
 
 def build_eval_loader(
@@ -480,5 +583,5 @@ def build_eval_loader(
     check_local_shards(urls)
     source = SampleSource(expanded, "pairs", EvalTransform(image_size, mean=mean, std=std), shuffle_buffer=0)
     dataset = _ShardStream(source, tokenizer, batch_size=batch_size, train=False, seed=0, rank=rank,
-                           world_size=world_size, resume_step=0)
+                           world_size=world_size)
     return make_loader(dataset, num_workers, pin_memory)

@@ -5,9 +5,10 @@ Why fixed counts: each source contributes the same number of samples to every mi
 (its share of the batch by weight, largest-remainder rounding), so a model's collectives (feature
 all-gathers, ITC over the global batch) see equal shapes on all ranks, and no step is image-only by chance.
 Each source keeps its own resampled, shuffled stream (`SampleSource`, split=True) seeded by
-(seed, rank, worker, resume_step, source index): tar shards are divided among the (rank, worker) slots when
-there are at least as many shards as slots, and .txt lines always are, so in that case no two ranks ever
-read the same sample. With fewer shards than slots every slot draws from all shards (told apart by seed).
+(seed, rank, worker, source index), resumed exactly from its own cursor (mmpt.data.stream_state): tar shards
+are divided among the (rank, worker) slots when there are at least as many shards as slots, and .txt lines
+always are, so in that case no two ranks ever read the same sample. With fewer shards than slots every slot
+draws from all shards (told apart by seed).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmpt.data.batch import KINDS
 from mmpt.data.masking import BlockMasker
-from mmpt.data.pipeline import BatchLoader, SampleSource, SkipCounter, collate, is_text_file, make_loader
+from mmpt.data.pipeline import (BatchLoader, SampleSource, SkipCounter, collate, is_text_file, make_loader,
+                                 resume_state, stream_start)
+from mmpt.data.stream_state import LoaderState, stamp
 from mmpt.data.shards import ShardSpec, check_local_shards, expand_urls
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.data.transforms import CLIP_MEAN, CLIP_STD, TrainTransform
@@ -100,23 +103,25 @@ class MixedStream(IterableDataset):
     sources of one kind concatenated in config order."""
 
     def __init__(self, sources: list[SampleSource], names: list[str], counts: list[int], tokenizer: TextTokenizer,
-                 *, seed: int, rank: int, world_size: int, resume_step: int):
+                 *, seed: int, rank: int, world_size: int, resume: LoaderState | None = None):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.sources, self.names, self.counts, self.tokenizer = sources, names, counts, tokenizer
-        self.seed, self.rank, self.world_size, self.resume_step = seed, rank, world_size, resume_step
+        self.seed, self.rank, self.world_size, self.resume = seed, rank, world_size, resume
         self.epoch = -1  # bumped per __iter__, so re-iterating a loader does not replay the stream
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self.epoch += 1
-        streams = []
+        worker, reseed, start = stream_start(self.resume, physical, num_workers, self.epoch)
+        streams, cursors = [], []
         for i, (source, name, count) in enumerate(zip(self.sources, self.names, self.counts)):
             counter = SkipCounter(self.rank, worker, source=name)
-            seeds = (self.seed, self.rank, worker, self.resume_step, self.epoch, i)
-            good = source.train_samples(counter, seeds, self.rank, self.world_size, worker, num_workers)
+            seeds = (self.seed, self.rank, worker, reseed, self.epoch, i)
+            cursors.append(start(i))
+            good = source.train_samples(counter, seeds, self.rank, self.world_size, worker, num_workers, cursors[-1])
             streams.append((source.kind, count, counter, good))
         while True:
             items: dict[str, list] = {}
@@ -126,7 +131,8 @@ class MixedStream(IterableDataset):
                 merged = skipped.setdefault(kind, {})
                 for reason, n in counter.pop().items():
                     merged[reason] = merged.get(reason, 0) + n
-            yield {"parts": {kind: collate(items[kind], kind, self.tokenizer, skipped[kind]) for kind in items}}
+            parts = {kind: collate(items[kind], kind, self.tokenizer, skipped[kind]) for kind in items}
+            yield {"parts": parts, "stream": stamp(worker, cursors)}
 
 
 def build_mixed_train_loader(
@@ -140,7 +146,7 @@ def build_mixed_train_loader(
     rank: int,
     world_size: int,
     shuffle_buffer: int = 1000,
-    resume_step: int = 0,
+    resume: LoaderState | None = None,
     scale: tuple[float, float] = (0.5, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip: bool = False,
@@ -164,8 +170,9 @@ def build_mixed_train_loader(
                         describe(spec, i), len(tars), slots, slots)
         sources.append(SampleSource(urls, spec.kind, None if spec.kind == "texts" else transform,
                                     None if spec.kind == "texts" else image_mask, shuffle_buffer, split=True))
+    state = resume_state(resume, world_size, num_workers)
     dataset = MixedStream(sources, [s.name or f"#{i}" for i, s in enumerate(specs)], counts, tokenizer,
-                          seed=seed, rank=rank, world_size=world_size, resume_step=resume_step)
+                          seed=seed, rank=rank, world_size=world_size, resume=LoaderState.from_dict(state.to_dict()))
     log.info("mixed data: %s samples per micro-batch",
              ", ".join(f"{s.name or '#' + str(i)} ({s.kind}) {c}" for i, (s, c) in enumerate(zip(specs, counts))))
-    return make_loader(dataset, num_workers, pin_memory)
+    return make_loader(dataset, num_workers, pin_memory, state)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmpt import distributed as mdist
 from mmpt.data.pipeline import BatchLoader, build_eval_loader, build_train_loader
 from mmpt.data.sources import build_mixed_train_loader
+from mmpt.data.stream_state import LoaderState
 from mmpt.data.tokenizer import TextTokenizer, load_tokenizer
 from mmpt.engine.checkpoint import init_checkpoint_source
 from mmpt.engine.config import (ConfigError, TrainConfig, check_combinations, check_data, check_grad_cache,
@@ -146,12 +147,14 @@ def start_distributed(prep: Prepared, run_dir: Path) -> tuple[torch.device, Path
     return device_for(prep.env), run_dir
 
 
-def build_train_loader_for(cfg: TrainConfig, tokenizer: TextTokenizer, env: DistEnv, step: int) -> BatchLoader:
-    """`Batch`es from data.train, or `MixedBatch`es (parts keyed by kind) when data.sources is set."""
+def build_train_loader_for(cfg: TrainConfig, tokenizer: TextTokenizer, env: DistEnv,
+                           resume: LoaderState | None = None) -> BatchLoader:
+    """`Batch`es from data.train, or `MixedBatch`es (parts keyed by kind) when data.sources is set; `resume`
+    continues a checkpoint's data streams exactly."""
     d = cfg.data
     common = dict(
         batch_size=d.batch_size, image_size=d.image_size, num_workers=d.num_workers, seed=cfg.trainer.seed,
-        rank=env.rank, world_size=env.world_size, shuffle_buffer=d.train.shuffle_buffer, resume_step=step,
+        rank=env.rank, world_size=env.world_size, shuffle_buffer=d.train.shuffle_buffer, resume=resume,
         scale=tuple(d.rrc_scale), hflip=d.hflip, mean=d.mean, std=d.std, image_mask=image_masker(cfg),
     )
     if d.sources:

@@ -21,6 +21,8 @@ from omegaconf import OmegaConf
 
 from mmpt import distributed as mdist
 from mmpt.data.batch import Batch, MixedBatch
+from mmpt.data.pipeline import BatchLoader
+from mmpt.data.stream_state import LoaderState, resume_problem
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.engine import checkpoint
 from mmpt.engine.compile import compile_blocks
@@ -123,6 +125,7 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optimizer)  # from requires_grad parameters only
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
         resume_dir = checkpoint.resume_target(cfg.trainer.resume, self.ckpt_root)
+        self._refuse_other_world(resume_dir)
         self.ds_config = build_deepspeed_config(cfg, env.world_size, checkpoint.is_legacy_zero(resume_dir))
         self.grad_clip = mmpt_grad_clip(cfg, self.ds_config)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -140,8 +143,11 @@ class Trainer:
         self.step = 0
         self.wandb_run_id = ""
         self.resolved = resolved
+        self.data_resume: LoaderState | None = None  # where the checkpoint's data streams stand
+        self.resumed_rng: dict[str, Any] | None = None  # applied just before the first step (fit)
+        self.train_loader: BatchLoader | None = None
         self._resume(resume_dir)
-        torch.manual_seed(cfg.trainer.seed * 1000 + env.rank + self.step)  # per-rank masks/dropout
+        torch.manual_seed(cfg.trainer.seed * 1000 + env.rank)  # per-rank masks/dropout of a fresh run
         wandb_config = {**resolved, "params": asdict(self.param_counts)}  # not in config.yaml: not a config key
         self.logger = RunLogger(cfg.logger, run_dir, self.wandb_run_id, wandb_config, env.is_main,
                                 cfg.trainer.max_steps)
@@ -175,18 +181,44 @@ class Trainer:
             self.wandb_run_id = str(mdist.all_gather_objects(uuid.uuid4().hex[:8])[0])  # W&B ids: [a-z0-9]
             return
         state = checkpoint.load(self.engine, tag_dir)
+        self.resumed_rng = checkpoint.rng_state()  # this rank's, just restored: dropout and masks continue
         self.step = int(state["step"])
         self.wandb_run_id = str(state["wandb_run_id"])
-        if state.get("world_size") != self.env.world_size:
-            log.warning("resuming a %s-rank checkpoint on %s ranks", state.get("world_size"), self.env.world_size)
+        self.data_resume = self._data_resume(state.get("data", {}), tag_dir)
         if self.env.is_main:
             log.info("resumed from %s at step %d (W&B run %s)", tag_dir, self.step, self.wandb_run_id)
 
+    def _refuse_other_world(self, tag_dir: Path | None) -> None:
+        """Before DeepSpeed loads anything: a checkpoint of another world size cannot continue its streams."""
+        if tag_dir is None:
+            return
+        saved = json.loads((tag_dir / checkpoint.COMPLETE_MARKER).read_text() or "{}").get("world_size")
+        if saved is not None and (problem := resume_problem(saved, None, self.env.world_size, 0)):
+            raise ConfigError(f"trainer.resume ({tag_dir}): {problem}")
+
+    def _data_resume(self, saved: dict[str, Any], tag_dir: Path) -> LoaderState:
+        """This rank's data streams as the checkpoint left them (mmpt.data.stream_state); a checkpoint from
+        before exact resume has none: its streams restart re-seeded by the step, as they used to."""
+        streams = saved.get("streams")
+        if streams is None:
+            log.warning("checkpoint %s has no data stream state (written before exact resume): the data streams "
+                        "restart, re-seeded by step %d", tag_dir, self.step)
+            return LoaderState(self.env.world_size, self.cfg.data.num_workers, reseed=self.step)
+        mine = streams[self.env.rank]
+        problem = resume_problem(mine["world_size"], mine["num_workers"], self.env.world_size,
+                                 self.cfg.data.num_workers)
+        if problem:
+            raise ConfigError(f"trainer.resume ({tag_dir}): {problem}")
+        return LoaderState.from_dict(mine)
+
     def client_state(self) -> dict[str, Any]:
+        """Collective (gathers every rank's data stream position)."""
+        state = self.train_loader.state if self.train_loader is not None else None
+        streams = mdist.all_gather_objects(state.to_dict() if state is not None else None)
         return {
             "step": self.step,
             "samples_seen": self.step * global_batch_size(self.cfg, self.env.world_size),
-            "data": {"resume_step": self.step, "seed": self.cfg.trainer.seed},
+            "data": {"seed": self.cfg.trainer.seed, **({"streams": streams} if state is not None else {})},
             "wandb_run_id": self.wandb_run_id,
             "world_size": self.env.world_size,
         }
@@ -252,6 +284,14 @@ class Trainer:
         return bool(self.cfg.data.eval.urls) or zeroshot_enabled(self.cfg.eval.zeroshot)
 
     def evaluate(self) -> dict[str, float]:
+        """Leaves the RNGs as it found them, so training draws the same dropout and masks with or without it."""
+        rng = checkpoint.rng_state()
+        try:
+            return self._evaluate()
+        finally:
+            checkpoint.set_rng_state(rng)
+
+    def _evaluate(self) -> dict[str, float]:
         d = self.cfg.data
         loader = build_eval_loader_for(self.cfg, self.tokenizer, self.env) if d.eval.urls else None
         result = evaluate_model(self.model, loader, self.tokenizer, self.cfg.eval, self.device, self.input_dtype,
@@ -265,8 +305,13 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         t = self.cfg.trainer
-        loader = build_train_loader_for(self.cfg, self.tokenizer, self.env, self.step)
-        batches: Iterator[Batch | MixedBatch] = iter(loader)
+        try:
+            self.train_loader = build_train_loader_for(self.cfg, self.tokenizer, self.env, self.data_resume)
+        except ValueError as exc:  # a data stream state that this launch cannot continue
+            raise ConfigError(str(exc)) from None
+        batches: Iterator[Batch | MixedBatch] = iter(self.train_loader)
+        if self.resumed_rng is not None:
+            checkpoint.set_rng_state(self.resumed_rng)  # last: nothing since the save may shift dropout / masks
         stats = IntervalStats()
         if self.env.is_main:
             log.info("training from step %d to %d, global batch %d", self.step, t.max_steps,
