@@ -53,6 +53,13 @@ def derive_seed(*parts: int) -> int:
     return int(state[0])
 
 
+def sample_seed(block_seed: int, position: int) -> int:
+    """The augmentation seed of the sample at `position` of a stream block: addressable without the samples
+    before it (an exact resume skips them undecoded). Weyl-sequence spacing; Mersenne Twister's seeding mixes
+    the 64 bits, and costs a fifth of a `derive_seed` per sample."""
+    return (block_seed + position * 0x9E3779B97F4A7C15) % 2**64
+
+
 def is_text_file(url: str) -> bool:
     """A plain text file (one sample per non-empty line) rather than a tar shard: the url ends in .txt."""
     return url.lower().endswith(".txt")
@@ -247,19 +254,19 @@ def _block_raw(urls: Iterable[str], counter: SkipCounter, text_slot: tuple[int, 
             return
 
 
-def _positioned(blocks: Iterable[tuple[int, Iterator[dict[str, Any]], list[int]]], cursor: Cursor,
+def _positioned(blocks: Iterable[tuple[int, Iterator[dict[str, Any]], int]], cursor: Cursor,
                 start: Cursor) -> Iterator[tuple[dict[str, Any], random.Random]]:
     """(raw sample, its augmentation rng) from each block, from `start` on; `cursor` tracks the next position.
 
     Samples before `start` in its block are read (the shuffle needs their arrival) but neither decoded nor
     handed on; an augmentation seed depends only on (block seed, position), so skipping draws nothing.
     """
-    for block, raw, seed in blocks:
+    for block, raw, aug_seed in blocks:
         for position, sample in enumerate(raw):
             if block == start.block and position < start.position:
                 continue
             cursor.block, cursor.position = block, position + 1  # set before the hand-off: consumers see it
-            yield sample, random.Random(derive_seed(*seed, position))
+            yield sample, random.Random(sample_seed(aug_seed, position))
 
 
 @dataclass
@@ -304,7 +311,7 @@ class SampleSource:
         state = {"empty_shards": 0}
         size = max(BLOCK_SAMPLES_PER_BUFFER_SLOT * self.shuffle_buffer, MIN_BLOCK_SAMPLES)
 
-        def blocks() -> Iterator[tuple[int, Iterator[dict[str, Any]], list[int]]]:
+        def blocks() -> Iterator[tuple[int, Iterator[dict[str, Any]], int]]:
             block = start.block
             while True:
                 # independent rngs for shard choice, shuffle and augmentation
@@ -312,7 +319,7 @@ class SampleSource:
                 raw = _block_raw(_resampled(pool, shard_rng, state, rank), counter, text_slot, state, size)
                 if self.shuffle_buffer > 1:
                     raw = _shuffled(raw, self.shuffle_buffer, shuffle_rng)
-                yield block, raw, [*seeds, block, 2]
+                yield block, raw, derive_seed(*seeds, block, 2)
                 block += 1
 
         return self._decode(_positioned(blocks(), cursor, start), counter, rank, train=True)
@@ -548,18 +555,19 @@ def build_train_loader(
     source = SampleSource(expanded, "pairs", transform, image_mask, shuffle_buffer)
     state = resume_state(resume, world_size, num_workers)
     dataset = _ShardStream(source, tokenizer, batch_size=batch_size, train=True, seed=seed, rank=rank,
-                           world_size=world_size, resume=LoaderState.from_dict(state.to_dict()))
+                           world_size=world_size, resume=resume_state(resume, world_size, num_workers))
     return make_loader(dataset, num_workers, pin_memory, state)
 
 
 def resume_state(resume: LoaderState | None, world_size: int, num_workers: int) -> LoaderState:
-    """The live state a train loader updates: the resumed one (refused if its stream count differs), or a new one."""
+    """The live state a train loader updates: a copy of the resumed one (refused if its stream count differs),
+    or a new one."""
     if resume is None:
         return LoaderState(world_size=world_size, num_workers=num_workers)
     problem = resume_problem(resume.world_size, resume.num_workers, world_size, num_workers)
     if problem is not None:
         raise ValueError(problem)
-    return resume
+    return LoaderState.from_dict(resume.to_dict())
 
 
 def build_eval_loader(

@@ -172,7 +172,8 @@ def build_mixed_train_loader(
                                     None if spec.kind == "texts" else image_mask, shuffle_buffer, split=True))
     state = resume_state(resume, world_size, num_workers)
     dataset = MixedStream(sources, [s.name or f"#{i}" for i, s in enumerate(specs)], counts, tokenizer,
-                          seed=seed, rank=rank, world_size=world_size, resume=LoaderState.from_dict(state.to_dict()))
+                          seed=seed, rank=rank, world_size=world_size,
+                          resume=resume_state(resume, world_size, num_workers))
     log.info("mixed data: %s samples per micro-batch",
              ", ".join(f"{s.name or '#' + str(i)} ({s.kind}) {c}" for i, (s, c) in enumerate(zip(specs, counts))))
     return make_loader(dataset, num_workers, pin_memory, state)
