@@ -181,9 +181,21 @@ def check_exact_resume(env: dict, tmp_path: Path, world: int, overrides: list[st
     return broken
 
 
+def refused(run: subprocess.CompletedProcess) -> str:
+    """The one `error:` line of a run that must stop with exit code 2."""
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and len(set(errors)) == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    return errors[0]
+
+
 @pytest.mark.slow
-def test_single_process_killed_run_resumes_bitwise(demo_env, tmp_path):
-    check_exact_resume(demo_env, tmp_path, 1, ["data.num_workers=0"], max_steps=16)
+def test_single_process_killed_run_resumes_bitwise_and_refuses_other_workers(demo_env, tmp_path):
+    run_dir = check_exact_resume(demo_env, tmp_path, 1, ["data.num_workers=0"], max_steps=16)
+    other = subprocess.run(launch(run_dir, 1, ["data.num_workers=2", "trainer.max_steps=20"]), env=demo_env,
+                           capture_output=True, text=True, timeout=300)
+    error = refused(other)
+    assert "data.num_workers=0 per rank but this launch has data.num_workers=2" in error
+    assert "set data.num_workers=0" in error and "model.init.checkpoint" in error
 
 
 @pytest.mark.slow
@@ -191,6 +203,5 @@ def test_two_process_killed_run_resumes_bitwise_and_refuses_another_world(demo_e
     run_dir = check_exact_resume(demo_env, tmp_path, 2, ["data.num_workers=2", "deepspeed=zero2"], max_steps=16)
     other = subprocess.run(launch(run_dir, 1, ["data.num_workers=2", "deepspeed=zero2", "trainer.max_steps=20"]),
                            env=demo_env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
-    assert other.returncode == 2 and len(errors) == 1, other.stdout[-2000:] + other.stderr[-2000:]
-    assert "written by 2 ranks but this launch has 1" in errors[0] and "model.init.checkpoint" in errors[0]
+    error = refused(other)
+    assert "written by 2 ranks but this launch has 1" in error and "model.init.checkpoint" in error

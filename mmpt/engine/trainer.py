@@ -192,7 +192,10 @@ class Trainer:
         """Before DeepSpeed loads anything: a checkpoint of another world size cannot continue its streams."""
         if tag_dir is None:
             return
-        saved = json.loads((tag_dir / checkpoint.COMPLETE_MARKER).read_text() or "{}").get("world_size")
+        try:
+            saved = json.loads((tag_dir / checkpoint.COMPLETE_MARKER).read_text()).get("world_size")
+        except ValueError:  # an old marker without JSON: the stream state's own check (_data_resume) still runs
+            saved = None
         if saved is not None and (problem := resume_problem(saved, None, self.env.world_size, 0)):
             raise ConfigError(f"trainer.resume ({tag_dir}): {problem}")
 
@@ -204,8 +207,8 @@ class Trainer:
             log.warning("checkpoint %s has no data stream state (written before exact resume): the data streams "
                         "restart, re-seeded by step %d", tag_dir, self.step)
             return LoaderState(self.env.world_size, self.cfg.data.num_workers, reseed=self.step)
-        mine = streams[self.env.rank]
-        problem = resume_problem(mine["world_size"], mine["num_workers"], self.env.world_size,
+        mine = streams[self.env.rank] if len(streams) == self.env.world_size else {"world_size": len(streams)}
+        problem = resume_problem(mine["world_size"], mine.get("num_workers"), self.env.world_size,
                                  self.cfg.data.num_workers)
         if problem:
             raise ConfigError(f"trainer.resume ({tag_dir}): {problem}")
