@@ -80,14 +80,15 @@ def stamp(worker: int, cursors: list[Cursor]) -> dict[str, Any]:
     return {"worker": worker, "cursors": [c.as_list() for c in cursors]}
 
 
-def resume_problem(saved_world: int, saved_workers: int | None, world_size: int, num_workers: int) -> str | None:
+def resume_problem(saved_world: int, saved_workers: int | None, world_size: int, num_workers: int,
+                   checkpoint: str = "<the checkpoint>") -> str | None:
     """Why a checkpoint's streams cannot be continued by this launch (None: they can); saved_workers None: the
     world size alone is checked.
 
     Each (rank, worker) stream is its own sequence; a different count of them has no exact continuation, and a
     silent re-split would make "resumed" runs differ from uninterrupted ones without anyone noticing.
     """
-    fix = ("start a new run dir from its weights only with model.init.checkpoint=<this run dir> "
+    fix = (f"start a new run dir from its weights only with model.init.checkpoint={checkpoint} "
            "(fresh data streams and optimizer state)")
     if int(saved_world) != world_size:
         return (f"the checkpoint was written by {saved_world} ranks but this launch has {world_size}; its data "

@@ -196,7 +196,7 @@ class Trainer:
             saved = json.loads((tag_dir / checkpoint.COMPLETE_MARKER).read_text()).get("world_size")
         except ValueError:  # an old marker without JSON: the stream state's own check (_data_resume) still runs
             saved = None
-        if saved is not None and (problem := resume_problem(saved, None, self.env.world_size, 0)):
+        if saved is not None and (problem := resume_problem(saved, None, self.env.world_size, 0, str(tag_dir))):
             raise ConfigError(f"trainer.resume ({tag_dir}): {problem}")
 
     def _data_resume(self, saved: dict[str, Any], tag_dir: Path) -> LoaderState:
@@ -209,7 +209,7 @@ class Trainer:
             return LoaderState(self.env.world_size, self.cfg.data.num_workers, reseed=self.step)
         mine = streams[self.env.rank] if len(streams) == self.env.world_size else {"world_size": len(streams)}
         problem = resume_problem(mine["world_size"], mine.get("num_workers"), self.env.world_size,
-                                 self.cfg.data.num_workers)
+                                 self.cfg.data.num_workers, str(tag_dir))
         if problem:
             raise ConfigError(f"trainer.resume ({tag_dir}): {problem}")
         return LoaderState.from_dict(mine)
