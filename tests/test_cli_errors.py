@@ -78,10 +78,16 @@ def test_a_bad_option_inside_a_multirun_sweep_is_explained_too(monkeypatch, caps
 
 
 @pytest.mark.slow  # Hydra's --help composes every config group (~6 s here)
-def test_help_keeps_hydras_output(monkeypatch, capsys):
+def test_help_starts_with_mmpts_usage_then_hydras_config_groups(monkeypatch, capsys):
     monkeypatch.delenv("MMPT_CONF_DIR", raising=False)
     code, out, _ = run_main(monkeypatch, capsys, "--help")
-    assert code == 0 and "== Config ==" in out and "Powered by Hydra" in out
+    assert code == 0 and out.startswith("mmpt-train: image-text pretraining")
+    examples = [line.strip() for line in out[out.index("examples:"):out.index("configs:")].splitlines()[1:]]
+    assert sum(line.startswith(("mmpt-train", "torchrun")) for line in examples) == 5
+    assert f"live in {CONF_DIR}" in out and "--cfg job --resolve" in out
+    groups = out[out.index("== Config groups"):]
+    assert "experiment: albef_4m, albef_tiny" in groups and "deepspeed: zero0, zero1, zero2, zero3" in groups
+    assert "== Config ==" not in out and len(out.splitlines()) < 60  # not the 140-line default config
 
 
 def test_cfg_keeps_hydras_output(monkeypatch, capsys):

@@ -4,38 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mmpt.engine.config import LoggerConfig
+from mmpt.engine.progress import ProgressClock, format_progress
 
 log = logging.getLogger("mmpt")
-
-
-CONSOLE_EVAL_SUFFIXES = ("_r1", "_r1_caption", "/mean", "/mean_caption", "/bleu4", "/cider", "zeroshot/top1")
-SPECIAL_KEYS = {"train/lr", "train/samples_per_s", "train/data_wait", "train/skipped", "train/tflops", "train/mfu"}
-
-
-def format_progress(record: dict[str, Any], max_steps: int) -> str:
-    """One console line: step, every train/<loss or metric>, lr, throughput, data-wait and eval results."""
-    parts = [f"step {record['step']}/{max_steps}"]
-    parts += [f"{k.removeprefix('train/')} {v:.4f}" for k, v in record.items()
-              if k.startswith("train/") and k not in SPECIAL_KEYS]
-    if "train/lr" in record:
-        parts.append(f"lr {record['train/lr']:.2e}")
-    if "train/samples_per_s" in record:
-        parts.append(f"{record['train/samples_per_s']:.1f} samples/s")
-    if "train/tflops" in record:
-        parts.append(f"{record['train/tflops']:.3g} TFLOP/s")
-    if "train/mfu" in record:
-        parts.append(f"MFU {100 * record['train/mfu']:.1f}%")
-    if "train/data_wait" in record:
-        parts.append(f"data-wait {100 * record['train/data_wait']:.0f}%")
-    if record.get("train/skipped"):
-        parts.append(f"skipped {record['train/skipped']}")
-    parts += [f"{k.removeprefix('eval/')} {v:.3f}" for k, v in record.items()
-              if k.startswith("eval/") and k.endswith(CONSOLE_EVAL_SUFFIXES)]  # the full set is in the jsonl
-    return " | ".join(parts)
 
 
 class JsonlLog:
@@ -91,8 +67,9 @@ class RunLogger:
     """Fans records out to the console, metrics.jsonl and (optionally) W&B. A no-op on ranks > 0."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, run_id: str, config: dict[str, Any],
-                 is_main: bool, max_steps: int):
-        self.is_main, self.max_steps = is_main, max_steps
+                 is_main: bool, max_steps: int, console_keys: Sequence[str] = ("loss",), start_step: int = 0):
+        self.is_main, self.max_steps, self.console_keys = is_main, max_steps, tuple(console_keys)
+        self.clock = ProgressClock(start_step)
         self.jsonl = JsonlLog(run_dir / "metrics.jsonl") if is_main else None
         use_wandb = is_main and cfg.backend == "wandb" and cfg.mode != "disabled"
         self.wandb = WandbLog(cfg, run_dir, run_id, config) if use_wandb else None
@@ -100,7 +77,11 @@ class RunLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        log.info(format_progress(record, self.max_steps))
+        elapsed = eta = None
+        if "train/loss" in record:  # eval records do not move the clock
+            elapsed, _ = self.clock.update(record["step"])
+            eta = self.clock.eta(record["step"], self.max_steps)
+        log.info(format_progress(record, self.max_steps, self.console_keys, elapsed, eta))
         assert self.jsonl is not None
         self.jsonl.write(record)
         if self.wandb is not None:

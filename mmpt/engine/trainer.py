@@ -34,6 +34,7 @@ from mmpt.engine.loggers import RunLogger
 from mmpt.engine.mfu import peak_tflops
 from mmpt.engine.optim import build_optimizer, build_scheduler
 from mmpt.engine.preemption import PreemptionWatch
+from mmpt.engine.progress import default_console_keys
 from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
 from mmpt.eval.runner import evaluate_model
 from mmpt.eval.zeroshot import enabled as zeroshot_enabled
@@ -109,6 +110,8 @@ class TrainResult:
     wandb_location: str | None
     wandb_run_id: str
     preempted_by: str | None = None  # the signal's name when the run stopped early to be requeued
+    start_step: int = 0  # where this process started (after a resume)
+    train_s: float = 0.0  # seconds in this process's training loop
 
 
 class Trainer:
@@ -141,10 +144,12 @@ class Trainer:
         self.wandb_run_id = ""
         self.resolved = resolved
         self._resume(resume_dir)
+        self.start_step = self.step
         torch.manual_seed(cfg.trainer.seed * 1000 + env.rank + self.step)  # per-rank masks/dropout
         wandb_config = {**resolved, "params": asdict(self.param_counts)}  # not in config.yaml: not a config key
+        console_keys = cfg.trainer.console_keys or default_console_keys(cfg.model.objectives)
         self.logger = RunLogger(cfg.logger, run_dir, self.wandb_run_id, wandb_config, env.is_main,
-                                cfg.trainer.max_steps)
+                                cfg.trainer.max_steps, console_keys, start_step=self.step)
         self.last_checkpoint: Path | None = None
         self.saved_step = -1
         self.eval_metrics: dict[str, float] = {}
@@ -265,6 +270,7 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         t = self.cfg.trainer
+        started = time.perf_counter()
         loader = build_train_loader_for(self.cfg, self.tokenizer, self.env, self.step)
         batches: Iterator[Batch | MixedBatch] = iter(loader)
         stats = IntervalStats()
@@ -301,7 +307,8 @@ class Trainer:
         preempted = self.preempted_by
         result = TrainResult(self.step, self.run_dir, self.last_checkpoint or checkpoint.latest_checkpoint(self.ckpt_root),
                              self.eval_metrics, self.logger.wandb_location, self.wandb_run_id,
-                             signal.Signals(preempted).name if preempted else None)
+                             signal.Signals(preempted).name if preempted else None, self.start_step,
+                             time.perf_counter() - started)
         self.logger.close()
         self.preemption.restore()
         if preempted:
