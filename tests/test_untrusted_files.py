@@ -91,26 +91,27 @@ def test_clean_export_follows_the_umask_and_planted_model_states_are_refused_by_
     assert_payload_is_live(tag / "mp_rank_00_model_states.pt", marker)
 
 
-def test_stored_pipe_urls_never_run(demo_env, tmp_path, capsys):
-    tag, model = save_tag_dir(tmp_path / "run", "clip")
-    marker = tmp_path / "PWNED"
+def test_stored_pipe_urls_and_output_paths_are_not_used(demo_env, tmp_path, capsys):
+    tag, _ = save_tag_dir(tmp_path / "run", "clip")
+    marker, zs_marker, overwritten = tmp_path / "PWNED", tmp_path / "PWNED_ZEROSHOT", tmp_path / "overwritten.txt"
     shard = f"{demo_env['MMPT_DEMO_DIR']}/eval/00000.tar"
     pipe = f"pipe:touch {marker} && cat {shard}"
     cfg = OmegaConf.load(tag / "config.yaml")
     cfg.data.eval.urls = pipe
-    cfg.eval.output = str(tmp_path / "overwritten.txt")
-    cfg.eval.zeroshot.urls = pipe
+    cfg.eval.output = str(overwritten)
+    cfg.eval.zeroshot.urls = f"pipe:touch {zs_marker} && cat {shard}"
     OmegaConf.save(cfg, tag / "config.yaml")
 
     err = cli_error(evaluate, [f"ckpt={tag}"], capsys)
     assert "data.eval.urls is not set" in err and "never takes them from the checkpoint's config.yaml" in err
     loaded = mmpt.load(tag)  # mmpt.load reads no data: the stored urls stay inert text
     loaded.encode_text(["a red circle"])
-    assert not marker.exists() and not (tmp_path / "overwritten.txt").exists()
-    # the same URL from the user's command line is the user's choice, and runs (the payload is live)
+    assert not marker.exists() and not zs_marker.exists() and not overwritten.exists()
+    # the same URL from the user's command line is the user's choice, and runs (the payload is live); the
+    # stored zero-shot URL and output path stay unused in that successful evaluation too
     metrics = evaluate([f"ckpt={tag}", f"data.eval.urls='{pipe}'"])
     assert metrics["retrieval/num_pairs"] == 16 and marker.exists()
-    assert not (tmp_path / "overwritten.txt").exists()
+    assert not zs_marker.exists() and not overwritten.exists() and not any(k.startswith("zeroshot") for k in metrics)
 
 
 # ---- a real DeepSpeed ZeRO-2 checkpoint (one gloo rank): optimizer-state records, resume from a foreign path --
