@@ -1,4 +1,4 @@
-"""`mmpt-eval ckpt=<run dir | checkpoint dir | mmpt-export dir> [data.eval.urls=...] [eval.output=FILE] [key=value ...]`
+"""`mmpt-eval ckpt=<run dir | checkpoint dir | mmpt-export dir> data.eval.urls=<shards> [eval.output=FILE] [key=value ...]`
 
 Loads the config and tokenizer saved with the weights (mmpt.engine.saved_model, the reader mmpt.load uses),
 applies the overrides, evaluates retrieval on every rank of the launcher (single process, torchrun, srun) and
