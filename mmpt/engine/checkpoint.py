@@ -5,6 +5,7 @@ marker, so a run killed mid-save resumes from the previous one instead of a half
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -77,14 +78,30 @@ def save(engine: Any, ckpt_root: Path, step: int, client_state: dict[str, Any], 
     return tag_dir
 
 
-def load(engine: Any, tag_dir: Path) -> dict[str, Any]:
-    """Collective. Restores model/optimizer/scheduler via DeepSpeed and this rank's RNG; returns client state."""
-    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    if client_state is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+def load(engine: Any, tag_dir: Path, own_root: Path | None = None) -> dict[str, Any]:
+    """Collective. Restores model/optimizer/scheduler via DeepSpeed and this rank's RNG; returns client state.
+
+    Only a tag in the run's own checkpoints dir (`own_root`, which this user's trainer wrote) is fully
+    unpickled. A tag elsewhere (`trainer.resume=PATH`, maybe downloaded) is read with the weights-only
+    unpickler (mmpt.engine.safe_load), DeepSpeed's own reads included, and refused if it needs more.
+    """
+    from mmpt.engine.safe_load import UnsafeCheckpointError, numpy_rng_safe_globals, refuse_unsafe_in
+
+    own = own_root is not None and tag_dir.resolve().parent == Path(own_root).resolve()
     rng_file = tag_dir / f"rng_rank{mdist.rank():05d}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    try:
+        with contextlib.nullcontext() if own else refuse_unsafe_in(tag_dir, numpy_rng_safe_globals()):
+            _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            if client_state is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+            rng = torch.load(rng_file, weights_only=not own) if rng_file.is_file() else None
+    except UnsafeCheckpointError as exc:
+        raise UnsafeCheckpointError(
+            f"trainer.resume: {exc}. Only a checkpoint in the run's own dir is fully unpickled on resume: to continue "
+            "a run you trust, give its dir as hydra.run.dir with trainer.resume=auto; to start from its weights, "
+            f"use model.init.checkpoint={tag_dir}") from None
+    if rng is not None:
+        set_rng_state(rng)
     return client_state
 
 
@@ -124,21 +141,32 @@ def resolve_checkpoint_dir(path: Path) -> Path:
     )
 
 
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO-3
+
+
 def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Consolidated fp32 model state dict from a DeepSpeed tag (any ZeRO stage), without an engine.
 
     ZeRO partitions (and bf16 runs' fp32 masters) live in the *zero_pp_rank_*optim_states.pt files; stage 0
     in fp32 keeps the full module in mp_rank_00_model_states.pt. Frozen parameters (model.freeze, momentum
     teachers) are in no optimizer: zero_to_fp32 rebuilds them under ZeRO-2/3 but drops them under ZeRO-1, so
-    they are taken from the module state dict (full replicas under stages 0-2), as fp32.
+    they are taken from the module state dict (full replicas under stages 0-2), as fp32. ZeRO-3's module
+    state dict holds empty placeholders for partitioned parameters; the consolidated weights replace them.
+
+    Every file is read with the weights-only unpickler (mmpt.engine.safe_load): a downloaded checkpoint
+    cannot run code here; one that needs more than tensors and DeepSpeed's records is refused.
     """
-    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    from mmpt.engine.safe_load import load_tensors_file, refuse_unsafe_in
+
+    model_file = next((tag_dir / n for n in MODEL_STATES if (tag_dir / n).is_file()), tag_dir / MODEL_STATES[0])
+    state = load_tensors_file(model_file)
     module = {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
     if not any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         return module
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    with refuse_unsafe_in(tag_dir, pattern="*_states.pt"):  # zero_to_fp32 passes weights_only=False; forced True
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return {**{k: v for k, v in module.items() if k not in weights}, **weights}
 
 

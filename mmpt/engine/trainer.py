@@ -179,7 +179,7 @@ class Trainer:
         if tag_dir is None:
             self.wandb_run_id = str(mdist.all_gather_objects(uuid.uuid4().hex[:8])[0])  # W&B ids: [a-z0-9]
             return
-        state = checkpoint.load(self.engine, tag_dir)
+        state = checkpoint.load(self.engine, tag_dir, self.ckpt_root)  # only its own tags are fully unpickled
         self.step = int(state["step"])
         self.wandb_run_id = str(state["wandb_run_id"])
         if state.get("world_size") != self.env.world_size:
