@@ -6,6 +6,7 @@ problem becomes a `ConfigError` whose message names the key, what is wrong and h
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -134,13 +135,16 @@ class LossConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "wandb"
+    # W&B (wandb) or none. "none" when unset, so `logger=tensorboard` alone (its yaml sets only `tensorboard`)
+    # runs without W&B, and `logger=[wandb,tensorboard]` merges wandb.yaml's `backend: wandb` with it.
+    backend: str = "none"
     mode: str = "offline"
     project: str = "mmpt"
     entity: Optional[str] = None
     group: Optional[str] = None
     name: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    tensorboard: bool = False  # also write <run dir>/tensorboard/ event files (conf/logger/tensorboard.yaml)
 
 
 @dataclass
@@ -294,6 +298,9 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
     _check_choice("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
     _check_choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _check_choice("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
+    if cfg.logger.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger.tensorboard=true (logger=tensorboard) needs the tensorboard package; install it "
+                          "with `pip install 'mmpt[tensorboard]'`, or drop tensorboard from logger=")
     _check_choice("eval.rerank_score", cfg.eval.rerank_score, ("itm", "itm+itc", "itm+itc_logit"))
     if cfg.eval.rerank_itm_weight < 0 or not 0 <= cfg.eval.rerank_min_itm <= 1:
         raise ConfigError(f"eval.rerank_itm_weight={cfg.eval.rerank_itm_weight} must be >= 0 and "
