@@ -123,6 +123,8 @@ def format_stats(stats: Stats, length_unit: str, max_len: int | None = None) -> 
     s = stats.scan
     read = s.samples + sum(n for r, n in s.skipped.items() if r != "bad_tar")
     lines = [f"shards: {s.shards}", f"samples: {read} read, {s.samples} usable, {read - s.samples} skipped"]
+    if s.skipped["bad_tar"]:
+        lines[-1] += f"; {s.skipped['bad_tar']} shard(s) with unreadable tar data (read up to the damage)"
     if s.skipped:
         lines.append("skipped by reason (what training would skip):")
         lines += [f"  {reason}: {n}  e.g. {s.examples[reason][:200]}" for reason, n in s.skipped.most_common()]

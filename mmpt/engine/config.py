@@ -255,6 +255,21 @@ def _check_source_items(body: dict[str, Any]) -> None:
             raise ConfigError(f"data.sources[{i}].weight={weight!r} must be a number (its share of data.batch_size)")
 
 
+def _check_eval_urls_set(cfg: DictConfig) -> None:
+    """A data preset's `data.eval.urls: ???` (coco_karpathy, flickr30k_karpathy) must be set: its schema default
+    (None) would otherwise silently replace the ??? (OmegaConf.to_object skips missing fields). data.train.urls
+    has no default, so the schema merge already refuses its ???."""
+    missing = OmegaConf.missing_keys(cfg)
+    if "data.eval.urls" not in missing:
+        return
+    if "data.train.urls" in missing and not OmegaConf.select(cfg, "data.sources", default=None):
+        raise ConfigError("config keys 'data.train.urls' and 'data.eval.urls' are required but not set (???). Set them "
+                          "on the command line: data.train.urls=... data.eval.urls=... (shard patterns; the data "
+                          "preset's yaml says how to make the shards)")
+    raise ConfigError("config key 'data.eval.urls' is required but not set (???). Set it on the command line: "
+                      "data.eval.urls=... (a shard pattern; the data preset's yaml says how to make the shards)")
+
+
 def typed_config(cfg: DictConfig) -> TrainConfig:
     """Merge the composed config onto the schema: unknown keys and wrong types become ConfigError."""
     # A required model key (???) that has a dataclass default would otherwise silently take that default
@@ -263,6 +278,7 @@ def typed_config(cfg: DictConfig) -> TrainConfig:
     if missing:
         raise ConfigError(f"config key '{missing[0]}' is required but not set (???). Set it on the command line: "
                           f"{missing[0]}=...")
+    _check_eval_urls_set(cfg)
     body = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(body, dict)
     body.pop("hydra", None)
