@@ -39,12 +39,15 @@ def test_multirun_table_has_one_row_per_job_with_its_swept_override_and_plots(tm
     multi = tmp_path / "multirun" / "2026-12-07_10-00-00"
     write_run(multi / "0", job_records([3.0, 2.5, 2.0, 1.5], [0.25, 0.5]), ["experiment=clip_tiny", "optimizer.lr=0.001"])
     write_run(multi / "1", job_records([3.0, 2.8, 2.9, 2.6], [0.375, 0.125]), ["experiment=clip_tiny", "optimizer.lr=0.0003"])
+    (multi / "2" / ".hydra").mkdir(parents=True)  # a job that failed before its first log line
+    (multi / "2" / ".hydra" / "overrides.yaml").write_text("- experiment=clip_tiny\n- optimizer.lr=0.1\n")
     out = tmp_path / "report"
     assert main([str(multi), "--out", str(out), "--dpi", "50"]) == 0
 
     table = (out / "report.md").read_text()
     assert "| 2026-12-07_10-00-00/0 | `optimizer.lr=0.001` | 40 | 1.5 | 101.5 | 0.5 (0.5 @ 40) |" in table
     assert "| 2026-12-07_10-00-00/1 | `optimizer.lr=0.0003` | 40 | 2.6 | 101.5 | 0.125 (0.375 @ 20) |" in table
+    assert "| 2026-12-07_10-00-00/2 | `optimizer.lr=0.1` | no metrics.jsonl (failed before its first log?) | - | - | - |" in table
     assert "Overrides shared by the jobs above: `experiment=clip_tiny`" in table
     assert "| eval/retrieval/i2t_r1 | 2026-12-07_10-00-00/1 | 0.125 | 0.375 | 20 |" in table
     assert "num_images" not in table  # a count, not a metric

@@ -52,11 +52,10 @@ def _logger_node(overrides: list[str]) -> LoggerConfig:
 
 
 @pytest.mark.parametrize("overrides, backend, tensorboard", [
-    ([], "wandb", False),
+    ([], "wandb", False),  # the default (logger: wandb) is unchanged by LoggerConfig.backend's default "none"
     (["logger=tensorboard"], "none", True),  # alone: no W&B
     (["logger=[wandb,tensorboard]"], "wandb", True),
-    (["logger=[tensorboard,wandb]"], "wandb", True),
-    (["logger=none"], "none", False),
+    (["logger=[tensorboard,wandb]"], "wandb", True),  # the order does not matter
 ])
 def test_logger_group_composes_alone_and_as_a_list(demo_env, overrides, backend, tensorboard):
     cfg = _logger_node(overrides)
@@ -69,3 +68,27 @@ def test_missing_tensorboard_package_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when it is not installed
     with pytest.raises(ConfigError, match=r"pip install 'mmpt\[tensorboard\]'"):
         RunLogger(LoggerConfig(tensorboard=True), tmp_path, "id", {}, is_main=True, max_steps=1)
+
+
+def test_a_resumed_run_replaces_the_steps_logged_after_its_checkpoint(tmp_path):
+    """Attempt 1 logs steps 10-30 and dies; attempt 2 resumes from the step-10 checkpoint and logs 20 and 30
+    again: TensorBoard shows attempt 2's values there, once each (as mmpt-report reads metrics.jsonl)."""
+    for values in ({10: 3.0, 20: 2.5, 30: 2.0}, {20: 2.75, 30: 2.25}):
+        logger = RunLogger(LoggerConfig(tensorboard=True), tmp_path, "id", {}, is_main=True, max_steps=30)
+        for step, loss in values.items():
+            logger.log({"step": step, "train/loss": loss})
+        logger.close()
+    assert read_events(tmp_path / "tensorboard")["train/loss"] == [(10, 3.0), (20, 2.75), (30, 2.25)]
+
+
+def test_launch_check_refuses_tensorboard_without_the_package(monkeypatch):
+    """Checked before any process starts (every rank), not only when rank 0 opens its writer."""
+    import importlib.util
+
+    from mmpt.engine.config import TrainConfig, check_combinations
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    cfg = TrainConfig(logger=LoggerConfig(tensorboard=True))
+    with pytest.raises(ConfigError, match=r"^logger.tensorboard=true \(logger=tensorboard\) needs the tensorboard package"):
+        check_combinations(cfg, world_size=1, has_gpu=False, model_objectives=("itc",))

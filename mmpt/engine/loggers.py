@@ -89,7 +89,10 @@ class WandbLog:
 
 class TensorBoardLog:
     """Event files in <run dir>/tensorboard/ (`tensorboard --logdir runs/`): every numeric key of a record as a
-    scalar at its step, so the curves match metrics.jsonl; caption samples as text."""
+    scalar at its step, so the curves match metrics.jsonl; caption samples as text.
+
+    The writer opens at the first record with `purge_step` = its step: after a resume from a checkpoint, the
+    steps the previous attempt logged past that checkpoint are dropped from the view instead of doubling back."""
 
     def __init__(self, run_dir: Path):
         try:
@@ -97,21 +100,29 @@ class TensorBoardLog:
         except ImportError as exc:  # torch's message says only "requires TensorBoard"
             raise ConfigError("logger.tensorboard=true needs the tensorboard package: "
                               "`pip install 'mmpt[tensorboard]'`") from exc
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self._open = lambda step: SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=step)
+        self.writer: Any = None
+
+    def _writer(self, step: int) -> Any:
+        if self.writer is None:
+            self.writer = self._open(step)
+        return self.writer
 
     def write(self, record: dict[str, Any]) -> None:
         step = record["step"]
+        writer = self._writer(step)
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, global_step=step)
-        self.writer.flush()  # a record per log interval: cheap, and `tensorboard` shows the run while it trains
+                writer.add_scalar(key, value, global_step=step)
+        writer.flush()  # a record per log interval: cheap, and `tensorboard` shows the run while it trains
 
     def write_caption_samples(self, step: int, samples: list) -> None:
         rows = [f"{i}. generated: {s.generated}  \n   reference: {s.reference}" for i, s in enumerate(samples, 1)]
-        self.writer.add_text("eval/caption_samples", "\n\n".join(rows), global_step=step)
+        self._writer(step).add_text("eval/caption_samples", "\n\n".join(rows), global_step=step)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class RunLogger:

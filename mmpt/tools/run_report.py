@@ -2,7 +2,8 @@
 
 A directory with a metrics.jsonl is one run. Any other directory is a group (a Hydra multirun dir such as
 multirun/2026-01-01_12-00-00 with jobs 0/, 1/, ..., or a folder of sweep runs): every run below it is a job,
-named by the group and its overrides (<job>/.hydra/overrides.yaml) that differ between the group's jobs.
+named by the group and its overrides (<job>/.hydra/overrides.yaml) that differ between the group's jobs. A job
+that Hydra launched but that never logged (it failed early) is a row saying so.
 No matplotlib here: the table works without it.
 """
 from __future__ import annotations
@@ -74,12 +75,14 @@ def find_runs(directory: Path) -> list[Run]:
         raise ReportError(f"{directory} is not a directory; give a run dir (with metrics.jsonl) or a multirun dir")
     if (directory / "metrics.jsonl").is_file():
         return [Run(directory.name, directory, read_curves(directory / "metrics.jsonl"), read_overrides(directory))]
-    jobs = sorted((p.parent for p in directory.rglob("metrics.jsonl")), key=lambda p: _job_sort_key(p.relative_to(directory)))
-    if not jobs:
+    logged = {p.parent for p in directory.rglob("metrics.jsonl")}
+    if not logged:
         raise ReportError(f"no metrics.jsonl in {directory} or below it; is it a run dir or a multirun dir of "
                           "mmpt-train runs (they write <run dir>/metrics.jsonl at the first log step)?")
-    runs = [Run(f"{directory.name}/{job.relative_to(directory)}", job, read_curves(job / "metrics.jsonl"),
-                read_overrides(job)) for job in jobs]
+    launched = {p.parent.parent for p in directory.rglob(".hydra/overrides.yaml")} - {directory}  # failed jobs too
+    jobs = sorted(logged | launched, key=lambda p: _job_sort_key(p.relative_to(directory)))
+    runs = [Run(f"{directory.name}/{job.relative_to(directory)}", job,
+                read_curves(job / "metrics.jsonl") if job in logged else {}, read_overrides(job)) for job in jobs]
     common = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
     for run in runs:
         run.swept = [o for o in run.overrides if o not in common]
@@ -138,7 +141,8 @@ def summary_table(runs: list[Run]) -> str:
     for run in runs:
         loss = run.curves.get("train/loss")
         speed = [v for _, v in run.curves.get("train/samples_per_s", [])]
-        cells = [run.name, " ".join(f"`{o}`" for o in (run.swept or run.overrides)) or "-", str(run.last_step),
+        steps = str(run.last_step) if run.curves else "no metrics.jsonl (failed before its first log?)"
+        cells = [run.name, " ".join(f"`{o}`" for o in (run.swept or run.overrides)) or "-", steps,
                  _fmt(loss[-1][1]) if loss else "-", _fmt(statistics.median(speed)) if speed else "-"]
         cells += [_final_and_best(k, run.curves.get(k)) for k in headline]
         rows.append("| " + " | ".join(cells) + " |")
