@@ -48,7 +48,7 @@ def test_multirun_table_has_one_row_per_job_with_its_swept_override_and_plots(tm
     assert "| 2026-12-07_10-00-00/0 | `optimizer.lr=0.001` | 40 | 1.5 | 101.5 | 0.5 (0.5 @ 40) |" in table
     assert "| 2026-12-07_10-00-00/1 | `optimizer.lr=0.0003` | 40 | 2.6 | 101.5 | 0.125 (0.375 @ 20) |" in table
     assert "| 2026-12-07_10-00-00/2 | `optimizer.lr=0.1` | no metrics.jsonl (failed before its first log?) | - | - | - |" in table
-    assert "Overrides shared by the jobs above: `experiment=clip_tiny`" in table
+    assert "Overrides shared by all runs above: `experiment=clip_tiny`" in table
     assert "| eval/retrieval/i2t_r1 | 2026-12-07_10-00-00/1 | 0.125 | 0.375 | 20 |" in table
     assert "num_images" not in table  # a count, not a metric
     printed = capsys.readouterr().out

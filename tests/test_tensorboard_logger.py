@@ -57,7 +57,7 @@ def _logger_node(overrides: list[str]) -> LoggerConfig:
     (["logger=[wandb,tensorboard]"], "wandb", True),
     (["logger=[tensorboard,wandb]"], "wandb", True),  # the order does not matter
 ])
-def test_logger_group_composes_alone_and_as_a_list(demo_env, overrides, backend, tensorboard):
+def test_logger_group_composes_alone_and_as_a_list(overrides, backend, tensorboard):
     cfg = _logger_node(overrides)
     assert (cfg.backend, cfg.tensorboard) == (backend, tensorboard)
     if backend == "wandb":

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmpt.tools.run_report import ReportError, find_runs, plotted_keys, summary_table
+from mmpt.tools.run_report import ReportError, find_runs, mark_swept, plotted_keys, summary_table
 
 USER_ERROR = 2
 
@@ -41,12 +41,12 @@ def write_report(run_dirs: list[str], out: Path, dpi: int = 100) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReportError(f"cannot create --out {out}: {exc}") from None
+    common = mark_swept(runs)
     table = summary_table(runs)
     figures = [plot_metric(key, runs, out, dpi) for key in plotted_keys(runs)]
     lines = ["# mmpt report", "", "Runs: " + ", ".join(f"`{r.path}`" for r in runs), "", table]
-    common = [o for o in runs[0].overrides if o not in runs[0].swept] if len(runs) > 1 else []
-    if common and all(r.swept != r.overrides for r in runs):
-        lines += ["Overrides shared by the jobs above: " + " ".join(f"`{o}`" for o in common), ""]
+    if common:
+        lines += ["Overrides shared by all runs above: " + " ".join(f"`{o}`" for o in common), ""]
     lines += [f"![{p.stem}]({p.name})" for p in figures]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -2,8 +2,9 @@
 
 A directory with a metrics.jsonl is one run. Any other directory is a group (a Hydra multirun dir such as
 multirun/2026-01-01_12-00-00 with jobs 0/, 1/, ..., or a folder of sweep runs): every run below it is a job,
-named by the group and its overrides (<job>/.hydra/overrides.yaml) that differ between the group's jobs. A job
-that Hydra launched but that never logged (it failed early) is a row saying so.
+named by the group and its path. A job that Hydra launched but that never logged (it failed early) is a row
+saying so. Runs are labelled with their overrides (<run>/.hydra/overrides.yaml) that differ between the runs of
+the report (`mark_swept`).
 No matplotlib here: the table works without it.
 """
 from __future__ import annotations
@@ -26,8 +27,8 @@ class Run:
     name: str
     path: Path
     curves: dict[str, Curve]
-    overrides: list[str] = field(default_factory=list)  # the job's Hydra overrides (all of them)
-    swept: list[str] = field(default_factory=list)  # those that differ between the jobs of its group
+    overrides: list[str] = field(default_factory=list)  # the run's Hydra overrides (all of them)
+    swept: list[str] = field(default_factory=list)  # those that differ between the runs of the report
 
     @property
     def last_step(self) -> int:
@@ -81,16 +82,22 @@ def find_runs(directory: Path) -> list[Run]:
                           "mmpt-train runs (they write <run dir>/metrics.jsonl at the first log step)?")
     launched = {p.parent.parent for p in directory.rglob(".hydra/overrides.yaml")} - {directory}  # failed jobs too
     jobs = sorted(logged | launched, key=lambda p: _job_sort_key(p.relative_to(directory)))
-    runs = [Run(f"{directory.name}/{job.relative_to(directory)}", job,
+    return [Run(f"{directory.name}/{job.relative_to(directory)}", job,
                 read_curves(job / "metrics.jsonl") if job in logged else {}, read_overrides(job)) for job in jobs]
-    common = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
+
+
+def mark_swept(runs: list[Run]) -> list[str]:
+    """Set each run's `swept` overrides (those not shared by all runs of the report); returns the shared ones."""
+    if len(runs) < 2:
+        return []
+    common = set.intersection(*(set(r.overrides) for r in runs))
     for run in runs:
         run.swept = [o for o in run.overrides if o not in common]
-    return runs
+    return [o for o in runs[0].overrides if o in common]
 
 
 def label(run: Run) -> str:
-    """The legend name: the run's name and, in a group, its swept overrides."""
+    """The legend name: the run's name and the overrides that set it apart from the other runs."""
     return f"{run.name} {' '.join(run.swept)}".strip()
 
 
@@ -142,7 +149,8 @@ def summary_table(runs: list[Run]) -> str:
         loss = run.curves.get("train/loss")
         speed = [v for _, v in run.curves.get("train/samples_per_s", [])]
         steps = str(run.last_step) if run.curves else "no metrics.jsonl (failed before its first log?)"
-        cells = [run.name, " ".join(f"`{o}`" for o in (run.swept or run.overrides)) or "-", steps,
+        shown = run.swept if len(runs) > 1 else run.overrides  # several runs: what sets each apart (mark_swept)
+        cells = [run.name, " ".join(f"`{o}`" for o in shown) or "-", steps,
                  _fmt(loss[-1][1]) if loss else "-", _fmt(statistics.median(speed)) if speed else "-"]
         cells += [_final_and_best(k, run.curves.get(k)) for k in headline]
         rows.append("| " + " | ".join(cells) + " |")
