@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def write_report(run_dirs: list[str], out: Path, dpi: int = 100) -> Path:
     """Plots and report.md for the runs; returns report.md's path. Raises ReportError / MissingMatplotlib."""
-    from mmpt.tools.report_plots import plot_metric
+    from mmpt.tools.report_plots import plot_metric, require_matplotlib
 
+    require_matplotlib()
     runs = [run for d in run_dirs for run in find_runs(Path(d))]
     names = [r.name for r in runs]
     if len(set(names)) < len(names):  # runs/x and other/x: name them by their path instead

@@ -12,6 +12,11 @@ class MissingMatplotlib(ImportError):
     """matplotlib is not installed: the CLI prints how to install it."""
 
 
+def require_matplotlib() -> None:
+    """Fail before any work is done when the plots cannot be drawn."""
+    _pyplot()
+
+
 def _pyplot():
     try:
         import matplotlib
