@@ -133,7 +133,8 @@ def add_stats(subparsers) -> None:
     )
     p.add_argument("shards", metavar="SHARDS", help=SHARDS_HELP)
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json (tokenizer.path) to count caption lengths in tokens; default: words")
+                   help="tokenizer.json file (tokenizer.path; or a Hugging Face hub name where online) to count caption "
+                   "lengths in tokens, special tokens included; default: words")
     p.add_argument("--max-text-len", type=int, default=None,
                    help="data.max_text_len: also report how many captions are longer (truncated in training)")
     p.add_argument("--kind", choices=("pairs", "images"), default="pairs", help=KIND_HELP)
