@@ -38,7 +38,7 @@ def test_records_and_caption_table_reach_jsonl_and_offline_wandb(tmp_path, monke
     for key in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(key, str(tmp_path / key.lower()))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    logger = RunLogger(LoggerConfig(mode="offline", project="p", group="g"), tmp_path, "abc123",
+    logger = RunLogger(LoggerConfig(backend="wandb", mode="offline", project="p", group="g"), tmp_path, "abc123",
                        {"trainer": {"max_steps": 4}}, is_main=True, max_steps=4)
     logger.log({"step": 2, "train/loss": 3.0, "train/itc": 3.0})
     logger.log({"step": 4, "eval/caption/bleu4": 0.5})

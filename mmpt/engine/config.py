@@ -6,6 +6,7 @@ problem becomes a `ConfigError` whose message names the key, what is wrong and h
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -141,13 +142,16 @@ class LossConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "wandb"
+    # W&B (wandb) or none. "none" when unset, so `logger=tensorboard` alone (its yaml sets only `tensorboard`)
+    # runs without W&B, and `logger=[wandb,tensorboard]` merges wandb.yaml's `backend: wandb` with it.
+    backend: str = "none"
     mode: str = "offline"
     project: str = "mmpt"
     entity: Optional[str] = None
     group: Optional[str] = None
     name: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    tensorboard: bool = False  # also write <run dir>/tensorboard/ event files (conf/logger/tensorboard.yaml)
 
 
 @dataclass
@@ -258,6 +262,21 @@ def _check_source_items(body: dict[str, Any]) -> None:
             raise ConfigError(f"data.sources[{i}].weight={weight!r} must be a number (its share of data.batch_size)")
 
 
+def _check_eval_urls_set(cfg: DictConfig) -> None:
+    """A data preset's `data.eval.urls: ???` (coco_karpathy, flickr30k_karpathy) must be set: its schema default
+    (None) would otherwise silently replace the ??? (OmegaConf.to_object skips missing fields). data.train.urls
+    has no default, so the schema merge already refuses its ???."""
+    missing = OmegaConf.missing_keys(cfg)
+    if "data.eval.urls" not in missing:
+        return
+    if "data.train.urls" in missing and not OmegaConf.select(cfg, "data.sources", default=None):
+        raise ConfigError("config keys 'data.train.urls' and 'data.eval.urls' are required but not set (???). Set them "
+                          "on the command line: data.train.urls=... data.eval.urls=... (shard patterns; the data "
+                          "preset's yaml says how to make the shards)")
+    raise ConfigError("config key 'data.eval.urls' is required but not set (???). Set it on the command line: "
+                      "data.eval.urls=... (a shard pattern; the data preset's yaml says how to make the shards)")
+
+
 def typed_config(cfg: DictConfig) -> TrainConfig:
     """Merge the composed config onto the schema: unknown keys and wrong types become ConfigError."""
     # A required model key (???) that has a dataclass default would otherwise silently take that default
@@ -266,6 +285,7 @@ def typed_config(cfg: DictConfig) -> TrainConfig:
     if missing:
         raise ConfigError(f"config key '{missing[0]}' is required but not set (???). Set it on the command line: "
                           f"{missing[0]}=...")
+    _check_eval_urls_set(cfg)
     body = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(body, dict)
     body.pop("hydra", None)
@@ -301,6 +321,9 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
     _check_choice("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
     _check_choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _check_choice("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
+    if cfg.logger.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger.tensorboard=true (logger=tensorboard) needs the tensorboard package; install it "
+                          "with `pip install 'mmpt[tensorboard]'`, or drop tensorboard from logger=")
     _check_choice("eval.rerank_score", cfg.eval.rerank_score, ("itm", "itm+itc", "itm+itc_logit"))
     if cfg.eval.rerank_itm_weight < 0 or not 0 <= cfg.eval.rerank_min_itm <= 1:
         raise ConfigError(f"eval.rerank_itm_weight={cfg.eval.rerank_itm_weight} must be >= 0 and "
