@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 from mmpt.tools.run_report import Run, label
@@ -36,6 +37,12 @@ def figure_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_") + ".png"
 
 
+def short_label(text: str, width: int = 70) -> str:
+    """A legend entry of at most two lines of `width` characters (the report's table has the full overrides)."""
+    lines = textwrap.wrap(text, width) or [text]
+    return "\n".join(lines[:2]) + (" ..." if len(lines) > 2 else "")
+
+
 def plot_metric(key: str, runs: list[Run], out_dir: Path, dpi: int = 100) -> Path:
     """`key` over steps for every run that logged it; eval metrics (few points) drawn with markers."""
     plt = _pyplot()
@@ -45,15 +52,15 @@ def plot_metric(key: str, runs: list[Run], out_dir: Path, dpi: int = 100) -> Pat
         curve = run.curves.get(key)
         if curve:
             steps, values = zip(*curve)
-            ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.2, label=label(run))
+            ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.2, label=short_label(label(run)))
     ax.set_title(key)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     if key == "train/lr":
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    # below the axes: a long label (many differing overrides) must not squeeze the curves; report.md has them all
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     path = out_dir / figure_name(key)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
