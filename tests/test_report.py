@@ -57,7 +57,7 @@ def test_multirun_table_has_one_row_per_job_with_its_swept_override_and_plots(tm
     assert pngs == ["eval_retrieval_i2t_r1.png", "train_loss.png", "train_lr.png", "train_samples_per_s.png"]
     assert all(f"]({name})" in table for name in pngs)
     with Image.open(out / "train_loss.png") as image:
-        assert image.format == "PNG" and image.size == (320, 200)  # 6.4 x 4 inches at dpi 50
+        assert image.format == "PNG" and 200 < image.size[0] <= 320 and image.size[1] > 150  # tight bbox at dpi 50
 
 
 def test_runs_overlaid_and_a_resumed_run_keeps_the_later_values(tmp_path):
