@@ -43,7 +43,8 @@ def start_gloo(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=60), verbose=False)
+    # generous: under load, ranks wait their turn for the DeepSpeed op-build lock before they meet
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=300), verbose=False)
 
 
 def build_engine() -> Any:

@@ -64,7 +64,7 @@ def saves(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict], b
     proc = subprocess.Popen(["unshare", "-rm", *cmd] if tmpfs else cmd, cwd=ROOT, env=worker_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        log = proc.communicate(timeout=240)[0]
+        log = proc.communicate(timeout=400)[0]
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # rank 1 too, should it have outlived rank 0
