@@ -144,7 +144,8 @@ def scenario_keep(engine: Any, out: Path) -> dict[str, Any]:
     for step in (10, 20):
         save(engine, root, step, keep_last=2)
     save(engine, root, 15, keep_last=1)  # resumed from 10 with another save_every: 15 is older than 20 yet stays
-    return {"after_each": seen, "after_15": listing(root), "size": sum(manifest(root / checkpoint.tag_for(15)).values()),
+    return {"after_each": seen, "after_15": listing(root),
+            "size": sum(manifest(root / checkpoint.tag_for(15)).values()),
             "version_15": loaded_version(engine, root / checkpoint.tag_for(15))}
 
 
@@ -177,7 +178,8 @@ def scenario_tmpfs(engine: Any, out: Path, checkpoint_bytes: int) -> dict[str, A
         raised = None
     except CheckpointError as exc:
         raised = f"{type(exc).__name__}: {exc}"
-    result = {"raised": raised, "seen": listing(root), "version_1": loaded_version(engine, root / checkpoint.tag_for(1))}
+    result = {"raised": raised, "seen": listing(root),
+              "version_1": loaded_version(engine, root / checkpoint.tag_for(1))}
     mdist.barrier()
     if mdist.rank() == 0:
         subprocess.run(["umount", str(root)], check=True)

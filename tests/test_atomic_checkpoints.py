@@ -3,10 +3,9 @@ whole, pruning never takes the tag just saved, a failed write (disk full, on any
 earlier tags intact, and every reader (mmpt-eval, resume, model.init.checkpoint) refuses an incomplete or
 corrupt tag in one line.
 
-The save tests run tests/atomic_ckpt_worker.py once: two real DeepSpeed ranks (gloo, ZeRO-1) saving the way the
-trainer does,
-killed with SIGKILL half-way through writing a file, and, where `unshare -rm` can mount one, writing onto a
-tmpfs too small for a second checkpoint.
+The save tests share one run of tests/atomic_ckpt_worker.py: two real DeepSpeed ranks (gloo, ZeRO-1) saving the
+way the trainer does, broken by an exception and by ENOSPC half-way through a file, killed with SIGKILL half-way
+through a file, and, where `unshare -rm` can mount one, writing onto a tmpfs too small for a second checkpoint.
 """
 from __future__ import annotations
 
@@ -148,6 +147,26 @@ def test_kill_mid_resave_after_rollback_leaves_the_old_complete_tag_and_hidden_p
     assert remove_stale_saves(root) == [staging] and not staging.exists()  # what the next start does
 
 
+def test_write_failures_say_disk_full_by_errno_or_by_a_writer_error_on_a_full_filesystem(tmp_path, monkeypatch):
+    import errno
+
+    from mmpt.engine import checkpoint_integrity
+
+    path = tmp_path / "x.pt"
+    what, full = checkpoint_integrity.describe_write_failure(OSError(errno.EDQUOT, "quota"), path)
+    assert full and what.startswith(f"disk full writing {path} ({os.strerror(errno.EDQUOT)}; ")
+    assert what.endswith(" MB free there)")
+    what, full = checkpoint_integrity.describe_write_failure(OSError(errno.EACCES, "denied"), path)
+    assert not full and what.startswith(f"write failed writing {path} ({os.strerror(errno.EACCES)}; ")
+    writer = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1920 vs 1814\nmore")
+    what, full = checkpoint_integrity.describe_write_failure(writer, path)  # this disk has room: torch's words
+    assert not full and what.startswith(f"write failed writing {path} ([enforce fail at inline_container.cc:672] . "
+                                        "unexpected pos 1920 vs 1814; ")
+    monkeypatch.setattr(checkpoint_integrity, "free_bytes", lambda _: 4096)  # the same error with 4 KB left
+    assert checkpoint_integrity.describe_write_failure(writer, path) == (
+        f"disk full writing {path} (no space left on device; 0.0 MB free there)", True)
+
+
 # ---- reading: incomplete and corrupt tags, in one line ---------------------------------------------------------
 def write_tag(root: Path, step: int, value: float = 1.0, complete: bool = True, listed: bool = True) -> Path:
     """A stage-0 tag the way save() leaves it: state file, marker with (or, like older mmpt, without) the manifest."""
@@ -195,7 +214,8 @@ def test_readers_ignore_staging_and_trash_dirs_and_odd_names(tmp_path):
         (ckpts / hidden / COMPLETE_MARKER).write_text("{}")
     (ckpts / f"{tag_for(7)}.bak").mkdir()
     (ckpts / f"{tag_for(7)}.bak" / COMPLETE_MARKER).write_text("{}")
-    assert [p.name for p in complete_checkpoints(ckpts)] == [tag_for(1)] and resume_target("auto", ckpts).name == tag_for(1)
+    assert [p.name for p in complete_checkpoints(ckpts)] == [tag_for(1)]
+    assert resume_target("auto", ckpts).name == tag_for(1)
     assert sorted(p.name for p in remove_stale_saves(ckpts)) == [f".tmp-{tag_for(5)}-123", f".trash-{tag_for(6)}-9"]
     assert sorted(p.name for p in ckpts.iterdir()) == [tag_for(1), f"{tag_for(7)}.bak"]
 

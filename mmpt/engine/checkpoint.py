@@ -240,7 +240,8 @@ def _save_failed_message(ckpt_root: Path, tag: str, failure: Failure, keep_last:
                "to resume")
     else:
         fix = f"make sure {ckpt_root} is writable, then rerun the same command to resume"
-    return f"could not save checkpoint {tag} in {ckpt_root}: {what}; the partial save was removed and {kept}. Fix: {fix}"
+    return (f"could not save checkpoint {tag} in {ckpt_root}: {what}; the partial save was removed and {kept}. "
+            f"Fix: {fix}")
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
@@ -297,7 +298,8 @@ def is_legacy_zero(tag_dir: Path | None) -> bool:
 
 def is_tag_dir(path: Path) -> bool:
     """A DeepSpeed tag dir (complete or not) rather than a run dir or checkpoints dir."""
-    return bool(TAG_PATTERN.fullmatch(path.name)) or (path / COMPLETE_MARKER).is_file() or (path / MODEL_STATES).is_file()
+    return (bool(TAG_PATTERN.fullmatch(path.name)) or (path / COMPLETE_MARKER).is_file()
+            or (path / MODEL_STATES).is_file())
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:

@@ -46,8 +46,8 @@ def tag_problem(tag_dir: Path) -> str | None:
         path = tag_dir / name
         if not path.is_file():
             return f"is corrupt: {name} is missing (the save wrote {size} bytes)"
-        if path.stat().st_size != size:
-            return f"is corrupt: {name} has {path.stat().st_size} bytes, the save wrote {size} (truncated or overwritten)"
+        if (found := path.stat().st_size) != size:
+            return f"is corrupt: {name} has {found} bytes, the save wrote {size} (truncated or overwritten)"
     for path in sorted(tag_dir.glob("*.pt")):
         problem = torch_file_problem(path)
         if problem:
@@ -85,7 +85,7 @@ def describe_write_failure(exc: BaseException, path: Path) -> tuple[str, bool]:
     zip writer ('unexpected pos ...'), so a writer error on a nearly full filesystem counts as a full disk."""
     free = free_bytes(path)
     code = getattr(exc, "errno", None)
-    full = code in DISK_FULL_ERRNOS or (free is not None and free < LOW_SPACE_BYTES)
+    full = code in DISK_FULL_ERRNOS if code else (free is not None and free < LOW_SPACE_BYTES)
     text = str(exc).strip()
     if code:
         reason = os.strerror(code)
