@@ -125,6 +125,8 @@ class Trainer:
         model = self._build_model()
         optimizer = build_optimizer(model, cfg.optimizer)  # from requires_grad parameters only
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
+        if env.is_main:  # a killed save's hidden staging/trash dirs (this run is the run dir's only writer)
+            checkpoint.remove_stale_saves(self.ckpt_root)
         resume_dir = checkpoint.resume_target(cfg.trainer.resume, self.ckpt_root)
         self.ds_config = build_deepspeed_config(cfg, env.world_size, checkpoint.is_legacy_zero(resume_dir))
         self.grad_clip = mmpt_grad_clip(cfg, self.ds_config)
