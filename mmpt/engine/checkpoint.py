@@ -36,7 +36,7 @@ TAG_PATTERN = re.compile(rf"{TAG_PREFIX}\d+")
 STAGING_PREFIX = ".tmp-"  # a save in progress: .tmp-<tag>-<pid>/<tag>/
 TRASH_PREFIX = ".trash-"  # a replaced or pruned tag, renamed away whole before its files are deleted
 LATEST_FILE = "latest"  # DeepSpeed's pointer to the newest tag (zero_to_fp32.py reads it); kept atomic here
-MODEL_STATES = "mp_rank_00_model_states.pt"
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO-3
 
 
 def tag_for(step: int) -> str:
@@ -316,7 +316,7 @@ def is_legacy_zero(tag_dir: Path | None) -> bool:
 def is_tag_dir(path: Path) -> bool:
     """A DeepSpeed tag dir (complete or not) rather than a run dir or checkpoints dir."""
     return (bool(TAG_PATTERN.fullmatch(path.name)) or (path / COMPLETE_MARKER).is_file()
-            or (path / MODEL_STATES).is_file())
+            or any((path / name).is_file() for name in MODEL_STATES))
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:
@@ -340,8 +340,6 @@ def resolve_checkpoint_dir(path: Path) -> Path:
         + "); pass a run dir of mmpt-train or one of its checkpoints/step_* dirs"
     )
 
-
-MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO-3
 
 
 def load_model_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
