@@ -107,6 +107,7 @@ REFUSED: list[tuple[list[str], str]] = [
     (["eval.ks=[1,-5]"], "eval.ks=[1, -5] must list recall cut-offs >= 1"),
     (["eval.ks=[]"], "eval.ks=[] must list recall cut-offs >= 1"),
     (["eval.rerank_k=-1"], "eval.rerank_k=-1 must be >= 0"),
+    (["trainer.expected_world_size=-8"], "trainer.expected_world_size=-8 must be >= 1, or null"),
     # ---- model geometry: one check per shared dataclass (tower, patch grid, text input), every architecture ----
     (["model.vision.width=0"], "vision.width=0 must be >= 1"),
     (["model.vision.heads=0"], "vision.heads=0 must be >= 1"),

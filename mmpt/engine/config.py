@@ -345,6 +345,9 @@ def check_ranges(cfg: TrainConfig) -> None:
                              ("eval.caption_max_images", e.caption_max_images, "no captioning evaluation"),
                              ("eval.caption_samples", e.caption_samples, "no sample captions")):
         _refuse_unless(value >= 0, key, value, f"must be >= 0 (0 = {zero})")
+    for key, value in (("trainer.expected_world_size", t.expected_world_size),
+                       ("trainer.expected_nodes", t.expected_nodes)):
+        _refuse_unless(value is None or value >= 1, key, value, "must be >= 1, or null (= this shell's)")
     _refuse_unless(t.dist_timeout_s > 0, "trainer.dist_timeout_s", t.dist_timeout_s,
                    "must be > 0 seconds (how long a rank waits for its peers; default 1800)")
     for key, value, rule in (
