@@ -1,8 +1,9 @@
 """Every wrong configuration is refused before launch with ONE `error:` line naming the key and the fix (exit 2).
 
 The table holds every case of issue 14 (the ones that used to train silently, the ones that used to end in a
-traceback or hang, and item 5's list) run in-process: real Hydra composition of mmpt/conf/ plus `validate`,
-which is all that runs before the process group starts, so a ConfigError here is a refusal before launch.
+traceback or hang, and item 5's list) run in-process: Hydra composition of mmpt/conf/ (`composed`) plus
+`validate`, which is all that runs before the process group starts, so a ConfigError here is a refusal before
+launch (`mmpt-train` prints it as one `error:` line, exit 2: the console-script rows below).
 Hydra's own errors go through the real `mmpt-train` entry point in-process; a few console-script runs (slow)
 show the exit code and the single line end to end."""
 from __future__ import annotations
