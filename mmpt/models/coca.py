@@ -77,8 +77,6 @@ class CoCaConfig(DualTowerConfig):
         for name in ("multimodal_layers", "num_decoder_queries"):
             if getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)} must be >= 1")
-        if self.vision.layers < 1 or self.text.layers < 1:
-            p.append(f"vision.layers={self.vision.layers} and text.layers={self.text.layers} must be >= 1")
         if self.image_pool not in ("attention", "mean", "cls"):
             p.append(f"image_pool={self.image_pool!r} must be 'attention', 'mean' or 'cls'")
         if self.layout not in ("mmpt", "open_clip"):
