@@ -36,6 +36,7 @@ from mmpt.engine.loggers import RunLogger
 from mmpt.engine.mfu import peak_tflops
 from mmpt.engine.optim import build_optimizer, build_scheduler
 from mmpt.engine.preemption import PreemptionWatch
+from mmpt.engine.progress import default_console_keys
 from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
 from mmpt.eval.runner import evaluate_model
 from mmpt.eval.zeroshot import enabled as zeroshot_enabled
@@ -111,6 +112,8 @@ class TrainResult:
     wandb_location: str | None
     wandb_run_id: str
     preempted_by: str | None = None  # the signal's name when the run stopped early to be requeued
+    start_step: int = 0  # where this process started (after a resume)
+    train_s: float = 0.0  # seconds in this process's training loop
 
 
 class Trainer:
@@ -124,6 +127,8 @@ class Trainer:
         model = self._build_model()
         optimizer = build_optimizer(model, cfg.optimizer)  # from requires_grad parameters only
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
+        if env.is_main:  # a killed save's hidden staging/trash dirs (this run is the run dir's only writer)
+            checkpoint.remove_stale_saves(self.ckpt_root)
         resume_dir = checkpoint.resume_target(cfg.trainer.resume, self.ckpt_root)
         self._refuse_other_world(resume_dir)
         self.ds_config = build_deepspeed_config(cfg, env.world_size, checkpoint.is_legacy_zero(resume_dir))
@@ -147,10 +152,12 @@ class Trainer:
         self.resumed_rng: dict[str, Any] | None = None  # applied just before the first step (fit)
         self.train_loader: BatchLoader | None = None
         self._resume(resume_dir)
+        self.start_step = self.step
         torch.manual_seed(cfg.trainer.seed * 1000 + env.rank)  # per-rank masks/dropout of a fresh run
         wandb_config = {**resolved, "params": asdict(self.param_counts)}  # not in config.yaml: not a config key
+        console_keys = cfg.trainer.console_keys or default_console_keys(cfg.model.objectives)
         self.logger = RunLogger(cfg.logger, run_dir, self.wandb_run_id, wandb_config, env.is_main,
-                                cfg.trainer.max_steps)
+                                cfg.trainer.max_steps, console_keys, start_step=self.step)
         self.last_checkpoint: Path | None = None
         self.saved_step = -1
         self.eval_metrics: dict[str, float] = {}
@@ -180,7 +187,7 @@ class Trainer:
         if tag_dir is None:
             self.wandb_run_id = str(mdist.all_gather_objects(uuid.uuid4().hex[:8])[0])  # W&B ids: [a-z0-9]
             return
-        state = checkpoint.load(self.engine, tag_dir)
+        state = checkpoint.load(self.engine, tag_dir, self.ckpt_root)  # only its own tags are fully unpickled
         self.resumed_rng = checkpoint.rng_state()  # this rank's, just restored: dropout and masks continue
         self.step = int(state["step"])
         self.wandb_run_id = str(state["wandb_run_id"])
@@ -308,6 +315,7 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         t = self.cfg.trainer
+        started = time.perf_counter()
         try:
             self.train_loader = build_train_loader_for(self.cfg, self.tokenizer, self.env, self.data_resume)
         except ValueError as exc:  # a data stream state that this launch cannot continue
@@ -349,7 +357,8 @@ class Trainer:
         preempted = self.preempted_by
         result = TrainResult(self.step, self.run_dir, self.last_checkpoint or checkpoint.latest_checkpoint(self.ckpt_root),
                              self.eval_metrics, self.logger.wandb_location, self.wandb_run_id,
-                             signal.Signals(preempted).name if preempted else None)
+                             signal.Signals(preempted).name if preempted else None, self.start_step,
+                             time.perf_counter() - started)
         self.logger.close()
         self.preemption.restore()
         if preempted:
