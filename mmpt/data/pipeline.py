@@ -41,7 +41,7 @@ ImageTransform = Callable[[Any, random.Random], torch.Tensor]
 # a train stream that skips this many samples in a row is broken: fail loudly instead of resampling forever
 # with no batch (shards that all come back empty, and time without a sample: mmpt.data.stall)
 MAX_SKIPS_IN_A_ROW = 10_000
-MAX_NAMED_BAD_SHARDS = 20  # bad shards named in a warning per worker; later ones are only counted
+MAX_NAMED_BAD_SHARDS = 5  # bad shards named in a warning per worker; later ones are only counted
 
 
 def derive_seed(*parts: int) -> int:
@@ -89,8 +89,9 @@ class SkipCounter:
         self._bad_shard = self.shard_index
         if url not in self._named_bad and len(self._named_bad) < MAX_NAMED_BAD_SHARDS:
             self._named_bad.add(url)
-            log.warning("%s: bad tar shard %s: %s; samples after the damage are lost, counted as 'bad_tar'",
-                        self.tag, url, detail[:500])
+            more = "" if len(self._named_bad) < MAX_NAMED_BAD_SHARDS else "; further bad shards are only counted"
+            log.warning("%s: bad tar shard %s: %s; counted as 'bad_tar', its unread samples are lost%s",
+                        self.tag, url, detail[:500], more)
         self.pending["bad_tar"] += 1
         self.total["bad_tar"] += 1
 

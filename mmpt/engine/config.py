@@ -466,8 +466,8 @@ def check_data(cfg: TrainConfig, data_kinds: tuple[str, ...], need_train: bool =
     d = cfg.data
     for key in ("max_image_pixels", "max_caption_bytes", "max_empty_s"):
         if not getattr(d, key) > 0:
-            raise ConfigError(f"data.{key}={getattr(d, key)} must be > 0; it bounds bad input (default "
-                              f"{getattr(DataConfig, key)}), give a larger value to allow more")
+            raise ConfigError(f"data.{key}={getattr(d, key):g} must be > 0; it bounds bad input (default "
+                              f"{getattr(DataConfig, key):g}), give a larger value to allow more")
     if not need_train:
         return
     specs = source_specs(cfg)
