@@ -32,25 +32,28 @@ class SampleLimits:
             raise ValueError(f"sample limits must be >= 1, got max_image_pixels={self.max_image_pixels}, "
                              f"max_caption_bytes={self.max_caption_bytes}")
 
-    def image_problem(self, data: bytes) -> Problem | None:
-        """None if the header is readable and within the pixel limit; else why the image must be skipped.
+    def open_image(self, data: bytes) -> Image.Image | Problem:
+        """The image opened (header parsed, pixels not decoded) if it is within the pixel limit, else why it
+        must be skipped. The decoders take the opened image (`transforms.decode_image`, `decode_for_crop`), so
+        the header is parsed once (~50-80 us for a JPEG, ~3% of decoding a 224 px one).
 
-        Image.open reads the header only. PIL itself refuses sizes over twice `Image.MAX_IMAGE_PIXELS`
-        (~179M) at open: that is the same reason here. An unreadable header is `bad_image`, as a decode error is.
+        PIL itself refuses sizes over twice `Image.MAX_IMAGE_PIXELS` (~179M) at open: the same reason here.
+        An unreadable header is `bad_image`, as a decode error is.
         """
         try:
             with warnings.catch_warnings():  # PIL warns above ~89M pixels: the limit below decides instead
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as img:
-                    width, height = img.size
+                img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exn:
             return "too_many_pixels", f"{exn} (data.max_image_pixels={self.max_image_pixels})"
         except Exception as exn:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad headers
             return "bad_image", f"{type(exn).__name__}: {exn}"
+        width, height = img.size
         if width * height > self.max_image_pixels:
+            img.close()
             return "too_many_pixels", (f"{width}x{height} = {width * height} pixels > data.max_image_pixels="
                                        f"{self.max_image_pixels} (not decoded)")
-        return None
+        return img
 
     def caption_problem(self, raw: bytes | str) -> Problem | None:
         """None if the caption's UTF-8 size is within the limit (checked on raw bytes, before decoding)."""

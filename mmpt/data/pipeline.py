@@ -164,11 +164,12 @@ def _prepare(raw: dict[str, Any], kind: str, transform: ImageTransform | None, m
     image = mask = None
     if ext is not None:
         assert transform is not None
-        if (problem := limits.image_problem(raw[ext])) is not None:
-            return problem[0], f"{where}: {problem[1]}"
+        opened = limits.open_image(raw[ext])  # header only: the pixel limit is checked before any decoding
+        if isinstance(opened, tuple):
+            return opened[0], f"{where}: {opened[1]}"
         try:
             from_bytes = getattr(transform, "from_bytes", None)  # a transform that decodes for its crop (draft)
-            image = from_bytes(raw[ext], rng) if from_bytes else transform(decode_image(raw[ext]), rng)
+            image = from_bytes(opened, rng) if from_bytes else transform(decode_image(opened), rng)
         except Exception as exn:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ...: all mean "bad image"
             return "bad_image", f"{where}: {type(exn).__name__}: {exn}"
         if masker is not None:
