@@ -190,18 +190,25 @@ def _shuffled(items: Iterable[Any], bufsize: int, rng: random.Random) -> Iterato
     yield from buf
 
 
-def _read_lines(stream: Any, chunk_size: int = 1 << 16) -> Iterator[bytes]:
-    """Lines of a binary stream that only has `read` (webdataset's `pipe:` streams are not iterable)."""
+def _read_lines(stream: Any, max_len: int | None = None, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+    """Lines of a binary stream that only has `read` (webdataset's `pipe:` streams are not iterable).
+
+    A line longer than `max_len` bytes is cut to `max_len + 1` bytes while it is read, so a file without
+    newlines costs bounded memory; the caption limit then skips it as `caption_too_long`."""
     tail = b""
     while chunk := stream.read(chunk_size):
         lines = (tail + chunk).split(b"\n")
         tail = lines.pop()
+        if max_len is not None:
+            tail = tail[: max_len + 1]
+            lines = [line[: max_len + 1] for line in lines]
         yield from lines
     if tail:
         yield tail
 
 
-def _text_lines(url: str, counter: SkipCounter, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+def _text_lines(url: str, counter: SkipCounter, slot: int, slots: int,
+                max_len: int | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples from a plain text file: every `slots`-th non-empty line, starting at `slot`.
 
     Every (rank, worker) reads the whole file and keeps its own lines, so one corpus file is split
@@ -215,7 +222,7 @@ def _text_lines(url: str, counter: SkipCounter, slot: int, slots: int) -> Iterat
     name = os.path.basename(url)
     kept = 0
     with stream:
-        for number, line in enumerate(_read_lines(stream), start=1):
+        for number, line in enumerate(_read_lines(stream, max_len), start=1):
             if not line.strip():
                 continue
             kept += 1
@@ -223,12 +230,13 @@ def _text_lines(url: str, counter: SkipCounter, slot: int, slots: int) -> Iterat
                 yield {"__key__": f"{name}:{number}", "__url__": url, "txt": line}
 
 
-def _raw_samples(urls: Iterable[str], counter: SkipCounter,
-                 text_slot: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
-    """Raw samples from tar shards, and from plain .txt files when `text_slot` = (slot, slots) is given."""
+def _raw_samples(urls: Iterable[str], counter: SkipCounter, text_slot: tuple[int, int] | None,
+                 max_line: int | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples from tar shards, and from plain .txt files when `text_slot` = (slot, slots) is given
+    (lines cut beyond `max_line` bytes: `_read_lines`)."""
     for url in urls:
         if text_slot is not None and is_text_file(url):
-            yield from _text_lines(url, counter, *text_slot)
+            yield from _text_lines(url, counter, *text_slot, max_len=max_line)
         else:
             counter.start_shard(url)
             yield from tar_samples(url, counter.bad_tar, counter.tar_handler)
@@ -284,7 +292,7 @@ class SampleSource:
             pool = tars + texts
         guard = StreamGuard(pool, self.max_empty_s, counter.tag)
         raw: Iterable[dict[str, Any]] = _mark_nonempty(
-            _raw_samples(_resampled(pool, rngs[0], guard), counter, text_slot), guard)
+            _raw_samples(_resampled(pool, rngs[0], guard), counter, text_slot, self.limits.max_caption_bytes), guard)
         if self.shuffle_buffer > 1:
             raw = _shuffled(raw, self.shuffle_buffer, rngs[1])
         return self._decode(raw, counter, rngs[2], rank, guard=guard)
@@ -298,7 +306,7 @@ class SampleSource:
         against unique images, and the pairs of one image are encoded once (mmpt.eval.retrieval).
         """
         mine = split_shards(self.urls, rank, world_size, worker, num_workers)
-        raw = _raw_samples(mine, counter, (0, 1) if self.kind == "texts" else None)
+        raw = _raw_samples(mine, counter, (0, 1) if self.kind == "texts" else None, self.limits.max_caption_bytes)
         good = self._decode(raw, counter, random.Random(0), rank)  # eval transforms ignore the rng
         return (pair for sample in good for pair in _one_per_caption(sample))
 
