@@ -73,6 +73,11 @@ class DataConfig:
     hflip: bool = False
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    # bounded bad input (mmpt/data/limits.py, mmpt/data/stall.py): samples over these sizes are skipped before
+    # decoding and counted; a train stream with no usable sample for max_empty_s seconds stops the run
+    max_image_pixels: int = 64_000_000
+    max_caption_bytes: int = 16384
+    max_empty_s: float = 300.0
 
 
 @dataclass
@@ -562,9 +567,13 @@ def check_data(cfg: TrainConfig, data_kinds: tuple[str, ...], need_train: bool =
     from mmpt.data.sources import check_sources
 
     image_masker(cfg)
+    d = cfg.data
+    for key in ("max_image_pixels", "max_caption_bytes", "max_empty_s"):
+        if not getattr(d, key) > 0:
+            raise ConfigError(f"data.{key}={getattr(d, key):g} must be > 0; it bounds bad input (default "
+                              f"{getattr(DataConfig, key):g}), give a larger value to allow more")
     if not need_train:
         return
-    d = cfg.data
     specs = source_specs(cfg)
     if specs:
         try:
