@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmpt.cli.common import CONF_DIR, fail, strip_launcher_args, user_errors_exit
 from mmpt.cli.conf_search import user_conf_dir
 from mmpt.cli.hydra_errors import hydra_errors_exit
+from mmpt.engine.divergence import DivergenceError
 from mmpt.engine.dry_run import dry_run_report, format_report
 from mmpt.engine.run_setup import configure_logging, current_env, start_distributed, validate
 
@@ -41,7 +42,12 @@ def train(raw: DictConfig) -> None:
     if env.is_main:
         log.info("run dir %s | %d ranks (%s) on %s", run_dir, env.world_size, env.launcher, device)
     trainer = Trainer(prep.cfg, prep.resolved, env, device, run_dir, prep.tokenizer)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except DivergenceError as exc:  # every rank stops at the same step; one line, exit 1
+        if env.is_main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if env.is_main:
         summary = {"step": result.step, "run_dir": str(result.run_dir),
                    "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,

@@ -106,6 +106,11 @@ class TrainerConfig:
     # CPU the compile time (minutes) is rarely won back. compile_backend: a torch.compile backend name
     compile: bool = False
     compile_backend: str = "inductor"
+    # divergence guards (mmpt/engine/divergence.py): a step with a non-finite gradient norm or loss is skipped;
+    # this many skipped steps in a row stop the run. spike_factor: also skip a step whose loss exceeds this many
+    # times the moving average of accepted losses (after a warm-up); null = off
+    max_bad_steps: int = 20
+    spike_factor: Optional[float] = None
 
 
 @dataclass
@@ -312,6 +317,11 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
             signal_number(name)
         except ValueError as exc:
             raise ConfigError(f"trainer.preempt_signals: {exc}") from None
+    if t.max_bad_steps < 1:
+        raise ConfigError(f"trainer.max_bad_steps={t.max_bad_steps} must be >= 1 (skipped steps in a row that stop a run)")
+    if t.spike_factor is not None and (t.spike_factor <= 1 or t.contrastive_accum_steps > 1):
+        raise ConfigError(f"trainer.spike_factor={t.spike_factor} must be > 1 (a multiple of the average loss) or null, "
+                          "and is not available with trainer.contrastive_accum_steps > 1")
     if t.keep_last < 1:
         raise ConfigError(f"trainer.keep_last={t.keep_last} must be >= 1 (resuming needs a checkpoint)")
     if t.global_batch_size is not None:
