@@ -150,7 +150,7 @@ def test_lr_1e4_stops_with_one_line_and_a_finite_last_good_checkpoint(demo_env, 
         [str(BIN / "mmpt-train"), "experiment=clip_tiny", "data.image_size=32", "data.batch_size=8",
          "data.num_workers=0", "optimizer.lr=1e4", "scheduler.warmup_steps=5", "trainer.max_steps=50",
          "trainer.log_every=1", "trainer.save_every=1", "trainer.keep_last=1", "trainer.max_bad_steps=3",
-         "eval.at_end=false", f"hydra.run.dir={run_dir}"],
+         "eval.at_end=false", "logger.backend=none", f"hydra.run.dir={run_dir}"],
         env=demo_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
