@@ -1,13 +1,12 @@
 """Divergence guards (mmpt/engine/divergence.py) on real DeepSpeed engines: a non-finite gradient, a non-finite
 loss with finite gradients, or a loss spike skips the step (weights, Adam state and LR schedule untouched,
-counted); max_bad_steps in a row stop with the last good checkpoint named; non-finite weights are never saved.
-The CLI test is the issue's `optimizer.lr=1e4` run: it stops with one error line and a finite, loadable
-last good checkpoint."""
+counted); max_bad_steps in a row stop with the last good checkpoint named; non-finite weights are never saved;
+the issue's `optimizer.lr=1e4` run through the Trainer stops with a finite, loadable last good checkpoint. One
+spawned process for all of it (a DeepSpeed process group is the expensive part)."""
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import torch
 
 from mmpt.engine.checkpoint import complete_checkpoints, load_model_weights
 from tests.dist_helpers import run_ranks
-from tests.test_train_e2e import BIN, metrics
 
 INF = float("inf")
 
@@ -69,6 +67,32 @@ def _same(a: dict, b: dict) -> bool:
     return all(torch.equal(x, y) for x, y in pairs) and (a["sched"], a["lr"]) == (b["sched"], b["lr"])
 
 
+def _diverging_trainer_run(run_dir: Path) -> dict:
+    """The issue's `optimizer.lr=1e4` on clip_tiny through the real Trainer (the process group is up): step 1 is
+    applied and saved, every later gradient norm is infinite; max_bad_steps=3 stops it at step 4."""
+    from mmpt.engine.dist_env import DistEnv
+    from mmpt.engine.divergence import DivergenceError
+    from mmpt.engine.run_setup import validate
+    from mmpt.engine.trainer import Trainer
+    from tests.saved_models import composed
+
+    overrides = ["experiment=clip_tiny", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
+                 "optimizer.lr=1e4", "scheduler.warmup_steps=5", "trainer.max_steps=50", "trainer.log_every=1",
+                 "trainer.save_every=1", "trainer.keep_last=1", "trainer.max_bad_steps=3", "eval.at_end=false",
+                 "logger.backend=none"]
+    prep = validate(composed(overrides), DistEnv(0, 0, 1, "127.0.0.1", 0, "single"))
+    run_dir.mkdir()
+    trainer = Trainer(prep.cfg, prep.resolved, prep.env, torch.device("cpu"), run_dir, prep.tokenizer)
+    try:
+        trainer.fit()
+        error = None
+    except DivergenceError as exc:
+        error = str(exc)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"error": error, "run_dir": run_dir, "checkpoints": complete_checkpoints(run_dir / "checkpoints"),
+            "skipped": [(r["step"], r["train/skipped_steps"]) for r in records if "train/skipped_steps" in r]}
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     torch.set_num_threads(1)
@@ -118,50 +142,60 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     spike = (x * 10, 0.0)  # ~100x the loss
     out["spike"] = [step(engine, guard, clip, b) for b in (good, good, good, spike, good, spike)]
     out["spike_counts"] = (guard.skipped_steps, guard.spike_skips)
+    out["trainer"] = _diverging_trainer_run(Path(out_dir) / "run")
     torch.save(out, Path(out_dir) / "rank0.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.slow  # a spawned gloo process with three DeepSpeed engines
-def test_bad_steps_are_skipped_counted_and_stop_the_run(tmp_path):
-    (got,) = run_ranks(_worker, tmp_path, world=1)
-    for precision, own_step in (("fp32", True), ("bf16", False)):
-        run = got[precision]
-        assert run["own_step"] is own_step
-        applied = [a for a, _ in run["results"]]
-        unchanged = [u for _, u in run["results"]]
-        # good, inf grad, inf loss (finite grads), good, inf grad x3: skipped steps change nothing at all
-        assert applied == [True, False, False, True, False, False, False], precision
-        assert unchanged == [False, True, True, False, True, True, True], precision
-        assert run["skipped"] == 5 and run["streak_after_6"] == 2 and run["finite"]
-        error = got[f"{precision}_error"]
-        assert error.startswith("training diverged: 3 optimizer steps in a row up to step 7 were skipped")
-        assert "last good checkpoint: /run/checkpoints/step_00000004" in error
-    assert got["nan_weights_safe_to_save"] is False
+@pytest.fixture(scope="module")
+def guarded(demo_dir, tmp_path_factory) -> dict:
+    """Everything above, run once in one spawned process (the demo data for the Trainer run via the env)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {"MMPT_DEMO_DIR": str(demo_dir), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+                           "TOKENIZERS_PARALLELISM": "false"}.items():
+            patch.setenv(key, value)
+        (got,) = run_ranks(_worker, tmp_path_factory.mktemp("guards"), world=1)
+    return got
+
+
+@pytest.mark.slow  # the module's one spawned gloo process (three DeepSpeed engines and a Trainer)
+@pytest.mark.parametrize("precision, own_step", [("fp32", True), ("bf16", False)])
+def test_non_finite_gradient_or_loss_skips_the_step_and_changes_nothing(guarded, precision, own_step):
+    """fp32: mmpt's own step (fused AdamW's found_inf); bf16: DeepSpeed's overflow skip. The inf-loss batch has
+    finite gradients: only the loss check (folded into the gradient) can catch it."""
+    run = guarded[precision]
+    assert run["own_step"] is own_step
+    # good, inf grad, inf loss, good, inf grad x3: weights, Adam state and schedule untouched by every skip
+    assert [a for a, _ in run["results"]] == [True, False, False, True, False, False, False]
+    assert [u for _, u in run["results"]] == [False, True, True, False, True, True, True]
+    assert run["skipped"] == 5 and run["finite"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_max_bad_steps_in_a_row_stop_naming_the_last_good_checkpoint(guarded, precision):
+    assert guarded[precision]["streak_after_6"] == 2  # two bad steps, then one more: a streak, not a total
+    error = guarded[f"{precision}_error"]
+    assert error.startswith("training diverged: 3 optimizer steps in a row up to step 7 were skipped")
+    assert "last good checkpoint: /run/checkpoints/step_00000004" in error
+    assert guarded["nan_weights_safe_to_save"] is False  # non-finite weights: the save is refused
+
+
+@pytest.mark.slow
+def test_spike_guard_skips_a_planted_spike(guarded):
     # 3 accepted steps of warm-up, then each planted ~100x spike is skipped and leaves everything untouched
-    assert got["spike"] == [(True, False), (True, False), (True, False), (False, True), (True, False), (False, True)]
-    assert got["spike_counts"] == (2, 2)
+    assert guarded["spike"] == [(True, False), (True, False), (True, False), (False, True), (True, False), (False, True)]
+    assert guarded["spike_counts"] == (2, 2)
 
 
-@pytest.mark.slow  # a CLI subprocess
-def test_lr_1e4_stops_with_one_line_and_a_finite_last_good_checkpoint(demo_env, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [str(BIN / "mmpt-train"), "experiment=clip_tiny", "data.image_size=32", "data.batch_size=8",
-         "data.num_workers=0", "optimizer.lr=1e4", "scheduler.warmup_steps=5", "trainer.max_steps=50",
-         "trainer.log_every=1", "trainer.save_every=1", "trainer.keep_last=1", "trainer.max_bad_steps=3",
-         "eval.at_end=false", "logger.backend=none", f"hydra.run.dir={run_dir}"],
-        env=demo_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    last_good = run_dir / "checkpoints" / "step_00000001"
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert errors[0].startswith("error: training diverged: 3 optimizer steps in a row up to step 4 were skipped")
-    assert f"last good checkpoint: {last_good}" in errors[0]
-    # the skipped steps' saves were refused, so keep_last=1 never pruned the good one
-    assert complete_checkpoints(run_dir / "checkpoints") == [last_good]
+@pytest.mark.slow
+def test_lr_1e4_stops_with_a_finite_loadable_last_good_checkpoint(guarded):
+    """The issue's `optimizer.lr=1e4` through the Trainer: the skipped steps' saves were refused, so keep_last=1
+    never pruned the last good checkpoint; every log line counts the skipped steps."""
+    run = guarded["trainer"]
+    last_good = run["run_dir"] / "checkpoints" / "step_00000001"
+    assert run["error"].startswith("training diverged: 3 optimizer steps in a row up to step 4 were skipped")
+    assert f"last good checkpoint: {last_good}" in run["error"]
+    assert run["checkpoints"] == [last_good] and run["skipped"] == [(1, 0), (2, 1), (3, 2), (4, 3)]
     weights = load_model_weights(last_good)
     assert weights and all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
-    assert [(r["step"], r["train/skipped_steps"]) for r in metrics(run_dir) if "train/skipped_steps" in r] == \
-        [(1, 0), (2, 1), (3, 2), (4, 3)]
-    assert json.loads((last_good / "complete").read_text())["step"] == 1
