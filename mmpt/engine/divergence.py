@@ -63,6 +63,18 @@ def is_plain_torch_optimizer(optimizer: Any) -> bool:
     return isinstance(optimizer, torch.optim.Optimizer) and type(optimizer).__module__.startswith("torch.optim")
 
 
+def to_host_later(flag: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """A host copy of a 0-d device flag and a CUDA event to wait on before reading it (None: readable now).
+    On CUDA the copy is queued into pinned memory, so queuing it does not wait for the GPU."""
+    if flag.device.type != "cuda":
+        return flag.to("cpu"), None  # CPU: already computed; other devices: a plain (blocking) copy
+    host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 class DivergenceGuard:
     """One per trainer. Per micro-batch: `poison(loss)`; per optimizer step: `after_step()`; then
     `stop_if_diverged(last_good)`; before a save: `safe_to_save(module)`; for a log line: `skipped_steps`."""
@@ -79,7 +91,7 @@ class DivergenceGuard:
         self._avg, self._accepted = zero.clone(), zero.clone()  # moving average of accepted step losses, count
         self._step_loss, self._step_micro, self._step_spiked = zero.clone(), zero.clone(), zero.clone()
         self._found_inf: torch.Tensor | None = None
-        self._pending: deque[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = deque()
+        self._pending: deque[tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]] = deque()
         if self.own_step:
             engine.optimizer.register_step_pre_hook(self._mask_update)
 
@@ -127,11 +139,11 @@ class DivergenceGuard:
             self._settle(applied, step_loss, spiked)
             return applied
         assert self._found_inf is not None, "the optimizer pre-step hook did not run"
-        flag = self._found_inf.to("cpu", non_blocking=True)
-        self._pending.append((flag, step_loss, spiked))
-        if flag.device == self._found_inf.device:  # CPU: already computed, reading it costs nothing
+        flag, ready = to_host_later(self._found_inf)
+        self._pending.append((flag, ready, step_loss, spiked))
+        if ready is None:  # CPU: already computed, reading it costs nothing
             return self.settle_pending()
-        while len(self._pending) > 1:
+        while len(self._pending) > 1:  # CUDA: the previous step's flag, finished by now
             self._settle_oldest()
         return None
 
@@ -144,7 +156,9 @@ class DivergenceGuard:
         return applied
 
     def _settle_oldest(self) -> bool:
-        flag, step_loss, spiked = self._pending.popleft()
+        flag, ready, step_loss, spiked = self._pending.popleft()
+        if ready is not None:
+            ready.synchronize()  # waits only for the step that wrote the flag
         applied = not bool(flag)
         if not applied:  # the engine stepped the scheduler regardless: take that step back
             scheduler = self.engine.lr_scheduler
