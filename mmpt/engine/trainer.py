@@ -300,7 +300,11 @@ class Trainer:
                 stats = IntervalStats(skipped=stats.skipped)
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 self.save()
-            self.guard.stop_if_diverged(self.step, self._last_good)  # after the log line that counts it
+            if self.guard.bad_streak >= t.max_bad_steps:  # stop: the last record counts every skipped step
+                if stats.micro_steps:
+                    self.logger.log(self._record(stats))
+                self.logger.close()
+                self.guard.stop_if_diverged(self.step, self._last_good)
             # at max_steps the run is complete anyway: finishing beats a requeue that would have nothing to do
             if self.step < t.max_steps and self.step % t.preempt_check_every == 0 and (signum := self.preemption.agreed()):
                 self._checkpoint_for_preemption(signum, stats)
