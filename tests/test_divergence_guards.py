@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -199,3 +200,19 @@ def test_lr_1e4_stops_with_a_finite_loadable_last_good_checkpoint(guarded):
     assert run["checkpoints"] == [last_good] and run["skipped"] == [(1, 0), (2, 1), (3, 2), (4, 3)]
     weights = load_model_weights(last_good)
     assert weights and all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["trainer.max_bad_steps=0"], "trainer.max_bad_steps=0 must be >= 1"),
+    (["trainer.spike_factor=0.5"], "trainer.spike_factor=0.5 must be > 1"),
+    (["trainer.spike_factor=5", "trainer.contrastive_accum_steps=2"],
+     "trainer.spike_factor=5.0 needs trainer.contrastive_accum_steps=1"),
+])
+def test_guard_settings_are_checked_before_launch(demo_env, overrides, expected):
+    from mmpt.engine.config import ConfigError
+    from mmpt.engine.dist_env import DistEnv
+    from mmpt.engine.run_setup import validate
+    from tests.saved_models import composed
+
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate(composed(["experiment=clip_tiny", *overrides]), DistEnv(0, 0, 1, "127.0.0.1", 0, "single"))

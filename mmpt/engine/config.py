@@ -319,9 +319,12 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
             raise ConfigError(f"trainer.preempt_signals: {exc}") from None
     if t.max_bad_steps < 1:
         raise ConfigError(f"trainer.max_bad_steps={t.max_bad_steps} must be >= 1 (skipped steps in a row that stop a run)")
-    if t.spike_factor is not None and (t.spike_factor <= 1 or t.contrastive_accum_steps > 1):
-        raise ConfigError(f"trainer.spike_factor={t.spike_factor} must be > 1 (a multiple of the average loss) or null, "
-                          "and is not available with trainer.contrastive_accum_steps > 1")
+    if t.spike_factor is not None and t.spike_factor <= 1:
+        raise ConfigError(f"trainer.spike_factor={t.spike_factor} must be > 1 (a multiple of the moving average loss), "
+                          "or null to turn the spike guard off")
+    if t.spike_factor is not None and t.contrastive_accum_steps > 1:
+        raise ConfigError(f"trainer.spike_factor={t.spike_factor} needs trainer.contrastive_accum_steps=1 (GradCache's "
+                          "loss is known only after its backward passes); set trainer.spike_factor=null")
     if t.keep_last < 1:
         raise ConfigError(f"trainer.keep_last={t.keep_last} must be >= 1 (resuming needs a checkpoint)")
     if t.global_batch_size is not None:
