@@ -66,7 +66,7 @@ def micro_step(engine: Any, batch: Batch | MixedBatch, weights: dict[str, float]
 class IntervalStats:
     """Sums since the last log line, kept on device so the hot path never syncs with the host."""
 
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)  # key set -> summed rows
     micro_steps: int = 0
     data_wait_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
@@ -87,17 +87,23 @@ class IntervalStats:
         return {"grad_norm": sum(norms) / len(norms), "grad_norm_max": max(norms)}
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
-        """A micro-batch whose loss is non-finite (its step is skipped: divergence.py) adds nothing to the means."""
-        counted = torch.isfinite(values["loss"].detach()).float()
-        for key, value in {**values, COUNTED: counted}.items():
-            value = torch.where(counted > 0, value.detach().float(), 0.0)
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        """A micro-batch whose loss is non-finite (its step is skipped: divergence.py) adds nothing to the means.
+        One stacked row per micro-batch (a handful of ops whatever the number of metrics)."""
+        keys = (*values, COUNTED)
+        row = torch.stack([v.detach().float() for v in values.values()])
+        counted = torch.isfinite(row[keys.index("loss")])
+        row = torch.where(counted, torch.cat([row, torch.ones_like(row[:1])]), 0.0)
+        self.rows[keys] = self.rows[keys] + row if keys in self.rows else row
         self.micro_steps += 1
 
     def reduce(self) -> dict[str, float]:
         """Collective: averages over counted micro-steps and ranks, one host sync per log line."""
-        keys = sorted(self.sums)
-        stacked = torch.stack([self.sums[k] for k in keys])
+        sums: dict[str, torch.Tensor] = {}
+        for row_keys, row in self.rows.items():
+            for key, value in zip(row_keys, row):
+                sums[key] = sums[key] + value if key in sums else value
+        keys = sorted(sums)
+        stacked = torch.stack([sums[k] for k in keys])
         if mdist.is_dist():
             torch.distributed.all_reduce(stacked)
         stacked = stacked / stacked[keys.index(COUNTED)]  # nan when every micro-batch of the interval was bad
