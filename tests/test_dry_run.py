@@ -39,8 +39,9 @@ def _dry_run(demo_env, tmp_path, *overrides, nodes="2"):
 
 @pytest.mark.slow  # a CLI subprocess
 def test_cli_dry_run_reports_the_job_world_and_trains_nothing(demo_env, tmp_path):
-    proc = _dry_run(demo_env, tmp_path, "trainer.expected_world_size=16", "trainer.max_steps=300",
-                    "trainer.precision=bf16", "model.momentum.enabled=true")
+    # SLURM_JOB_NUM_NODES=1 is this shell's (login node) allocation: the planned job's trainer.expected_nodes wins
+    proc = _dry_run(demo_env, tmp_path, "trainer.expected_world_size=16", "trainer.expected_nodes=2",
+                    "trainer.max_steps=300", "trainer.precision=bf16", "model.momentum.enabled=true", nodes="1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.split("dry_run: ", 1)[1].splitlines()[0])
     assert (report["nodes"], report["ranks"], report["ranks_per_node"]) == (2, 16, 8)
@@ -48,6 +49,8 @@ def test_cli_dry_run_reports_the_job_world_and_trains_nothing(demo_env, tmp_path
     assert report["zero_stage"] == 2 and report["model"] == "albef"
     # ALBEF's momentum teacher is the frozen part: a copy of the image/text encoders and projections
     assert 0 < report["params_frozen"] < report["params_trainable"]
+    assert report["params_momentum_teacher"] == report["params_frozen"]
+    assert f"{report['params_frozen']:,} frozen (of which {report['params_frozen']:,} momentum teacher" in proc.stdout
     state = model_state_bytes(report["params_trainable"], report["params_frozen"], "bf16", 2, 16)
     assert report["model_state_gib_per_rank"]["total"] == pytest.approx(state.total / GIB, abs=1e-3)
     assert "2 node(s) x 8 rank(s) = 16 ranks" in proc.stdout

@@ -245,7 +245,7 @@ def test_init_checkpoint_resolves_run_dir_to_newest_complete_tag_and_accepts_a_t
     for path, want in ((tmp_path, sds[1]), (tmp_path / "checkpoints", sds[1]), (first, sds[0])):
         got = read_init_checkpoint(str(path))
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), path
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(ConfigError, match=f"checkpoint {partial} is incomplete: it has no `complete` marker"):
         read_init_checkpoint(str(partial))
 
 

@@ -53,6 +53,14 @@ def test_masked_language_modeling_needs_a_mask_token() -> None:
     assert preset_config("albef", "tiny", objectives=["itc"]).launch_problems(launch) == []  # ITC needs no mask
 
 
-def test_tokenizer_without_padding_is_refused() -> None:
-    with pytest.raises(ValueError, match="no padding token"):
-        TextTokenizer(word_tokenizer(["<s>", "<unk>", "</s>"], "<s>", "</s>"), max_len=8)
+def test_a_tokenizer_without_padding_pads_with_eos_like_clip() -> None:
+    # CLIP's BPE tokenizer.json: start/end of text, no pad token; the attention mask tells padding apart
+    tok = TextTokenizer(word_tokenizer(["<|startoftext|>", "<unk>", "<|endoftext|>"], "<|startoftext|>",
+                                       "<|endoftext|>"), max_len=6)
+    assert tok.pad_id == tok.eos_id == 2
+    ids, mask = tok(["hello"])  # an unknown word: one <unk>
+    assert ids.tolist() == [[0, 1, 2, 2, 2, 2]] and mask.tolist() == [[1, 1, 1, 0, 0, 0]]
+    launch = Launch(world_size=1, micro_batch=4, zero_stage=0, image_size=64, tokenizer=tok)
+    assert preset_config("clip", "tiny").launch_problems(launch) == []
+    # captioning must tell the end of a caption from padding: refused before launch, not after training
+    assert any("pads with its end-of-text token" in p for p in preset_config("coca", "tiny").launch_problems(launch))

@@ -1,4 +1,7 @@
-"""`mmpt-data`: make data for mmpt (synthetic or caption-dataset shards, WordPiece and k-means visual tokenizers).
+"""`mmpt-data`: make data for mmpt (shards, WordPiece and k-means visual tokenizers) and look at it (show, stats).
+
+Makes synthetic or caption-dataset shards, WordPiece and k-means visual tokenizers; `show` draws a contact sheet
+and `stats` counts samples, sizes and what training would skip (mmpt/cli/data_inspect.py).
 
 Caption datasets: `from-coco` (COCO captions / Karpathy split json) and `from-csv` (mmpt/cli/data_captions.py).
 
@@ -16,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mmpt.cli.data_captions import add_from_coco, add_from_csv
+from mmpt.cli.data_inspect import add_show, add_stats
 from mmpt.data.caption_sources import CaptionSourceError
 
 USER_ERROR = 2
@@ -307,7 +311,7 @@ def add_visual_tokenizer(subparsers) -> None:
 
 SUBCOMMANDS: dict[str, Callable] = {
     "synthetic": add_synthetic, "tokenizer": add_tokenizer, "visual-tokenizer": add_visual_tokenizer,
-    "from-coco": add_from_coco, "from-csv": add_from_csv,
+    "from-coco": add_from_coco, "from-csv": add_from_csv, "show": add_show, "stats": add_stats,
 }
 
 

@@ -1,8 +1,10 @@
-"""`mmpt-eval ckpt=<run dir | checkpoint dir | mmpt-export dir> [data.eval.urls=...] [eval.output=FILE] [key=value ...]`
+"""`mmpt-eval ckpt=<run dir | checkpoint dir | mmpt-export dir> data.eval.urls=<shards> [eval.output=FILE] [key=value ...]`
 
 Loads the config and tokenizer saved with the weights (mmpt.engine.saved_model, the reader mmpt.load uses),
 applies the overrides, evaluates retrieval on every rank of the launcher (single process, torchrun, srun) and
-prints/writes flat JSON metrics.
+prints/writes flat JSON metrics. Where data is read and results are written (data.eval.urls, eval.output,
+eval.zeroshot.root/urls/classnames/output) comes only from the command line, never from the checkpoint's
+config.yaml: a downloaded run dir could name a `pipe:` shell command there.
 Zero-shot classification: `eval.zeroshot.root=IMAGE_FOLDER [eval.zeroshot.classnames=FILE]
 [eval.zeroshot.templates=default|imagenet_openai|FILE] [eval.zeroshot.output=clip_benchmark.json]`
 (or `eval.zeroshot.urls=SHARDS` with a .cls per sample); `data.eval.urls=null` then skips retrieval.
@@ -14,14 +16,14 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mmpt import distributed as mdist
 from mmpt.cli.common import fail, strip_launcher_args, user_errors_exit
 from mmpt.engine.config import ConfigError, EvalConfig
 from mmpt.engine.dist_env import detect_env, device_for, init_process_group
-from mmpt.engine.saved_model import load_saved_weights, read_saved
-from mmpt.engine.run_setup import build_eval_loader_for, configure_logging, validate
+from mmpt.engine.saved_model import CONFIG_FILE, load_saved_weights, read_saved
+from mmpt.engine.run_setup import build_eval_loader_for, configure_logging, log, validate
 from mmpt.eval import zeroshot
 from mmpt.eval.runner import evaluate_model
 from mmpt.models.registry import build_model
@@ -46,6 +48,24 @@ def parse_overrides(argv: list[str]) -> tuple[str, list[str]]:
     return ckpt, rest
 
 
+# Where evaluation reads data from and writes results to. A checkpoint's config.yaml (maybe downloaded) must not
+# choose them: a `pipe:` URL is a shell command, an output path can overwrite any file. Reset before the
+# command line's overrides are merged, so only the user sets them.
+STORED_SOURCE_KEYS = ("data.eval.urls", "eval.output", "eval.zeroshot.root", "eval.zeroshot.urls",
+                      "eval.zeroshot.classnames", "eval.zeroshot.output")
+
+
+def drop_stored_sources(config: DictConfig) -> dict[str, object]:
+    """Set STORED_SOURCE_KEYS to null in a stored config (in place); returns the values dropped."""
+    dropped = {}
+    for key in STORED_SOURCE_KEYS:
+        value = OmegaConf.select(config, key, default=None)
+        if value is not None:
+            dropped[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            OmegaConf.update(config, key, None, force_add=True)
+    return dropped
+
+
 @user_errors_exit
 def evaluate(argv: list[str]) -> dict[str, float]:
     ckpt, overrides = parse_overrides(argv)
@@ -55,6 +75,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     saved.tokenizer.path = str(stored.tokenizer_file)
     # eval settings added after the checkpoint was written take their defaults (and can be overridden)
     saved.eval = OmegaConf.merge(OmegaConf.structured(EvalConfig), saved.get("eval") or {})
+    dropped = drop_stored_sources(saved)
     OmegaConf.set_struct(saved, True)
     try:
         cfg_raw = OmegaConf.merge(saved, OmegaConf.from_dotlist(overrides))
@@ -62,11 +83,15 @@ def evaluate(argv: list[str]) -> dict[str, float]:
         raise ConfigError(f"bad override in {overrides}: {str(exc).splitlines()[0]}") from None
     env = detect_env()
     configure_logging(env)
+    if env.is_main and dropped:
+        log.info("not used from %s/%s (data and output paths come from the command line): %s", tag_dir,
+                 CONFIG_FILE, ", ".join(f"{k}={v!r}" for k, v in dropped.items()))
     prep = validate(cfg_raw, env, need_train=False)
     zeroshot_on = zeroshot.enabled(prep.cfg.eval.zeroshot)
     if not prep.cfg.data.eval.urls and not zeroshot_on:
         raise ConfigError("data.eval.urls is not set; pass data.eval.urls='<shard pattern>' (retrieval) or "
-                          "eval.zeroshot.root=<image folder> (zero-shot classification)")
+                          "eval.zeroshot.root=<image folder> (zero-shot classification) on the command line "
+                          f"(mmpt-eval never takes them from the checkpoint's {CONFIG_FILE})")
     if env.world_size > 1:
         init_process_group(env, prep.cfg.trainer.dist_timeout_s)
     device = device_for(env)

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException, SearchPathException
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from mmpt.cli.conf_search import describe_conf_dirs, find_group, group_options
+from mmpt.cli.conf_search import conf_dirs, describe_conf_dirs, find_group, group_options
 
 GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 # Launchers that live in an optional extra: the Hydra plugin module and the extra that installs it.
@@ -27,7 +27,13 @@ _LAUNCHER_EXTRA = {"slurm": "submitit", "local": "submitit", "submitit_slurm": "
 _COULD_NOT_OVERRIDE = re.compile(r"Could not override '([^']+)'")
 _ALREADY_THERE = re.compile(r"An item is already at '([^']+)'")
 _CANNOT_DELETE = re.compile(r"Could not delete from config\. '([^']+)' does not exist")
-_HYDRA_ERRORS = (ConfigCompositionException, OverrideParseException, SearchPathException, MissingMandatoryValue)
+_MERGING_OVERRIDE = re.compile(r"Error merging override (\S+)")
+_NO_PRIMARY = re.compile(r"Cannot find primary config '([^']*)'")
+_AMBIGUOUS = re.compile(r"Ambiguous value for argument '([^']+)'")
+_TWICE_IN_DEFAULTS = re.compile(r"(\S+) appears more than once in the final defaults list")
+# ValueError: Hydra's defaults list raises it for an override without a key (`=3`)
+_HYDRA_ERRORS = (ConfigCompositionException, OverrideParseException, SearchPathException, MissingMandatoryValue,
+                 ValueError)
 
 
 def explain(exc: BaseException, overrides: Sequence[str]) -> str | None:
@@ -35,12 +41,18 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> str | None:
     if isinstance(exc, OverrideParseException):
         return _parse_error(exc, overrides)
     if isinstance(exc, MissingConfigException):
+        if (m := _NO_PRIMARY.search(str(exc))) is not None:
+            return _missing_primary(m.group(1))
         return _missing_option(exc, overrides)
     if isinstance(exc, SearchPathException):
         return f"{_first_line(exc)}; --config-dir takes an existing folder of config groups"
     if isinstance(exc, MissingMandatoryValue):
         key = getattr(exc, "full_key", None) or "?"
         return f"config key '{key}' is required but not set (???). Set it on the command line: {key}=..."
+    if isinstance(exc, ValueError) and "Config group override must be" in str(exc):
+        bad = next((item for item in overrides if item.startswith("=")), "?")
+        return (f"cannot parse override {bad!r}: an override is key=value and this one has no key "
+                f"(override grammar: {GRAMMAR_URL})")
     if not isinstance(exc, ConfigCompositionException):
         return None
     text = str(exc)
@@ -53,8 +65,43 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> str | None:
         return (f"'{given or '+' + key}': {key} already exists, so it cannot be added with +; "
                 f"set it with {key}={value} (or ++{key}={value} to add or set)")
     if (m := _CANNOT_DELETE.search(text)) is not None:
-        return f"cannot delete '{m.group(1)}': no such key in the config{_close_hint(m.group(1), exc.__cause__)}"
+        return (f"cannot delete '{m.group(1)}': no such key in the config{_close_hint(m.group(1), exc.__cause__)} "
+                "Check its spelling (mmpt-train --cfg job prints every key)")
+    if (m := _MERGING_OVERRIDE.search(text)) is not None and isinstance(exc.__cause__, ValidationError):
+        return _wrong_value(m.group(1), exc.__cause__)
+    if (m := _AMBIGUOUS.search(text)) is not None:
+        key, _, value = m.group(1).partition("=")
+        return (f"'{m.group(1)}': a value with commas is ambiguous; write {key}=[{value}] for a list, "
+                f"\"{key}='{value}'\" for one string, or add --multirun (-m) to sweep over {value}")
+    if (m := _TWICE_IN_DEFAULTS.search(text)) is not None:
+        return _added_twice(m.group(1), overrides)
     return None
+
+
+def _missing_primary(name: str) -> str:
+    """`--config-name nope`: list the primary configs (top-level YAML files) there are."""
+    names = sorted({p.stem for root in conf_dirs() for p in root.glob("*.yaml")})
+    return (f"--config-name {name}: no primary config '{name}'; available: {', '.join(names) or 'none'} "
+            f"(in {', '.join(str(root) for root in conf_dirs())})")
+
+
+def _added_twice(entry: str, overrides: Sequence[str]) -> str | None:
+    """`+model=clip/tiny`: the group is already in the defaults list, so `+` adds it a second time."""
+    package = entry.split("@", 1)[-1]
+    for item in overrides:
+        name, eq, value = item.partition("=")
+        group = name.lstrip("+").split("@", 1)[0]
+        if eq and name.startswith("+") and not name.startswith("++") and package in (group, group.split("/")[0]):
+            return (f"'{item}': config group '{group}' is already chosen by the defaults, so + would add it twice; "
+                    f"select the option with {group}={value}")
+    return None
+
+
+def _wrong_value(override: str, cause: ValidationError) -> str:
+    """A typed node (a model piece's dataclass) refused the override's value: say which key and what type."""
+    key = getattr(cause, "full_key", None) or override.split("=", 1)[0].lstrip("+~")
+    reason = (str(cause.msg) if getattr(cause, "msg", None) else _first_line(cause)).splitlines()[0].rstrip(".")
+    return f"config key '{key}' has a wrong type or value: {reason} (override '{override}'); give a value of that type"
 
 
 def _parse_error(exc: OverrideParseException, overrides: Sequence[str]) -> str:

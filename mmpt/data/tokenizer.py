@@ -46,9 +46,10 @@ class TextTokenizer:
         self.max_len = max_len
         self.bos_id = self._require("bos")
         self.eos_id = self._require("eos")
-        self.pad_id = self._find("pad")
-        if self.pad_id is None:
-            raise ValueError(f"tokenizer has no padding token (one of {SPECIAL_NAMES['pad']}); mmpt pads captions")
+        # CLIP's BPE tokenizer.json has no pad token (OpenAI/HF pad with end-of-text): pad with EOS then. Padding is
+        # found by the attention mask, never by id, so only generation (which must tell them apart) refuses it.
+        found_pad = self._find("pad")
+        self.pad_id = self.eos_id if found_pad is None else found_pad
         self.mask_id = self._find("mask")
         self.vocab_size = tokenizer.get_vocab_size()
         pad_token = tokenizer.id_to_token(self.pad_id)

@@ -6,6 +6,8 @@ problem becomes a `ConfigError` whose message names the key, what is wrong and h
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -111,6 +113,13 @@ class TrainerConfig:
     # times the moving average of accepted losses (after a warm-up); null = off
     max_bad_steps: int = 20
     spike_factor: Optional[float] = None
+    # what the console's progress line shows after step, %, elapsed and ETA (metrics.jsonl and W&B keep every
+    # metric): names without `train/`, e.g. [loss, itc, lr, samples_per_s, mfu, data_wait, tflops, grad_norm];
+    # null = total loss, each objective's loss, lr, samples/s, MFU when known, data-wait, skip counts
+    console_keys: Optional[list[str]] = None
+    # dry runs only: nodes of the job being planned, so `trainer.expected_world_size=32 trainer.expected_nodes=4`
+    # is reported as 4 nodes x 8 ranks (default: SLURM's / torchrun's node count of this shell, else 1)
+    expected_nodes: Optional[int] = None
 
 
 @dataclass
@@ -139,13 +148,16 @@ class LossConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "wandb"
+    # W&B (wandb) or none. "none" when unset, so `logger=tensorboard` alone (its yaml sets only `tensorboard`)
+    # runs without W&B, and `logger=[wandb,tensorboard]` merges wandb.yaml's `backend: wandb` with it.
+    backend: str = "none"
     mode: str = "offline"
     project: str = "mmpt"
     entity: Optional[str] = None
     group: Optional[str] = None
     name: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    tensorboard: bool = False  # also write <run dir>/tensorboard/ event files (conf/logger/tensorboard.yaml)
 
 
 @dataclass
@@ -216,7 +228,8 @@ def _describe_omegaconf_error(exc: OmegaConfBaseException, where: str) -> str:
     if isinstance(exc, MissingMandatoryValue):
         return f"config key '{full}' is required but not set (???). Set it on the command line: {full}=..."
     if isinstance(exc, ValidationError):
-        return f"config key '{full}' has a wrong type or value: {exc.msg.splitlines()[0]}"
+        return (f"config key '{full}' has a wrong type or value: {exc.msg.splitlines()[0].rstrip('.')}; fix the override or the "
+                "YAML file that sets it")
     return f"invalid config at '{full}': {str(exc).splitlines()[0]}"
 
 
@@ -256,6 +269,21 @@ def _check_source_items(body: dict[str, Any]) -> None:
             raise ConfigError(f"data.sources[{i}].weight={weight!r} must be a number (its share of data.batch_size)")
 
 
+def _check_eval_urls_set(cfg: DictConfig) -> None:
+    """A data preset's `data.eval.urls: ???` (coco_karpathy, flickr30k_karpathy) must be set: its schema default
+    (None) would otherwise silently replace the ??? (OmegaConf.to_object skips missing fields). data.train.urls
+    has no default, so the schema merge already refuses its ???."""
+    missing = OmegaConf.missing_keys(cfg)
+    if "data.eval.urls" not in missing:
+        return
+    if "data.train.urls" in missing and not OmegaConf.select(cfg, "data.sources", default=None):
+        raise ConfigError("config keys 'data.train.urls' and 'data.eval.urls' are required but not set (???). Set them "
+                          "on the command line: data.train.urls=... data.eval.urls=... (shard patterns; the data "
+                          "preset's yaml says how to make the shards)")
+    raise ConfigError("config key 'data.eval.urls' is required but not set (???). Set it on the command line: "
+                      "data.eval.urls=... (a shard pattern; the data preset's yaml says how to make the shards)")
+
+
 def typed_config(cfg: DictConfig) -> TrainConfig:
     """Merge the composed config onto the schema: unknown keys and wrong types become ConfigError."""
     # A required model key (???) that has a dataclass default would otherwise silently take that default
@@ -264,9 +292,17 @@ def typed_config(cfg: DictConfig) -> TrainConfig:
     if missing:
         raise ConfigError(f"config key '{missing[0]}' is required but not set (???). Set it on the command line: "
                           f"{missing[0]}=...")
+    _check_eval_urls_set(cfg)
     body = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(body, dict)
     body.pop("hydra", None)
+    _check_source_items(body)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in body.items() if k != "model"})
+        typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe_omegaconf_error(exc, "")) from None
+    check_ranges(typed)  # before the model: data.image_size=0 is named as the user typed it, not model.vision's
     model_cfg = body.get("model")
     if not isinstance(model_cfg, dict) or "arch" not in model_cfg:
         raise ConfigError(f"config 'model' needs an 'arch' key (one of {arch_names()}); pick a preset: model=clip/tiny")
@@ -278,14 +314,88 @@ def typed_config(cfg: DictConfig) -> TrainConfig:
         raise ConfigError(str(exc.args[0])) from None
     except ValueError as exc:  # the arch config's own consistency checks (__post_init__)
         raise ConfigError(f"model: {exc}") from None
-    _check_source_items(body)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in body.items() if k != "model"})
-        typed: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        raise ConfigError(_describe_omegaconf_error(exc, "")) from None
     typed.model = model_typed
     return typed
+
+
+def _refuse_unless(ok: bool, key: str, value: Any, rule: str) -> None:
+    """`ok` false -> `key=value rule` (rule says what is allowed and how to fix it)."""
+    if not ok:
+        raise ConfigError(f"{key}={value} {rule}")
+
+
+def _fraction_list(key: str, values: list[float], length: int, rule: str) -> None:
+    _refuse_unless(len(values) == length and all(math.isfinite(v) for v in values), key, list(values),
+                   f"must be {length} finite numbers ({rule})")
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Each engine setting on its own: counts, sizes, rates and probabilities in their valid ranges. What a
+    wrong value would otherwise do: train silently (a negative clip or decay), crash after launch (a negative
+    lr in the optimizer, num_workers=-1 in the DataLoader) or never finish (data.max_text_len=0)."""
+    t, d, o, s, e = cfg.trainer, cfg.data, cfg.optimizer, cfg.scheduler, cfg.eval
+    for key, value in (("trainer.max_steps", t.max_steps), ("data.batch_size", d.batch_size),
+                       ("trainer.grad_accum", t.grad_accum), ("trainer.log_every", t.log_every),
+                       ("trainer.contrastive_accum_steps", t.contrastive_accum_steps),
+                       ("trainer.save_every", t.save_every), ("data.eval_batch_size", d.eval_batch_size),
+                       ("trainer.preempt_check_every", t.preempt_check_every), ("data.image_size", d.image_size),
+                       ("data.max_text_len", d.max_text_len), ("eval.caption_max_len", e.caption_max_len),
+                       ("eval.caption_beams", e.caption_beams)):
+        _refuse_unless(value > 0, key, value, "must be positive")
+    for key, value, zero in (("data.num_workers", d.num_workers, "load in the training process"),
+                             ("data.train.shuffle_buffer", d.train.shuffle_buffer, "no shuffling"),
+                             ("scheduler.warmup_steps", s.warmup_steps, "no warm-up"),
+                             ("eval.every", e.every, "no periodic evaluation"),
+                             ("eval.rerank_k", e.rerank_k, "no ITM re-ranking"),
+                             ("eval.caption_max_images", e.caption_max_images, "no captioning evaluation"),
+                             ("eval.caption_samples", e.caption_samples, "no sample captions")):
+        _refuse_unless(value >= 0, key, value, f"must be >= 0 (0 = {zero})")
+    for key, value in (("trainer.expected_world_size", t.expected_world_size),
+                       ("trainer.expected_nodes", t.expected_nodes)):
+        _refuse_unless(value is None or value >= 1, key, value, "must be >= 1, or null (= this shell's)")
+    _refuse_unless(t.dist_timeout_s > 0, "trainer.dist_timeout_s", t.dist_timeout_s,
+                   "must be > 0 seconds (how long a rank waits for its peers; default 1800)")
+    _refuse_unless(t.max_bad_steps >= 1, "trainer.max_bad_steps", t.max_bad_steps,
+                   "must be >= 1 (skipped optimizer steps in a row that stop a run; default 20)")
+    _refuse_unless(t.spike_factor is None or (math.isfinite(t.spike_factor) and t.spike_factor > 1), "trainer.spike_factor",
+                   t.spike_factor, "must be > 1 (a multiple of the moving average loss), or null to turn the spike guard off")
+    for key, value, rule in (
+        ("optimizer.lr", o.lr, "must be a finite number >= 0, e.g. optimizer.lr=1e-3"),
+        ("optimizer.weight_decay", o.weight_decay, "must be a finite number >= 0 (0 = no decay)"),
+        ("optimizer.eps", o.eps, "must be a finite number >= 0 (AdamW's denominator term, e.g. 1e-6)"),
+        ("trainer.grad_clip", t.grad_clip, "must be a finite number >= 0 (the gradient-norm limit; 0 = no clipping)"),
+        *((f"optimizer.lr_mult.{name}", mult, "must be a finite number >= 0 (a multiplier of optimizer.lr)")
+          for name, mult in o.lr_mult.items()),
+        *((f"loss.weights.{name}", w, "must be a finite number >= 0 (the objective's share of the loss)")
+          for name, w in cfg.loss.weights.items()),
+    ):
+        _refuse_unless(math.isfinite(value) and value >= 0, key, value, rule)
+    _refuse_unless(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", s.min_lr_ratio,
+                   "must be in [0, 1] (the final lr as a share of optimizer.lr)")
+    _fraction_list("optimizer.betas", o.betas, 2, "AdamW's beta1, beta2, e.g. [0.9,0.98]")
+    _refuse_unless(all(0 <= b < 1 for b in o.betas), "optimizer.betas", list(o.betas),
+                   "must each be in [0, 1) (AdamW's moving-average factors), e.g. [0.9,0.98]")
+    _fraction_list("data.rrc_scale", d.rrc_scale, 2, "the min and max area share of a random resized crop")
+    low, high = d.rrc_scale
+    _refuse_unless(0 < low <= high <= 1, "data.rrc_scale", list(d.rrc_scale),
+                   "must be [min, max] with 0 < min <= max <= 1 (area shares of the crop; [1.0,1.0] = no crop)")
+    _fraction_list("data.mean", d.mean, 3, "one per RGB channel")
+    _fraction_list("data.std", d.std, 3, "one per RGB channel")
+    _refuse_unless(all(v > 0 for v in d.std), "data.std", list(d.std),
+                   "must be > 0 per channel (images are divided by it)")
+    _refuse_unless(bool(e.ks) and all(k >= 1 for k in e.ks), "eval.ks", list(e.ks),
+                   "must list recall cut-offs >= 1, e.g. eval.ks=[1,5,10]")
+
+
+def check_text_length(max_text_len: int, tokenizer: Any) -> None:
+    """A caption is the tokenizer's special tokens ([CLS] ... [SEP]) around its words: with no room for one
+    word every caption is only special tokens, and with less room than that the data workers fail."""
+    processor = getattr(getattr(tokenizer, "tokenizer", None), "post_processor", None)
+    special = int(processor.num_special_tokens_to_add(False)) if processor is not None else 0
+    if max_text_len < special + 1:
+        raise ConfigError(f"data.max_text_len={max_text_len} leaves no room for caption tokens: the tokenizer adds "
+                          f"{special} special token(s) to every caption; set data.max_text_len to at least "
+                          f"{special + 1} (a caption keeps max_text_len - {special} of its tokens)")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -299,29 +409,20 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
     _check_choice("trainer.precision", t.precision, ("fp32", "bf16", "fp16"))
     _check_choice("logger.backend", cfg.logger.backend, ("wandb", "none"))
     _check_choice("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
+    if cfg.logger.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger.tensorboard=true (logger=tensorboard) needs the tensorboard package; install it "
+                          "with `pip install 'mmpt[tensorboard]'`, or drop tensorboard from logger=")
     _check_choice("eval.rerank_score", cfg.eval.rerank_score, ("itm", "itm+itc", "itm+itc_logit"))
     if cfg.eval.rerank_itm_weight < 0 or not 0 <= cfg.eval.rerank_min_itm <= 1:
         raise ConfigError(f"eval.rerank_itm_weight={cfg.eval.rerank_itm_weight} must be >= 0 and "
                           f"eval.rerank_min_itm={cfg.eval.rerank_min_itm} a probability in [0, 1]")
     if t.precision == "fp16" and not has_gpu:
         raise ConfigError("trainer.precision=fp16 needs a GPU (loss scaling on CPU is unsupported); use bf16 or fp32")
-    for key, value in (("trainer.max_steps", t.max_steps), ("data.batch_size", d.batch_size),
-                       ("trainer.grad_accum", t.grad_accum), ("trainer.log_every", t.log_every),
-                       ("trainer.contrastive_accum_steps", t.contrastive_accum_steps),
-                       ("trainer.save_every", t.save_every), ("data.eval_batch_size", d.eval_batch_size),
-                       ("trainer.preempt_check_every", t.preempt_check_every)):
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
     for name in t.preempt_signals:
         try:
             signal_number(name)
         except ValueError as exc:
             raise ConfigError(f"trainer.preempt_signals: {exc}") from None
-    if t.max_bad_steps < 1:
-        raise ConfigError(f"trainer.max_bad_steps={t.max_bad_steps} must be >= 1 (skipped steps in a row that stop a run)")
-    if t.spike_factor is not None and t.spike_factor <= 1:
-        raise ConfigError(f"trainer.spike_factor={t.spike_factor} must be > 1 (a multiple of the moving average loss), "
-                          "or null to turn the spike guard off")
     if t.spike_factor is not None and t.contrastive_accum_steps > 1:
         raise ConfigError(f"trainer.spike_factor={t.spike_factor} needs trainer.contrastive_accum_steps=1 (GradCache's "
                           "loss is known only after its backward passes); set trainer.spike_factor=null")
@@ -395,9 +496,11 @@ def check_model_launch(cfg: TrainConfig, world_size: int, tokenizer: Any = None)
     from mmpt.models.config_parts import Launch
 
     mask = cfg.data.image_mask
+    if tokenizer is not None:
+        check_text_length(cfg.data.max_text_len, tokenizer)
     launch = Launch(world_size, cfg.data.batch_size, zero_stage(cfg), cfg.data.image_size,
                     mask.patch_size if mask.enabled else None, tokenizer, cfg.data.mean, cfg.data.std,
-                    cfg.trainer.contrastive_accum_steps)
+                    cfg.trainer.contrastive_accum_steps, max_text_len=cfg.data.max_text_len)
     problems = cfg.model.launch_problems(launch)
     if problems:
         raise ConfigError("model: " + "; ".join(problems))

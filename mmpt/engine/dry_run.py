@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mmpt.engine.config import TrainConfig
+from mmpt.engine.config import ConfigError, TrainConfig
 
 GIB = 1024**3
 
@@ -57,10 +57,16 @@ def node_count(environ: Mapping[str, str], world: int) -> int:
     return 1
 
 
-def dry_run_report(cfg: TrainConfig, world: int, trainable: int, frozen: int, environ: Mapping[str, str]) -> dict[str, Any]:
-    """The resolved world, batch arithmetic, parameter counts and per-rank model-state memory."""
+def dry_run_report(cfg: TrainConfig, world: int, trainable: int, frozen: int, environ: Mapping[str, str],
+                   teacher: int = 0) -> dict[str, Any]:
+    """The resolved world, batch arithmetic, parameter counts and per-rank model-state memory.
+
+    teacher: the part of `frozen` held by momentum teachers (EMA copies: frozen, yet updated every step)."""
     t, d = cfg.trainer, cfg.data
-    nodes = node_count(environ, world)
+    nodes = t.expected_nodes or node_count(environ, world)
+    if nodes < 1 or world % nodes:
+        raise ConfigError(f"trainer.expected_nodes={nodes} does not divide the world of {world} ranks "
+                          "(trainer.expected_world_size); set it to a divisor, e.g. nodes x GPUs per node = world")
     stage = int(dict(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0))
     memory = model_state_bytes(trainable, frozen, t.precision, stage, world)
     global_batch = d.batch_size * t.grad_accum * t.contrastive_accum_steps * world
@@ -79,6 +85,7 @@ def dry_run_report(cfg: TrainConfig, world: int, trainable: int, frozen: int, en
         "zero_stage": stage,
         "params_trainable": trainable,
         "params_frozen": frozen,
+        "params_momentum_teacher": teacher,
         "model_state_gib_per_rank": {k: round(v / GIB, 3) for k, v in asdict(memory).items()} | {
             "total": round(memory.total / GIB, 3)},
     }
@@ -89,13 +96,15 @@ def format_report(report: dict[str, Any]) -> str:
     mem = report["model_state_gib_per_rank"]
     n = report["contrastive_accum_steps"]
     cached = f"{n} contrastive (GradCache) x " if n > 1 else ""
+    t = report["params_momentum_teacher"]
+    teacher = f" (of which {t:,} momentum teacher: EMA copies, updated each step, never by the optimizer)" if t else ""
     lines = [
         f"dry run: {report['model']} -- nothing is trained",
         f"  world        {report['nodes']} node(s) x {report['ranks_per_node']} rank(s) = {report['ranks']} ranks",
         f"  batch        {report['micro_batch_per_rank']} per rank x {cached}{report['grad_accum']} accumulation x "
         f"{report['ranks']} ranks = {report['global_batch']} per step",
         f"  steps        {report['max_steps']} ({report['samples']:,} samples)",
-        f"  parameters   {report['params_trainable']:,} trainable, {report['params_frozen']:,} frozen",
+        f"  parameters   {report['params_trainable']:,} trainable, {report['params_frozen']:,} frozen{teacher}",
         f"  memory/rank  {mem['total']:.3f} GiB model states ({report['precision']}, ZeRO-{report['zero_stage']}: params "
         f"{mem['params']:.3f} + grads {mem['grads']:.3f} + optimizer {mem['optimizer']:.3f}); activations not included",
         "dry_run: " + json.dumps(report),

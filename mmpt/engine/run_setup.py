@@ -41,6 +41,7 @@ class Prepared:
     tokenizer: TextTokenizer
     trainable_params: int
     frozen_params: int
+    teacher_params: int = 0  # the part of frozen_params that momentum teachers hold (EMA copies, never trained)
 
 
 def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared:
@@ -76,7 +77,7 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
     resolved.pop("hydra", None)
     resolved["model"]["tokens"] = dataclasses.asdict(cfg.model.tokens)  # saved runs rebuild with the same ids
     counts = check_model_setup(cfg, probe, need_train)
-    return Prepared(cfg, resolved, env, tokenizer, counts.trainable, counts.frozen)
+    return Prepared(cfg, resolved, env, tokenizer, counts.trainable, counts.frozen, counts.teacher)
 
 
 def add_submitit_preempt_signal(cfg: TrainConfig, environ: dict[str, str] | None = None) -> None:
@@ -123,12 +124,21 @@ def configure_logging(env: DistEnv) -> None:
     DeepSpeed's ZeRO calls `all_gather_into_tensor`, which recent torch (2.13 here) flags as deprecated once
     per process: a line the user can do nothing about, so it is silenced (our own code does not call it)."""
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    quiet_deepspeed_probe(env)
     logger = logging.getLogger("mmpt")
     logger.setLevel(logging.INFO if env.is_main else logging.WARNING)
     if not logging.getLogger().handlers and not logger.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("[%(asctime)s][mmpt] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
+
+
+def quiet_deepspeed_probe(env: DistEnv) -> None:
+    """DeepSpeed warns "Setting accelerator to CPU" in every process that imports it without a GPU: rank 0 keeps
+    the line, the other ranks name the accelerator up front (DS_ACCELERATOR, read at DeepSpeed's import) so the
+    start-up does not repeat it once per rank. A user's DS_ACCELERATOR always wins."""
+    if not env.is_main and "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def start_distributed(prep: Prepared, run_dir: Path) -> tuple[torch.device, Path]:

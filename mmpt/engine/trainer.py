@@ -34,6 +34,7 @@ from mmpt.engine.loggers import RunLogger
 from mmpt.engine.mfu import peak_tflops
 from mmpt.engine.optim import build_optimizer, build_scheduler
 from mmpt.engine.preemption import PreemptionWatch
+from mmpt.engine.progress import default_console_keys
 from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
 from mmpt.eval.runner import evaluate_model
 from mmpt.eval.zeroshot import enabled as zeroshot_enabled
@@ -119,6 +120,8 @@ class TrainResult:
     wandb_location: str | None
     wandb_run_id: str
     preempted_by: str | None = None  # the signal's name when the run stopped early to be requeued
+    start_step: int = 0  # where this process started (after a resume)
+    train_s: float = 0.0  # seconds in this process's training loop
 
 
 class Trainer:
@@ -132,6 +135,8 @@ class Trainer:
         model = self._build_model()
         optimizer = build_optimizer(model, cfg.optimizer)  # from requires_grad parameters only
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
+        if env.is_main:  # a killed save's hidden staging/trash dirs (this run is the run dir's only writer)
+            checkpoint.remove_stale_saves(self.ckpt_root)
         resume_dir = checkpoint.resume_target(cfg.trainer.resume, self.ckpt_root)
         self.ds_config = build_deepspeed_config(cfg, env.world_size, checkpoint.is_legacy_zero(resume_dir))
         self.grad_clip = mmpt_grad_clip(cfg, self.ds_config)
@@ -151,10 +156,12 @@ class Trainer:
         self.wandb_run_id = ""
         self.resolved = resolved
         self._resume(resume_dir)
+        self.start_step = self.step
         torch.manual_seed(cfg.trainer.seed * 1000 + env.rank + self.step)  # per-rank masks/dropout
         wandb_config = {**resolved, "params": asdict(self.param_counts)}  # not in config.yaml: not a config key
+        console_keys = cfg.trainer.console_keys or default_console_keys(cfg.model.objectives)
         self.logger = RunLogger(cfg.logger, run_dir, self.wandb_run_id, wandb_config, env.is_main,
-                                cfg.trainer.max_steps)
+                                cfg.trainer.max_steps, console_keys, start_step=self.step)
         self.last_checkpoint: Path | None = None
         self.saved_step = -1
         self.eval_metrics: dict[str, float] = {}
@@ -186,7 +193,7 @@ class Trainer:
         if tag_dir is None:
             self.wandb_run_id = str(mdist.all_gather_objects(uuid.uuid4().hex[:8])[0])  # W&B ids: [a-z0-9]
             return
-        state = checkpoint.load(self.engine, tag_dir)
+        state = checkpoint.load(self.engine, tag_dir, self.ckpt_root)  # only its own tags are fully unpickled
         self.step = int(state["step"])
         self.wandb_run_id = str(state["wandb_run_id"])
         if state.get("world_size") != self.env.world_size:
@@ -282,6 +289,7 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         t = self.cfg.trainer
+        started = time.perf_counter()
         loader = build_train_loader_for(self.cfg, self.tokenizer, self.env, self.step)
         batches: Iterator[Batch | MixedBatch] = iter(loader)
         stats = IntervalStats()
@@ -324,7 +332,8 @@ class Trainer:
         preempted = self.preempted_by
         result = TrainResult(self.step, self.run_dir, self.last_checkpoint or checkpoint.latest_checkpoint(self.ckpt_root),
                              self.eval_metrics, self.logger.wandb_location, self.wandb_run_id,
-                             signal.Signals(preempted).name if preempted else None)
+                             signal.Signals(preempted).name if preempted else None, self.start_step,
+                             time.perf_counter() - started)
         self.logger.close()
         self.preemption.restore()
         if preempted:

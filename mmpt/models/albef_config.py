@@ -38,8 +38,8 @@ class ALBEFConfig(DualTowerConfig, FusionObjectivesConfig):
         if "itc" not in self.objectives:
             p.append(f"objectives={self.objectives} must include itc (ALBEF aligns before fusing; ITM mines its "
                      "hard negatives by ITC similarity)")
-        if self.fuses() and self.fusion_layers < 1:
-            p.append(f"fusion_layers={self.fusion_layers} must be >= 1 for itm/mlm")
+        if self.fusion_layers < (1 if self.fuses() else 0):
+            p.append(f"fusion_layers={self.fusion_layers} must be >= 1 for itm/mlm (>= 0 without them)")
         m = self.momentum
         if not 0.0 <= m.decay <= 1.0:
             p.append(f"momentum.decay={m.decay} must be in [0, 1]")

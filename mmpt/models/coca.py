@@ -35,7 +35,7 @@ from mmpt.modules.encoders import vision_tower_from
 from mmpt.modules.heads import LMHead, ProjectionHead, l2_normalize
 from mmpt.modules.kv_cache import TransformerCache
 from mmpt.modules.pooler import AttentionalPooler
-from mmpt.models.config_parts import DualTowerConfig, build_contrastive_loss
+from mmpt.models.config_parts import DualTowerConfig, Launch, build_contrastive_loss
 from mmpt.objectives.pair_codes import itc_codes
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: padded targets
@@ -77,8 +77,6 @@ class CoCaConfig(DualTowerConfig):
         for name in ("multimodal_layers", "num_decoder_queries"):
             if getattr(self, name) < 1:
                 p.append(f"{name}={getattr(self, name)} must be >= 1")
-        if self.vision.layers < 1 or self.text.layers < 1:
-            p.append(f"vision.layers={self.vision.layers} and text.layers={self.text.layers} must be >= 1")
         if self.image_pool not in ("attention", "mean", "cls"):
             p.append(f"image_pool={self.image_pool!r} must be 'attention', 'mean' or 'cls'")
         if self.layout not in ("mmpt", "open_clip"):
@@ -88,6 +86,15 @@ class CoCaConfig(DualTowerConfig):
                      f"set image_pool=attention (got {self.image_pool!r})")
         if self.text.max_text_len < 2:
             p.append(f"text.max_text_len={self.text.max_text_len} must be >= 2 (BOS + one target)")
+        return p
+
+    def launch_problems(self, launch: Launch) -> list[str]:
+        p = super().launch_problems(launch)
+        tok = launch.tokenizer
+        if self.uses("caption") and tok is not None and tok.pad_id == tok.eos_id:
+            p.append(f"the tokenizer pads with its end-of-text token (id {tok.eos_id}; it has no pad token, like "
+                     "CLIP's BPE), but captioning must tell the end of a caption from padding: use a tokenizer with "
+                     "a pad token, or model.objectives=[itc]")
         return p
 
 

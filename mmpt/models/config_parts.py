@@ -156,6 +156,7 @@ class Launch:
     mean: Optional[list[float]] = None  # data.mean / data.std: how images are normalised
     std: Optional[list[float]] = None
     contrastive_accum_steps: int = 1  # trainer.contrastive_accum_steps (GradCache)
+    max_text_len: Optional[int] = None  # data.max_text_len: the longest caption the model is fed
 
 
 @dataclass
@@ -231,7 +232,8 @@ class ModelConfigBase:
         if len(set(ids.values())) != len(ids):
             p.append(f"tokens {ids} must be distinct")
         vocab = self.vocab_size()
-        p += [f"tokens.{k}={v} must be in [0, vocab_size={vocab})" for k, v in ids.items() if not 0 <= v < vocab]
+        if vocab >= 1:  # a vocabulary < 1 is named by text_input_problems; every id would be reported too
+            p += [f"tokens.{k}={v} must be in [0, vocab_size={vocab})" for k, v in ids.items() if not 0 <= v < vocab]
         if not 0.0 <= self.patch_dropout < 1.0:
             p.append(f"patch_dropout={self.patch_dropout} must be in [0, 1) (the share of patch tokens dropped)")
         return p + self.checkpointing_problems()
@@ -269,6 +271,10 @@ class ModelConfigBase:
         """The image geometry (subclasses say which tower holds it)."""
         raise NotImplementedError
 
+    def text_input(self) -> TextInput:
+        """The text embedding geometry (subclasses say which tower holds it)."""
+        raise NotImplementedError
+
     def uses(self, objective: str) -> bool:
         return objective in self.objectives
 
@@ -285,6 +291,10 @@ class ModelConfigBase:
         if launch.image_mask_patch is not None and launch.image_mask_patch != grid.patch_size:
             p.append(f"data.image_mask.patch_size={launch.image_mask_patch} but the model's patch_size="
                      f"{grid.patch_size}: the masks would not line up with the patches; make them equal")
+        positions = self.text_input().max_text_len
+        if launch.max_text_len is not None and launch.max_text_len > positions:
+            p.append(f"data.max_text_len={launch.max_text_len} exceeds the model's {positions} text positions "
+                     f"(max_text_len): lower data.max_text_len to {positions} or raise the model's max_text_len")
         tok = launch.tokenizer
         if tok is not None:
             want = {"pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id, "mask": tok.mask_id}
@@ -331,12 +341,15 @@ class DualTowerConfig(ModelConfigBase):
     def patch_grid(self) -> PatchGrid:
         return self.vision
 
+    def text_input(self) -> TextInput:
+        return self.text
+
     def block_stacks(self) -> dict[str, int]:
         return {"vision": self.vision.layers, "text": self.text.layers}
 
     def problems(self) -> list[str]:
         return super().problems() + tower_problems("vision", self.vision) + tower_problems("text", self.text) + (
-            grid_problems("vision", self.vision))
+            grid_problems("vision", self.vision)) + text_input_problems("text", self.text)
 
 
 @dataclass
@@ -352,12 +365,18 @@ class MultiwayModelConfig(ModelConfigBase):
     def patch_grid(self) -> PatchGrid:
         return self.multiway
 
+    def text_input(self) -> TextInput:
+        return self.multiway
+
     def block_stacks(self) -> dict[str, int]:
         return {"multiway": self.multiway.layers}
 
     def problems(self) -> list[str]:
         m = self.multiway
         p = super().problems() + tower_problems("multiway", m) + grid_problems("multiway", m)
+        p += text_input_problems("multiway", m)
+        if m.ffn_dim is not None and m.ffn_dim < 1:
+            p.append(f"multiway.ffn_dim={m.ffn_dim} must be >= 1, or null (= width x mlp_ratio)")
         if not 0 <= m.vl_layers <= m.layers:
             p.append(f"multiway.vl_layers={m.vl_layers} must be in [0, layers={m.layers}]")
         if m.sub_norm and not m.decoupled_attention:
@@ -413,19 +432,39 @@ class FusionObjectivesConfig:
         return p
 
 
+def positive_problems(name: str, obj: Any, keys: tuple[str, ...]) -> list[str]:
+    """Each of `keys` is a count or a size, so it must be a positive integer."""
+    return [f"{name}.{key}={getattr(obj, key)} must be >= 1: set model.{name}.{key} to a positive number"
+            for key in keys if getattr(obj, key) < 1]
+
+
 def tower_problems(name: str, tower: TowerConfig) -> list[str]:
-    p = []
-    if tower.layers < 0 or tower.heads < 1 or tower.width % tower.heads:
-        p.append(f"{name}.width={tower.width} must be divisible by {name}.heads={tower.heads} (layers >= 0)")
+    """`TowerConfig`: at least one block of whole attention heads, a hidden FFN, a dropout probability."""
+    p = positive_problems(name, tower, ("width", "layers", "heads"))
+    if tower.heads >= 1 and tower.width % tower.heads:
+        p.append(f"{name}.width={tower.width} must be divisible by {name}.heads={tower.heads}; "
+                 f"change {name}.width or {name}.heads")
+    if not tower.mlp_ratio > 0:
+        p.append(f"{name}.mlp_ratio={tower.mlp_ratio} must be > 0 (FFN hidden size = width x mlp_ratio)")
     if not 0.0 <= tower.dropout < 1.0:
         p.append(f"{name}.dropout={tower.dropout} must be in [0, 1)")
+    if not tower.norm_eps > 0:
+        p.append(f"{name}.norm_eps={tower.norm_eps} must be > 0 (LayerNorm's stabiliser)")
     return p
 
 
 def grid_problems(name: str, grid: PatchGrid) -> list[str]:
-    if grid.patch_size < 1 or grid.image_size % grid.patch_size:
-        return [f"{name}.image_size={grid.image_size} must be a multiple of {name}.patch_size={grid.patch_size}"]
-    return []
+    """`PatchGrid`: a whole number (>= 1) of patches per side."""
+    p = positive_problems(name, grid, ("image_size", "patch_size"))
+    if not p and grid.image_size % grid.patch_size:
+        p.append(f"{name}.image_size={grid.image_size} must be a multiple of {name}.patch_size={grid.patch_size}")
+    return p
+
+
+def text_input_problems(name: str, text: TextInput) -> list[str]:
+    """`TextInput`: a vocabulary and at least one position (the tokenizer's special tokens need more; checked
+    against the tokenizer before launch)."""
+    return positive_problems(name, text, ("vocab_size", "max_text_len"))
 
 
 def _coerce_nested(cfg: Any) -> None:
