@@ -186,13 +186,15 @@ class DivergenceGuard:
         if self.bad_streak < self.max_bad_steps:
             return
         good = last_good()
-        where = (f"last good checkpoint: {good} (resume from it with trainer.resume={good} and" if good
-                 else "no checkpoint was saved before it (start again with")
+        fix = "a lower optimizer.lr or a longer scheduler.warmup_steps"
+        where = (f"last good checkpoint: {good}. To go on from its weights, start a new run with "
+                 f"model.init.checkpoint={good} (a fresh optimizer and schedule: trainer.resume would restore the "
+                 f"learning rate that diverged) and {fix}" if good
+                 else f"no checkpoint was saved before it. Start again with {fix}")
         raise DivergenceError(
             f"training diverged: {self.bad_streak} optimizer steps in a row up to step {step} were skipped "
             f"(non-finite gradient norm or loss{', or a loss spike' if self.spike_factor else ''}; "
-            f"trainer.max_bad_steps={self.max_bad_steps}); {where} a lower optimizer.lr, a longer "
-            "scheduler.warmup_steps or trainer.precision=fp32)"
+            f"trainer.max_bad_steps={self.max_bad_steps}); {where}"
         )
 
     def safe_to_save(self, module: torch.nn.Module, step: int, last_good: Path | None) -> bool:

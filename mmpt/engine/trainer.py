@@ -145,6 +145,8 @@ class Trainer:
         )
         skip_single_rank_allreduce(self.engine, env.world_size)
         self.model: PretrainModel = self.engine.module
+        self.guard = DivergenceGuard(self.engine, cfg.trainer.max_bad_steps, cfg.trainer.spike_factor, device,
+                                     mmpt_clips=self.grad_clip > 0)
         self.after_step = getattr(self.model, "after_optimizer_step", None)
         self.peak_tflops = peak_tflops(cfg.trainer.peak_tflops, cfg.trainer.precision)
         self._flops_of_shape: dict[tuple[tuple[str, int], ...], float] = {}
@@ -167,8 +169,6 @@ class Trainer:
         self.eval_metrics: dict[str, float] = {}
         self.preempted_by = 0
         self.preemption = PreemptionWatch(cfg.trainer.preempt_signals)
-        self.guard = DivergenceGuard(self.engine, cfg.trainer.max_bad_steps, cfg.trainer.spike_factor, device,
-                                     mmpt_clips=self.grad_clip > 0)
 
     def _build_model(self) -> torch.nn.Module:
         """The model with its starting weights (model.init) and trainable set (model.freeze / model.train),
@@ -196,6 +196,7 @@ class Trainer:
         state = checkpoint.load(self.engine, tag_dir, self.ckpt_root)  # only its own tags are fully unpickled
         self.step = int(state["step"])
         self.wandb_run_id = str(state["wandb_run_id"])
+        self.guard.skipped_steps = int(state.get("skipped_steps", 0))  # train/skipped_steps goes on counting
         if state.get("world_size") != self.env.world_size:
             log.warning("resuming a %s-rank checkpoint on %s ranks", state.get("world_size"), self.env.world_size)
         if self.env.is_main:
@@ -208,6 +209,7 @@ class Trainer:
             "data": {"resume_step": self.step, "seed": self.cfg.trainer.seed},
             "wandb_run_id": self.wandb_run_id,
             "world_size": self.env.world_size,
+            "skipped_steps": self.guard.skipped_steps,
         }
 
     def _last_good(self) -> Path | None:
