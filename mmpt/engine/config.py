@@ -113,6 +113,11 @@ class TrainerConfig:
     # CPU the compile time (minutes) is rarely won back. compile_backend: a torch.compile backend name
     compile: bool = False
     compile_backend: str = "inductor"
+    # divergence guards (mmpt/engine/divergence.py): a step with a non-finite gradient norm or loss is skipped;
+    # this many skipped steps in a row stop the run. spike_factor: also skip a step whose loss exceeds this many
+    # times the moving average of accepted losses (after a warm-up); null = off
+    max_bad_steps: int = 20
+    spike_factor: Optional[float] = None
     # what the console's progress line shows after step, %, elapsed and ETA (metrics.jsonl and W&B keep every
     # metric): names without `train/`, e.g. [loss, itc, lr, samples_per_s, mfu, data_wait, tflops, grad_norm];
     # null = total loss, each objective's loss, lr, samples/s, MFU when known, data-wait, skip counts
@@ -355,6 +360,10 @@ def check_ranges(cfg: TrainConfig) -> None:
         _refuse_unless(value is None or value >= 1, key, value, "must be >= 1, or null (= this shell's)")
     _refuse_unless(t.dist_timeout_s > 0, "trainer.dist_timeout_s", t.dist_timeout_s,
                    "must be > 0 seconds (how long a rank waits for its peers; default 1800)")
+    _refuse_unless(t.max_bad_steps >= 1, "trainer.max_bad_steps", t.max_bad_steps,
+                   "must be >= 1 (skipped optimizer steps in a row that stop a run; default 20)")
+    _refuse_unless(t.spike_factor is None or (math.isfinite(t.spike_factor) and t.spike_factor > 1), "trainer.spike_factor",
+                   t.spike_factor, "must be > 1 (a multiple of the moving average loss), or null to turn the spike guard off")
     for key, value, rule in (
         ("optimizer.lr", o.lr, "must be a finite number >= 0, e.g. optimizer.lr=1e-3"),
         ("optimizer.weight_decay", o.weight_decay, "must be a finite number >= 0 (0 = no decay)"),
@@ -419,6 +428,9 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
             signal_number(name)
         except ValueError as exc:
             raise ConfigError(f"trainer.preempt_signals: {exc}") from None
+    if t.spike_factor is not None and t.contrastive_accum_steps > 1:
+        raise ConfigError(f"trainer.spike_factor={t.spike_factor} needs trainer.contrastive_accum_steps=1 (GradCache's "
+                          "loss is known only after its backward passes); set trainer.spike_factor=null")
     if t.keep_last < 1:
         raise ConfigError(f"trainer.keep_last={t.keep_last} must be >= 1 (resuming needs a checkpoint)")
     if t.global_batch_size is not None:
