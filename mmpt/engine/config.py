@@ -120,7 +120,7 @@ class TrainerConfig:
     spike_factor: Optional[float] = None
     # what the console's progress line shows after step, %, elapsed and ETA (metrics.jsonl and W&B keep every
     # metric): names without `train/`, e.g. [loss, itc, lr, samples_per_s, mfu, data_wait, tflops, grad_norm];
-    # null = total loss, each objective's loss, lr, samples/s, MFU when known, data-wait, skip counts
+    # null = total loss, each objective's loss, lr, samples/s, TFLOP/s, MFU when known, data-wait, skip counts
     console_keys: Optional[list[str]] = None
     # dry runs only: nodes of the job being planned, so `trainer.expected_world_size=32 trainer.expected_nodes=4`
     # is reported as 4 nodes x 8 ranks (default: SLURM's / torchrun's node count of this shell, else 1)
