@@ -202,7 +202,7 @@ HYDRA_REFUSED: list[tuple[list[str], tuple[str, ...]]] = [  # argv -> the line s
                            f"zero2, zero3 (configs from {CONF_DIR}; add your own as $MMPT_CONF_DIR/deepspeed/NAME.yaml)",)),
     (["experiment=nope"], ("error: experiment=nope: no config 'nope' in group 'experiment'; available: albef_4m,",)),
     (["trainer.max_stpes=5"], ("error: unknown config key 'trainer.max_stpes' (override 'trainer.max_stpes=5'). "
-                               "Did you mean 'trainer.max_steps'? Valid keys in trainer: ",
+                               "Did you mean 'trainer.max_steps' or 'trainer.max_bad_steps'? Valid keys in trainer: ",
                                ". To add a new key, write +trainer.max_stpes=5")),
     (["model.vision.widht=3"], ("error: unknown config key 'model.vision.widht' (override 'model.vision.widht=3'). "
                                 "Did you mean 'model.vision.width'? Valid keys in model.vision: dropout, heads, "

@@ -18,9 +18,8 @@ def test_progress_line_shows_step_percent_elapsed_eta_and_only_the_console_keys(
     keys = default_console_keys(["itc"])
     line = format_progress(record, 2000, keys, elapsed=130.0, eta=760.0)
     assert line == ("step 300/2000 (15%) | elapsed 2m10s | eta 12m40s | loss 1.5000 | itc 1.2500 | lr 1.00e-03 | "
-                    "512.0 samples/s | data-wait 4% | skipped 2")  # grad_norm and tflops: metrics.jsonl only
-    assert format_progress(record, 2000, ["loss", "grad_norm", "tflops"]) == (
-        "step 300/2000 (15%) | loss 1.5000 | grad_norm 3.0000 | 0.5 TFLOP/s")
+                    "512.0 samples/s | 0.5 TFLOP/s | data-wait 4% | skipped 2")  # grad_norm: metrics.jsonl only
+    assert format_progress(record, 2000, ["loss", "grad_norm"]) == "step 300/2000 (15%) | loss 1.5000 | grad_norm 3.0000"
     assert "skipped" not in format_progress({**record, "train/skipped": 0}, 2000, keys)  # zero skips hide
     assert "MFU 1.2%" in format_progress({**record, "train/mfu": 0.0123}, 2000, keys)
     assert format_duration(3725) == "1h02m" and format_duration(59.6) == "1m00s" and format_duration(7) == "7s"

@@ -137,7 +137,7 @@ def test_single_process_run_logs_tflops_and_mfu_against_the_configured_peak(demo
     per_sample = model.flops_per_sample("pairs", batch_size=8)
     for r in recs:
         assert r["train/tflops"] * 1e12 / r["train/samples_per_s"] == pytest.approx(per_sample, rel=1e-6)
-    assert re.search(r"step 20/20 \|.* TFLOP/s \| MFU \d+\.\d% \|", proc.stdout + proc.stderr)  # the console line
+    assert re.search(r"step 20/20 \(100%\) \|.* TFLOP/s \| MFU \d+\.\d% \|", proc.stdout + proc.stderr)  # the console line
 
 
 def test_mmpt_eval_rejects_missing_checkpoint(demo_env, tmp_path):

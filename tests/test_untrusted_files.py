@@ -4,6 +4,7 @@ path (the payload's marker file never appears, while a plain `torch.load(weights
 does create it); a stored config's `pipe:` URL never runs; checkpoint files follow the user's umask."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -18,6 +19,7 @@ import mmpt
 from mmpt.cli.evaluate import evaluate
 from mmpt.cli.export import export
 from mmpt.engine.checkpoint import complete_checkpoints, read_init_checkpoint
+from mmpt.engine.checkpoint_integrity import COMPLETE_MARKER, manifest
 from mmpt.engine.loggers import JsonlLog
 from mmpt.engine.safe_load import UnsafeCheckpointError
 from tests.saved_models import save_tag_dir
@@ -36,10 +38,14 @@ class Payload:
 
 
 def plant(file: Path, marker: Path) -> None:
-    """Add a Payload to a (trusted, self-written) torch checkpoint file."""
+    """Add a Payload to a (trusted, self-written) torch checkpoint file, and update the tag's `complete` manifest
+    as an attacker would, so the file passes the size check and reaches the unpickler."""
     obj = torch.load(file, map_location="cpu", weights_only=False)
     obj["payload"] = Payload(marker)
     torch.save(obj, file)
+    done = file.parent / COMPLETE_MARKER
+    if done.is_file() and done.read_text().strip().startswith("{"):
+        done.write_text(json.dumps({**json.loads(done.read_text()), "files": manifest(file.parent)}))
 
 
 def assert_payload_is_live(file: Path, marker: Path) -> None:

@@ -10,12 +10,13 @@ from typing import Any
 
 from mmpt.cli.brace_quoting import quote_brace_override
 from mmpt.cli.conf_search import CONF_DIR, register_search_path_plugin  # noqa: F401 - CONF_DIR re-exported
+from mmpt.data.stall import DataStreamError
 from mmpt.engine.config import ConfigError
 from mmpt.models.registry import register_model_presets
 
 register_search_path_plugin()  # MMPT_CONF_DIR's groups ahead of the shipped mmpt/conf/ (conf_search.py)
 register_model_presets()  # mmpt/conf/model/*/*.yaml name their Python presets (model_preset/<arch>_<preset>)
-USER_ERRORS = (ConfigError, FileNotFoundError)
+USER_ERRORS = (ConfigError, FileNotFoundError, DataStreamError)  # DataStreamError: shards gone, data stalled
 
 
 def fail(message: str, code: int = 2) -> None:

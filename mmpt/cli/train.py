@@ -17,6 +17,7 @@ from mmpt.cli.common import CONF_DIR, fail, strip_launcher_args, user_errors_exi
 from mmpt.cli.conf_search import user_conf_dir
 from mmpt.cli.hydra_errors import hydra_errors_exit
 from mmpt.cli.train_help import usage_text, wants_help
+from mmpt.engine.divergence import DivergenceError
 from mmpt.engine.ds_config import global_batch_size
 from mmpt.engine.dry_run import dry_run_report, format_report
 from mmpt.engine.run_summary import RunFacts, build_summary, format_summary
@@ -51,7 +52,12 @@ def train(raw: DictConfig) -> None:
     if env.is_main:
         log.info("run dir %s | %d ranks (%s) on %s", run_dir, env.world_size, env.launcher, device)
     trainer = Trainer(prep.cfg, prep.resolved, env, device, run_dir, prep.tokenizer)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except DivergenceError as exc:  # every rank stops at the same step; one line, exit 1
+        if env.is_main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if env.is_main:
         c = prep.cfg
         facts = RunFacts(result.step, c.trainer.max_steps, result.start_step, time.perf_counter() - started, result.train_s,

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
-from webdataset.tariterators import tarfile_samples
 
 from mmpt.data.batch import Batch, MixedBatch
+from mmpt.data.limits import SampleLimits
 from mmpt.data.masking import BlockMasker
 from mmpt.data.shards import ShardSpec, check_local_shards, expand_urls, split_shards
+from mmpt.data.stall import DEFAULT_MAX_EMPTY_S, DataStreamError, StreamGuard, loader_error
 from mmpt.data.stream_state import Cursor, LoaderState, resume_problem, stamp
+from mmpt.data.tar_samples import tar_samples
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, decode_image
 
@@ -37,10 +39,10 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ImageTransform = Callable[[Any, random.Random], torch.Tensor]
 
-# a train stream that opens this many shards in a row without a single sample, or skips this many
-# samples in a row, is broken: fail loudly instead of resampling forever with no batch
-MAX_EMPTY_SHARDS_IN_A_ROW = 200
+# a train stream that skips this many samples in a row is broken: fail loudly instead of resampling forever
+# with no batch (shards that all come back empty, and time without a sample: mmpt.data.stall)
 MAX_SKIPS_IN_A_ROW = 10_000
+MAX_NAMED_BAD_SHARDS = 5  # bad shards named in a warning per worker; later ones are only counted
 # a train stream block (the unit a resume re-reads without decoding) ends at the first shard end after this many
 # raw samples per shuffle-buffer slot (and at least MIN_BLOCK_SAMPLES): the buffer drains once per block
 BLOCK_SAMPLES_PER_BUFFER_SLOT = 4
@@ -74,14 +76,15 @@ class SkipCounter:
         self.tag = f"data rank {rank} worker {worker}" + (f" source {source!r}" if source else "")
         self.pending: Counter[str] = Counter()
         self.total: Counter[str] = Counter()
-        self.shard_index = 0  # which shard this worker is reading (bumped by `track_shards`)
+        self.shard_index = 0  # which shard read this worker is in (bumped by `start_shard`)
+        self.shard_url = ""
         self._bad_shard = -1
+        self._named_bad: set[str] = set()
 
-    def track_shards(self, urls: Iterable[str]) -> Iterator[dict[str, str]]:
-        """Shard URLs -> webdataset source dicts, remembering which shard is being read."""
-        for url in urls:
-            self.shard_index += 1
-            yield {"url": url}
+    def start_shard(self, url: str) -> None:
+        """A new shard read begins (bad_tar is counted at most once per read)."""
+        self.shard_index += 1
+        self.shard_url = url
 
     def add(self, reason: str, detail: str) -> None:
         if reason not in self.total:
@@ -90,14 +93,24 @@ class SkipCounter:
         self.pending[reason] += 1
         self.total[reason] += 1
 
-    def tar_handler(self, exn: Exception) -> bool:
-        """webdataset handler: like `warn_and_continue`, but counted and without its 0.5 s sleep.
+    def bad_tar(self, url: str, detail: str) -> None:
+        """A shard that is unreadable, truncated or damaged (mmpt.data.tar_samples): counted once per shard read,
+        warned once per shard with its name (the first MAX_NAMED_BAD_SHARDS shards of this worker)."""
+        if self._bad_shard == self.shard_index:
+            return
+        self._bad_shard = self.shard_index
+        if url not in self._named_bad and len(self._named_bad) < MAX_NAMED_BAD_SHARDS:
+            self._named_bad.add(url)
+            more = "" if len(self._named_bad) < MAX_NAMED_BAD_SHARDS else "; further bad shards are only counted"
+            log.warning("%s: bad tar shard %s: %s; counted as 'bad_tar', its unread samples are lost%s",
+                        self.tag, url, detail[:500], more)
+        self.pending["bad_tar"] += 1
+        self.total["bad_tar"] += 1
 
-        Counted once per shard read: a truncated tar raises several times as the reader gives up.
-        """
-        if self._bad_shard != self.shard_index:
-            self._bad_shard = self.shard_index
-            self.add("bad_tar", f"unreadable tar data: {exn!r}"[:500])
+    def tar_handler(self, exn: Exception) -> bool:
+        """webdataset handler for malformed samples in a readable tar (a duplicate file name): counted as the
+        shard's one `bad_tar`, without webdataset's 0.5 s sleep."""
+        self.bad_tar(self.shard_url, f"{exn!r}")
         return True
 
     def pop(self) -> dict[str, int]:
@@ -117,10 +130,11 @@ class _Good:
 
 
 def _prepare(raw: dict[str, Any], kind: str, transform: ImageTransform | None, masker: BlockMasker | None,
-             rng: random.Random) -> _Good | tuple[str, str]:
+             rng: random.Random, limits: SampleLimits = SampleLimits()) -> _Good | tuple[str, str]:
     """Raw sample -> decoded sample of `kind`, or (reason, detail) for why it must be skipped.
 
     Entries the kind does not use are ignored (an image-only source ignores a .txt, a text-only one images).
+    Sizes are checked before decoding (`limits`): caption bytes, then the image header's pixel count.
     """
     key = raw.get("__key__", "?")
     where = f"sample {key!r} in {raw.get('__url__', '?')}"
@@ -141,11 +155,16 @@ def _prepare(raw: dict[str, Any], kind: str, transform: ImageTransform | None, m
         if listed is not None:
             if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
                 return "bad_json", f"{where}: \"captions\" must be a list of strings"
+            too_long = next((p for c in listed if (p := limits.caption_problem(c)) is not None), None)
+            if too_long is not None:
+                return too_long[0], f"{where}: a json caption of {too_long[1]}"
             captions = [c.strip() for c in listed if c.strip()]
     caption = None
     if kind != "images" and not captions:
         if raw.get("txt") is None:
             return "missing_caption", f"{where}: no txt entry"
+        if (too_long := limits.caption_problem(raw["txt"])) is not None:
+            return too_long[0], f"{where}: caption of {too_long[1]}"
         try:
             caption = raw["txt"].decode("utf-8").strip()
         except UnicodeDecodeError as exn:
@@ -157,9 +176,12 @@ def _prepare(raw: dict[str, Any], kind: str, transform: ImageTransform | None, m
     image = mask = None
     if ext is not None:
         assert transform is not None
+        opened = limits.open_image(raw[ext])  # header only: the pixel limit is checked before any decoding
+        if isinstance(opened, tuple):
+            return opened[0], f"{where}: {opened[1]}"
         try:
             from_bytes = getattr(transform, "from_bytes", None)  # a transform that decodes for its crop (draft)
-            image = from_bytes(raw[ext], rng) if from_bytes else transform(decode_image(raw[ext]), rng)
+            image = from_bytes(opened, rng) if from_bytes else transform(decode_image(opened), rng)
         except Exception as exn:  # PIL raises OSError, ValueError, SyntaxError, struct.error, ...: all mean "bad image"
             return "bad_image", f"{where}: {type(exn).__name__}: {exn}"
         if masker is not None:
@@ -180,18 +202,25 @@ def _shuffled(items: Iterable[Any], bufsize: int, rng: random.Random) -> Iterato
     yield from buf
 
 
-def _read_lines(stream: Any, chunk_size: int = 1 << 16) -> Iterator[bytes]:
-    """Lines of a binary stream that only has `read` (webdataset's `pipe:` streams are not iterable)."""
+def _read_lines(stream: Any, max_len: int | None = None, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+    """Lines of a binary stream that only has `read` (webdataset's `pipe:` streams are not iterable).
+
+    A line longer than `max_len` bytes is cut to `max_len + 1` bytes while it is read, so a file without
+    newlines costs bounded memory; the caption limit then skips it as `caption_too_long`."""
     tail = b""
     while chunk := stream.read(chunk_size):
         lines = (tail + chunk).split(b"\n")
         tail = lines.pop()
+        if max_len is not None:
+            tail = tail[: max_len + 1]
+            lines = [line[: max_len + 1] for line in lines]
         yield from lines
     if tail:
         yield tail
 
 
-def _text_lines(url: str, counter: SkipCounter, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+def _text_lines(url: str, counter: SkipCounter, slot: int, slots: int,
+                max_len: int | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples from a plain text file: every `slots`-th non-empty line, starting at `slot`.
 
     Every (rank, worker) reads the whole file and keeps its own lines, so one corpus file is split
@@ -205,7 +234,7 @@ def _text_lines(url: str, counter: SkipCounter, slot: int, slots: int) -> Iterat
     name = os.path.basename(url)
     kept = 0
     with stream:
-        for number, line in enumerate(_read_lines(stream), start=1):
+        for number, line in enumerate(_read_lines(stream, max_len), start=1):
             if not line.strip():
                 continue
             kept += 1
@@ -213,41 +242,38 @@ def _text_lines(url: str, counter: SkipCounter, slot: int, slots: int) -> Iterat
                 yield {"__key__": f"{name}:{number}", "__url__": url, "txt": line}
 
 
-def _raw_samples(urls: Iterable[str], counter: SkipCounter,
-                 text_slot: tuple[int, int] | None) -> Iterator[dict[str, Any]]:
-    """Raw samples from tar shards, and from plain .txt files when `text_slot` = (slot, slots) is given."""
+def _raw_samples(urls: Iterable[str], counter: SkipCounter, text_slot: tuple[int, int] | None,
+                 max_line: int | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples from tar shards, and from plain .txt files when `text_slot` = (slot, slots) is given
+    (lines cut beyond `max_line` bytes: `_read_lines`)."""
     for url in urls:
         if text_slot is not None and is_text_file(url):
-            yield from _text_lines(url, counter, *text_slot)
+            yield from _text_lines(url, counter, *text_slot, max_len=max_line)
         else:
-            yield from tarfile_samples(counter.track_shards([url]), handler=counter.tar_handler)
+            counter.start_shard(url)
+            yield from tar_samples(url, counter.bad_tar, counter.tar_handler)
 
 
-def _resampled(urls: list[str], rng: random.Random, state: dict[str, int], rank: int) -> Iterator[str]:
-    """Urls drawn with replacement, forever; errors out if they keep coming back empty (`state` counts empty
-    shards in a row, across blocks)."""
+def _resampled(urls: list[str], rng: random.Random, guard: StreamGuard) -> Iterator[str]:
+    """Urls drawn with replacement, forever; `guard` errors out when they all keep coming back empty."""
     while True:
-        if state["empty_shards"] >= MAX_EMPTY_SHARDS_IN_A_ROW:
-            raise RuntimeError(
-                f"rank {rank}: {MAX_EMPTY_SHARDS_IN_A_ROW} shards in a row gave no samples "
-                f"(unreadable or empty tars?); first shard: {urls[0]!r}"
-            )
-        state["empty_shards"] += 1
-        yield urls[rng.randrange(len(urls))]
+        url = urls[rng.randrange(len(urls))]
+        guard.shard_opening(url)
+        yield url
 
 
-def _mark_nonempty(raw: Iterable[dict[str, Any]], state: dict[str, int]) -> Iterator[dict[str, Any]]:
+def _mark_nonempty(raw: Iterable[dict[str, Any]], guard: StreamGuard) -> Iterator[dict[str, Any]]:
     for sample in raw:
-        state["empty_shards"] = 0
+        guard.raw_sample()
         yield sample
 
 
-def _block_raw(urls: Iterable[str], counter: SkipCounter, text_slot: tuple[int, int] | None, state: dict[str, int],
+def _block_raw(urls: Iterable[str], read_shard: Callable[[str], Iterable[dict[str, Any]]],
                min_samples: int) -> Iterator[dict[str, Any]]:
     """Raw samples of one block: whole shards from `urls` until at least `min_samples` have been read."""
     read = 0
     for url in urls:
-        for sample in _mark_nonempty(_raw_samples([url], counter, text_slot), state):
+        for sample in read_shard(url):
             read += 1
             yield sample
         if read >= min_samples:
@@ -285,16 +311,18 @@ class SampleSource:
     masker: BlockMasker | None = None
     shuffle_buffer: int = 1000
     split: bool = False
+    limits: SampleLimits = SampleLimits()
+    max_empty_s: float = DEFAULT_MAX_EMPTY_S  # train streams: seconds without a usable sample before failing
 
     def train_samples(self, counter: SkipCounter, seeds: tuple[int, ...], rank: int, world_size: int,
                       worker: int, num_workers: int, cursor: Cursor | None = None) -> Iterator[_Good]:
         """Infinite shuffled stream; `seeds` (seed, rank, worker, reseed, epoch, ...) fix it exactly.
 
         The stream is a sequence of blocks, each seeded by (seeds, block) alone: whole shards drawn with
-        replacement until `size` raw samples (a whole shard more at most), shuffled through the buffer (which drains at the block's
-        end), each sample augmented with an rng seeded by (seeds, block, position). `cursor` (mutated) says where
-        to start, and after each yielded sample holds the position just past it, so a consumer can save it and
-        a later stream started there continues exactly (mmpt.data.stream_state).
+        replacement until `size` raw samples (a whole shard more at most), shuffled through the buffer (which
+        drains at the block's end), each sample augmented with an rng seeded by (seeds, block, position).
+        `cursor` (mutated) says where to start, and after each yielded sample holds the position just past it,
+        so a consumer can save it and a later stream started there continues exactly (mmpt.data.stream_state).
         """
         cursor = cursor if cursor is not None else Cursor()
         start = Cursor(cursor.block, cursor.position)
@@ -308,21 +336,24 @@ class SampleSource:
             if len(tars) >= slots:
                 tars = split_shards(tars, rank, world_size, worker, num_workers)
             pool = tars + texts
-        state = {"empty_shards": 0}
+        guard = StreamGuard(pool, self.max_empty_s, counter.tag)
         size = max(BLOCK_SAMPLES_PER_BUFFER_SLOT * self.shuffle_buffer, MIN_BLOCK_SAMPLES)
+
+        def read_shard(url: str) -> Iterator[dict[str, Any]]:
+            return _mark_nonempty(_raw_samples([url], counter, text_slot, self.limits.max_caption_bytes), guard)
 
         def blocks() -> Iterator[tuple[int, Iterator[dict[str, Any]], int]]:
             block = start.block
             while True:
                 # independent rngs for shard choice, shuffle and augmentation
                 shard_rng, shuffle_rng = (random.Random(derive_seed(*seeds, block, purpose)) for purpose in (0, 1))
-                raw = _block_raw(_resampled(pool, shard_rng, state, rank), counter, text_slot, state, size)
+                raw = _block_raw(_resampled(pool, shard_rng, guard), read_shard, size)
                 if self.shuffle_buffer > 1:
                     raw = _shuffled(raw, self.shuffle_buffer, shuffle_rng)
                 yield block, raw, derive_seed(*seeds, block, 2)
                 block += 1
 
-        return self._decode(_positioned(blocks(), cursor, start), counter, rank, train=True)
+        return self._decode(_positioned(blocks(), cursor, start), counter, rank, guard=guard)
 
     def pass_samples(self, counter: SkipCounter, rank: int, world_size: int, worker: int,
                      num_workers: int) -> Iterator[_Good]:
@@ -333,26 +364,31 @@ class SampleSource:
         against unique images, and the pairs of one image are encoded once (mmpt.eval.retrieval).
         """
         mine = split_shards(self.urls, rank, world_size, worker, num_workers)
-        raw = _raw_samples(mine, counter, (0, 1) if self.kind == "texts" else None)
+        raw = _raw_samples(mine, counter, (0, 1) if self.kind == "texts" else None, self.limits.max_caption_bytes)
         same = random.Random(0)  # eval transforms ignore the rng
-        good = self._decode(((sample, same) for sample in raw), counter, rank, train=False)
+        good = self._decode(((sample, same) for sample in raw), counter, rank)
         return (pair for sample in good for pair in _one_per_caption(sample))
 
     def _decode(self, raw: Iterable[tuple[dict[str, Any], random.Random]], counter: SkipCounter, rank: int,
-                train: bool) -> Iterator[_Good]:
-        """(raw sample, its own rng) -> decoded samples; augmentation never depends on what other samples drew."""
+                guard: StreamGuard | None = None) -> Iterator[_Good]:
+        """(raw sample, its own rng) -> decoded samples (augmentation never depends on what other samples drew);
+        a train stream (with `guard`) fails after too many skips or too long without one."""
         skips_in_a_row = 0
         for sample, rng in raw:
-            result = _prepare(sample, self.kind, self.transform, self.masker, rng)
+            result = _prepare(sample, self.kind, self.transform, self.masker, rng, self.limits)
             if isinstance(result, _Good):
                 skips_in_a_row = 0
                 yield result
+                if guard is not None:
+                    guard.good_sample()  # after the yield: time suspended while the trainer works is not counted
                 continue
             counter.add(*result)
             skips_in_a_row += 1
-            if train and skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            if guard is not None:
+                guard.check_clock()
+            if guard is not None and skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
                 what = {"pairs": "image-text pairs", "images": "images", "texts": "texts"}[self.kind]
-                raise RuntimeError(
+                raise DataStreamError(
                     f"rank {rank}: {MAX_SKIPS_IN_A_ROW} samples in a row were skipped ({counter.total}); "
                     f"the shards do not hold usable {what}"
                 )
@@ -448,7 +484,9 @@ class _ShardStream(IterableDataset):
         if buf and (not self.train or len(buf) == self.batch_size):
             yield emit()
         leftover = counter.pop()
-        if leftover:
+        if leftover and not self.train:
+            yield {"skipped": leftover}  # skips after the last batch (or of a worker with no batch): counts only
+        elif leftover:
             log.warning("%s: %s skipped after the last batch (not in any Batch.skipped)", counter.tag, leftover)
 
 
@@ -469,25 +507,46 @@ def stream_start(resume: LoaderState | None, physical: int, num_workers: int,
 
 class BatchLoader:
     """Iterable of `Batch` (or `MixedBatch` for multi-source data) over a DataLoader of batch dicts;
-    `.skipped_total` sums the `skipped` counts seen; `.state` (train) is where the consumed stream stands."""
+    `.skipped_total` sums the `skipped` counts seen (for an eval pass: every skip of the pass); `.state` (train)
+    is where the consumed stream stands. A stream that cannot give data (mmpt.data.stall) ends in one
+    `DataStreamError` line."""
 
-    def __init__(self, dataloader: DataLoader, state: LoaderState | None = None):
-        self.dataloader = dataloader
+    def __init__(self, dataloader: DataLoader, where: str = "data", state: LoaderState | None = None):
+        self.dataloader, self.where = dataloader, where
         self.skipped_total: Counter[str] = Counter()
         self.state = state
 
     def __iter__(self) -> Iterator[Batch | MixedBatch]:
-        for item in self.dataloader:
-            stream = item.pop("stream", None)
-            if stream is not None and self.state is not None:
-                self.state.record(stream)
-            batch: Batch | MixedBatch
-            if "parts" in item:
-                batch = MixedBatch({kind: Batch(**part) for kind, part in item["parts"].items()})
-            else:
-                batch = Batch(**item)
-            self.skipped_total.update(batch.skipped)
-            yield batch
+        items = iter(self.dataloader)
+        try:
+            for item in items:
+                stream = item.pop("stream", None)
+                if stream is not None and self.state is not None:
+                    self.state.record(stream)
+                batch: Batch | MixedBatch
+                if "parts" in item:
+                    batch = MixedBatch({kind: Batch(**part) for kind, part in item["parts"].items()})
+                elif item.keys() == {"skipped"}:  # an eval worker's skips after its last batch
+                    self.skipped_total.update(item["skipped"])
+                    continue
+                else:
+                    batch = Batch(**item)
+                self.skipped_total.update(batch.skipped)
+                yield batch
+        except Exception as exn:
+            self._shut_down(items)
+            clear = loader_error(exn, self.dataloader.timeout, self.where)
+            if clear is None:
+                raise
+            raise clear from None
+
+    def _shut_down(self, items: Iterator[Any]) -> None:
+        """Stop the workers now that the stream failed (this generator cannot resume): left to garbage collection,
+        a worker that outlives the error keeps the process from exiting. The next `iter` starts fresh workers."""
+        shut_down = getattr(items, "_shutdown_workers", None)  # DataLoader's multi-process iterator
+        if shut_down is not None:
+            shut_down()
+            self.dataloader._iterator = None  # type: ignore[attr-defined]  # persistent workers: not reusable now
 
 
 def _worker_init(_: int) -> None:
@@ -501,8 +560,9 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None,
-                state: LoaderState | None = None) -> BatchLoader:
-    """A DataLoader whose workers build whole batches (batch_size=None), wrapped into a `BatchLoader`.
+                max_empty_s: float = DEFAULT_MAX_EMPTY_S, state: LoaderState | None = None) -> BatchLoader:
+    """A DataLoader whose workers build whole batches (batch_size=None), wrapped into a `BatchLoader`; the main
+    process waits at most `max_empty_s` for a worker's batch (mmpt.data.stall).
 
     Its own generator: starting an iteration draws a worker base seed, which must not come from (and shift)
     the global torch RNG that dropout and masks draw from (an exact resume restores that RNG). The pipeline's
@@ -517,9 +577,10 @@ def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | N
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         worker_init_fn=_worker_init if num_workers > 0 else None,
+        timeout=max_empty_s if num_workers > 0 else 0,
         generator=torch.Generator().manual_seed(0),
     )
-    return BatchLoader(loader, state)
+    return BatchLoader(loader, f"data rank {getattr(dataset, 'rank', 0)}", state)
 
 
 def build_train_loader(
@@ -541,6 +602,8 @@ def build_train_loader(
     std: Sequence[float] = CLIP_STD,
     image_mask: BlockMasker | None = None,
     pin_memory: bool | None = None,
+    limits: SampleLimits = SampleLimits(),
+    max_empty_s: float = DEFAULT_MAX_EMPTY_S,
 ) -> BatchLoader:
     """Infinite stream of pair `Batch` (images `b c h w`, ids/mask `b l`), each exactly `batch_size`.
 
@@ -548,15 +611,18 @@ def build_train_loader(
     ranks see different data. Same arguments -> same batches. `resume` (a checkpoint's `LoaderState`) continues
     the streams exactly where the batches consumed before it left them; the returned loader's `.state` tracks
     the batches consumed from it. With `image_mask`, each batch also carries a block mask `b n` per image.
+    Over-`limits` samples are skipped and counted; a stream
+    without a usable sample for `max_empty_s` s, or whose shards all give nothing, raises `DataStreamError`.
     """
     expanded = expand_urls(urls)
     check_local_shards(urls)
     transform = TrainTransform(image_size, scale=scale, ratio=ratio, hflip=hflip, mean=mean, std=std)
-    source = SampleSource(expanded, "pairs", transform, image_mask, shuffle_buffer)
+    source = SampleSource(expanded, "pairs", transform, image_mask, shuffle_buffer, limits=limits,
+                          max_empty_s=max_empty_s)
     state = resume_state(resume, world_size, num_workers)
     dataset = _ShardStream(source, tokenizer, batch_size=batch_size, train=True, seed=seed, rank=rank,
                            world_size=world_size, resume=resume_state(resume, world_size, num_workers))
-    return make_loader(dataset, num_workers, pin_memory, state)
+    return make_loader(dataset, num_workers, pin_memory, max_empty_s, state)
 
 
 def resume_state(resume: LoaderState | None, world_size: int, num_workers: int) -> LoaderState:
@@ -582,14 +648,18 @@ def build_eval_loader(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     pin_memory: bool | None = None,
+    limits: SampleLimits = SampleLimits(),
+    max_empty_s: float = DEFAULT_MAX_EMPTY_S,
 ) -> BatchLoader:
     """One ordered pass: shards split by rank, then by worker, so each good sample appears exactly once
     across all ranks and workers. The last batch of a worker may be smaller; a (rank, worker) without
-    shards yields nothing. Each pass over the returned loader re-reads the shards.
+    shards yields nothing. Each pass over the returned loader re-reads the shards. `skipped_total` counts every
+    sample skipped in the pass (over-`limits` ones included); workers get `max_empty_s` per batch.
     """
     expanded = expand_urls(urls)
     check_local_shards(urls)
-    source = SampleSource(expanded, "pairs", EvalTransform(image_size, mean=mean, std=std), shuffle_buffer=0)
+    source = SampleSource(expanded, "pairs", EvalTransform(image_size, mean=mean, std=std), shuffle_buffer=0,
+                          limits=limits)
     dataset = _ShardStream(source, tokenizer, batch_size=batch_size, train=False, seed=0, rank=rank,
                            world_size=world_size)
-    return make_loader(dataset, num_workers, pin_memory)
+    return make_loader(dataset, num_workers, pin_memory, max_empty_s)

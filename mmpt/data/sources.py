@@ -23,11 +23,13 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmpt.data.batch import KINDS
+from mmpt.data.limits import SampleLimits
 from mmpt.data.masking import BlockMasker
 from mmpt.data.pipeline import (BatchLoader, SampleSource, SkipCounter, collate, is_text_file, make_loader,
                                  resume_state, stream_start)
-from mmpt.data.stream_state import LoaderState, stamp
 from mmpt.data.shards import ShardSpec, check_local_shards, expand_urls
+from mmpt.data.stall import DEFAULT_MAX_EMPTY_S
+from mmpt.data.stream_state import LoaderState, stamp
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.data.transforms import CLIP_MEAN, CLIP_STD, TrainTransform
 
@@ -154,6 +156,8 @@ def build_mixed_train_loader(
     std: Sequence[float] = CLIP_STD,
     image_mask: BlockMasker | None = None,
     pin_memory: bool | None = None,
+    limits: SampleLimits = SampleLimits(),
+    max_empty_s: float = DEFAULT_MAX_EMPTY_S,
 ) -> BatchLoader:
     """Infinite stream of `MixedBatch`: parts keyed by kind, `len(batch) == batch_size`, per-kind sizes fixed
     by `source_counts`; image parts carry `image_mask` (`b n` bool) when `image_mask` is given."""
@@ -169,11 +173,12 @@ def build_mixed_train_loader(
                         "ranks may read the same samples; write at least %d shards to split them",
                         describe(spec, i), len(tars), slots, slots)
         sources.append(SampleSource(urls, spec.kind, None if spec.kind == "texts" else transform,
-                                    None if spec.kind == "texts" else image_mask, shuffle_buffer, split=True))
+                                    None if spec.kind == "texts" else image_mask, shuffle_buffer, split=True,
+                                    limits=limits, max_empty_s=max_empty_s))
     state = resume_state(resume, world_size, num_workers)
     dataset = MixedStream(sources, [s.name or f"#{i}" for i, s in enumerate(specs)], counts, tokenizer,
                           seed=seed, rank=rank, world_size=world_size,
                           resume=resume_state(resume, world_size, num_workers))
     log.info("mixed data: %s samples per micro-batch",
              ", ".join(f"{s.name or '#' + str(i)} ({s.kind}) {c}" for i, (s, c) in enumerate(zip(specs, counts))))
-    return make_loader(dataset, num_workers, pin_memory, state)
+    return make_loader(dataset, num_workers, pin_memory, max_empty_s, state)

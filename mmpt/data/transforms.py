@@ -20,9 +20,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 Box = tuple[float, float, float, float]  # PIL (left, upper, right, lower)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """jpg/png/webp bytes -> fully loaded RGB image; raises on corrupt or truncated data."""
-    return _finish_decode(Image.open(io.BytesIO(data)))
+def decode_image(data: bytes | Image.Image) -> Image.Image:
+    """jpg/png/webp bytes (or an image opened from them, header read, pixels not: `limits.open_within_limits`)
+    -> fully loaded RGB image; raises on corrupt or truncated data."""
+    return _finish_decode(_opened(data))
+
+
+def _opened(data: bytes | Image.Image) -> Image.Image:
+    return data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
 
 
 def _finish_decode(img: Image.Image) -> Image.Image:
@@ -44,11 +49,13 @@ def draft_scale(box: Box, out_size: int) -> int:
     return next((k for k in DRAFT_SCALES if side / k >= out_size), 1)
 
 
-def decode_for_crop(data: bytes, box_of: Callable[[int, int], Box], out_size: int) -> tuple[Image.Image, Box]:
+def decode_for_crop(data: bytes | Image.Image, box_of: Callable[[int, int], Box],
+                    out_size: int) -> tuple[Image.Image, Box]:
     """Decode `data` for one crop resized to `out_size`: the crop box comes from the header's size
     (`box_of(width, height)`, so it equals the full decode's), then a JPEG is decoded at 1/k scale when the crop
-    allows (`draft_scale`: less IDCT work and memory) and the box is mapped onto the reduced image."""
-    img = Image.open(io.BytesIO(data))
+    allows (`draft_scale`: less IDCT work and memory) and the box is mapped onto the reduced image. `data` may
+    be an image opened but not yet loaded (the header check in `mmpt.data.limits` opens it once)."""
+    img = _opened(data)
     width, height = img.size
     box = box_of(width, height)
     k = draft_scale(box, out_size)
@@ -141,7 +148,7 @@ class TrainTransform:
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         return self._crop(img, random_resized_crop_box(img.width, img.height, self.scale, self.ratio, rng), rng)
 
-    def from_bytes(self, data: bytes, rng: random.Random) -> torch.Tensor:
+    def from_bytes(self, data: bytes | Image.Image, rng: random.Random) -> torch.Tensor:
         """Same crop and rng draws as `__call__(decode_image(data), rng)`; with `draft`, JPEGs whose crop is at
         least twice the output side are decoded at reduced scale (`decode_for_crop`)."""
         if not self.draft:

@@ -73,6 +73,11 @@ class DataConfig:
     hflip: bool = False
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    # bounded bad input (mmpt/data/limits.py, mmpt/data/stall.py): samples over these sizes are skipped before
+    # decoding and counted; a train stream with no usable sample for max_empty_s seconds stops the run
+    max_image_pixels: int = 64_000_000
+    max_caption_bytes: int = 16384
+    max_empty_s: float = 300.0
 
 
 @dataclass
@@ -108,9 +113,14 @@ class TrainerConfig:
     # CPU the compile time (minutes) is rarely won back. compile_backend: a torch.compile backend name
     compile: bool = False
     compile_backend: str = "inductor"
+    # divergence guards (mmpt/engine/divergence.py): a step with a non-finite gradient norm or loss is skipped;
+    # this many skipped steps in a row stop the run. spike_factor: also skip a step whose loss exceeds this many
+    # times the moving average of accepted losses (after a warm-up); null = off
+    max_bad_steps: int = 20
+    spike_factor: Optional[float] = None
     # what the console's progress line shows after step, %, elapsed and ETA (metrics.jsonl and W&B keep every
     # metric): names without `train/`, e.g. [loss, itc, lr, samples_per_s, mfu, data_wait, tflops, grad_norm];
-    # null = total loss, each objective's loss, lr, samples/s, MFU when known, data-wait, skip counts
+    # null = total loss, each objective's loss, lr, samples/s, TFLOP/s, MFU when known, data-wait, skip counts
     console_keys: Optional[list[str]] = None
     # dry runs only: nodes of the job being planned, so `trainer.expected_world_size=32 trainer.expected_nodes=4`
     # is reported as 4 nodes x 8 ranks (default: SLURM's / torchrun's node count of this shell, else 1)
@@ -350,6 +360,10 @@ def check_ranges(cfg: TrainConfig) -> None:
         _refuse_unless(value is None or value >= 1, key, value, "must be >= 1, or null (= this shell's)")
     _refuse_unless(t.dist_timeout_s > 0, "trainer.dist_timeout_s", t.dist_timeout_s,
                    "must be > 0 seconds (how long a rank waits for its peers; default 1800)")
+    _refuse_unless(t.max_bad_steps >= 1, "trainer.max_bad_steps", t.max_bad_steps,
+                   "must be >= 1 (skipped optimizer steps in a row that stop a run; default 20)")
+    _refuse_unless(t.spike_factor is None or (math.isfinite(t.spike_factor) and t.spike_factor > 1), "trainer.spike_factor",
+                   t.spike_factor, "must be > 1 (a multiple of the moving average loss), or null to turn the spike guard off")
     for key, value, rule in (
         ("optimizer.lr", o.lr, "must be a finite number >= 0, e.g. optimizer.lr=1e-3"),
         ("optimizer.weight_decay", o.weight_decay, "must be a finite number >= 0 (0 = no decay)"),
@@ -414,6 +428,9 @@ def check_combinations(cfg: TrainConfig, world_size: int, has_gpu: bool, model_o
             signal_number(name)
         except ValueError as exc:
             raise ConfigError(f"trainer.preempt_signals: {exc}") from None
+    if t.spike_factor is not None and t.contrastive_accum_steps > 1:
+        raise ConfigError(f"trainer.spike_factor={t.spike_factor} needs trainer.contrastive_accum_steps=1 (GradCache's "
+                          "loss is known only after its backward passes); set trainer.spike_factor=null")
     if t.keep_last < 1:
         raise ConfigError(f"trainer.keep_last={t.keep_last} must be >= 1 (resuming needs a checkpoint)")
     if t.global_batch_size is not None:
@@ -562,9 +579,13 @@ def check_data(cfg: TrainConfig, data_kinds: tuple[str, ...], need_train: bool =
     from mmpt.data.sources import check_sources
 
     image_masker(cfg)
+    d = cfg.data
+    for key in ("max_image_pixels", "max_caption_bytes", "max_empty_s"):
+        if not getattr(d, key) > 0:
+            raise ConfigError(f"data.{key}={getattr(d, key):g} must be > 0; it bounds bad input (default "
+                              f"{getattr(DataConfig, key):g}), give a larger value to allow more")
     if not need_train:
         return
-    d = cfg.data
     specs = source_specs(cfg)
     if specs:
         try:

@@ -9,12 +9,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-DEFAULT_TAIL = ("lr", "samples_per_s", "mfu", "data_wait", "skipped", "skipped_steps")
+DEFAULT_TAIL = ("lr", "samples_per_s", "tflops", "mfu", "data_wait", "skipped", "skipped_steps")
 EVAL_SUFFIXES = ("_r1", "/mean", "/bleu4", "/cider", "zeroshot/top1")  # headline eval metrics on the console
 
 
 def default_console_keys(objectives: Sequence[str]) -> list[str]:
-    """Total loss, each objective's loss, lr, throughput, MFU (when known), data-wait, skipped counts."""
+    """Total loss, each objective's loss, lr, samples/s, TFLOP/s, MFU (when known), data-wait, skipped counts."""
     return ["loss", *objectives, *DEFAULT_TAIL]
 
 

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mmpt import distributed as mdist
+from mmpt.data.limits import SampleLimits
 from mmpt.data.pipeline import BatchLoader, build_eval_loader, build_train_loader
 from mmpt.data.sources import build_mixed_train_loader
 from mmpt.data.stream_state import LoaderState
@@ -166,6 +167,7 @@ def build_train_loader_for(cfg: TrainConfig, tokenizer: TextTokenizer, env: Dist
         batch_size=d.batch_size, image_size=d.image_size, num_workers=d.num_workers, seed=cfg.trainer.seed,
         rank=env.rank, world_size=env.world_size, shuffle_buffer=d.train.shuffle_buffer, resume=resume,
         scale=tuple(d.rrc_scale), hflip=d.hflip, mean=d.mean, std=d.std, image_mask=image_masker(cfg),
+        limits=sample_limits(cfg), max_empty_s=d.max_empty_s,
     )
     if d.sources:
         return build_mixed_train_loader(source_specs(cfg), tokenizer, **common)
@@ -177,7 +179,12 @@ def build_eval_loader_for(cfg: TrainConfig, tokenizer: TextTokenizer, env: DistE
     return build_eval_loader(
         d.eval.urls, tokenizer, batch_size=d.eval_batch_size, image_size=d.image_size,
         num_workers=min(d.num_workers, 2), rank=env.rank, world_size=env.world_size, mean=d.mean, std=d.std,
+        limits=sample_limits(cfg), max_empty_s=d.max_empty_s,
     )
+
+
+def sample_limits(cfg: TrainConfig) -> SampleLimits:
+    return SampleLimits(cfg.data.max_image_pixels, cfg.data.max_caption_bytes)
 
 
 def current_env() -> DistEnv:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from mmpt.data.tokenizer import TextTokenizer
 from mmpt.engine import checkpoint
 from mmpt.engine.compile import compile_blocks
 from mmpt.engine.config import ConfigError, TrainConfig
+from mmpt.engine.divergence import DivergenceGuard
 from mmpt.engine.dist_env import DistEnv
 from mmpt.engine.ds_config import (build_deepspeed_config, global_batch_size, mmpt_grad_clip,
                                    skip_single_rank_allreduce)
@@ -47,19 +47,21 @@ from mmpt.models.registry import build_model
 
 log = logging.getLogger("mmpt")
 
+COUNTED = "_counted"  # IntervalStats: how many micro-batches the means are over
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def micro_step(engine: Any, batch: Batch | MixedBatch, weights: dict[str, float],
-               grad_clip: float = 0.0) -> tuple[ModelOutput, torch.Tensor]:
+def micro_step(engine: Any, batch: Batch | MixedBatch, weights: dict[str, float], grad_clip: float = 0.0,
+               poison: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[ModelOutput, torch.Tensor]:
     """forward -> one weighted sum of the objectives -> ONE backward (ZeRO-2 drops grads of a second) -> step.
 
     engine.step() is called every micro-batch; DeepSpeed only updates at accumulation boundaries. grad_clip > 0:
-    mmpt clips at the boundary (engine_step.backward_and_step, also GradCache's backward).
+    mmpt clips at the boundary (engine_step.backward_and_step, also GradCache's backward). poison: the
+    divergence guard's loss check (divergence.DivergenceGuard.poison), applied to the loss backward sees.
     """
     out: ModelOutput = engine(batch)
     total = sum(weights[name] * loss for name, loss in out.losses.items())
-    backward_and_step(engine, total, grad_clip)
+    backward_and_step(engine, total if poison is None else poison(total), grad_clip)
     return out, total
 
 
@@ -67,7 +69,7 @@ def micro_step(engine: Any, batch: Batch | MixedBatch, weights: dict[str, float]
 class IntervalStats:
     """Sums since the last log line, kept on device so the hot path never syncs with the host."""
 
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)  # key set -> summed rows
     micro_steps: int = 0
     data_wait_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
@@ -88,19 +90,27 @@ class IntervalStats:
         return {"grad_norm": sum(norms) / len(norms), "grad_norm_max": max(norms)}
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
-        for key, value in values.items():
-            value = value.detach().float()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        """A micro-batch whose loss is non-finite (its step is skipped: divergence.py) adds nothing to the means.
+        One stacked row per micro-batch (a handful of ops whatever the number of metrics)."""
+        keys = (*values, COUNTED)
+        row = torch.stack([v.detach().float() for v in values.values()])
+        counted = torch.isfinite(row[keys.index("loss")])
+        row = torch.where(counted, torch.cat([row, torch.ones_like(row[:1])]), 0.0)
+        self.rows[keys] = self.rows[keys] + row if keys in self.rows else row
         self.micro_steps += 1
 
     def reduce(self) -> dict[str, float]:
-        """Collective: averages over micro-steps and ranks, one host sync per log line."""
-        keys = sorted(self.sums)
-        stacked = torch.stack([self.sums[k] for k in keys]) / max(1, self.micro_steps)
+        """Collective: averages over counted micro-steps and ranks, one host sync per log line."""
+        sums: dict[str, torch.Tensor] = {}
+        for row_keys, row in self.rows.items():
+            for key, value in zip(row_keys, row):
+                sums[key] = sums[key] + value if key in sums else value
+        keys = sorted(sums)
+        stacked = torch.stack([sums[k] for k in keys])
         if mdist.is_dist():
             torch.distributed.all_reduce(stacked)
-            stacked /= mdist.world_size()
-        return dict(zip(keys, stacked.tolist()))
+        stacked = stacked / stacked[keys.index(COUNTED)]  # nan when every micro-batch of the interval was bad
+        return {k: v for k, v in zip(keys, stacked.tolist()) if k != COUNTED}
 
 
 @dataclass
@@ -138,6 +148,8 @@ class Trainer:
         )
         skip_single_rank_allreduce(self.engine, env.world_size)
         self.model: PretrainModel = self.engine.module
+        self.guard = DivergenceGuard(self.engine, cfg.trainer.max_bad_steps, cfg.trainer.spike_factor, device,
+                                     mmpt_clips=self.grad_clip > 0)
         self.after_step = getattr(self.model, "after_optimizer_step", None)
         self.peak_tflops = peak_tflops(cfg.trainer.peak_tflops, cfg.trainer.precision)
         self._flops_of_shape: dict[tuple[tuple[str, int], ...], float] = {}
@@ -191,6 +203,7 @@ class Trainer:
         self.resumed_rng = checkpoint.rng_state()  # this rank's, just restored: dropout and masks continue
         self.step = int(state["step"])
         self.wandb_run_id = str(state["wandb_run_id"])
+        self.guard.skipped_steps = int(state.get("skipped_steps", 0))  # train/skipped_steps goes on counting
         self.data_resume = self._data_resume(state.get("data", {}), tag_dir)
         if self.env.is_main:
             log.info("resumed from %s at step %d (W&B run %s)", tag_dir, self.step, self.wandb_run_id)
@@ -231,9 +244,16 @@ class Trainer:
             "data": {"seed": self.cfg.trainer.seed, **({"streams": streams} if state is not None else {})},
             "wandb_run_id": self.wandb_run_id,
             "world_size": self.env.world_size,
+            "skipped_steps": self.guard.skipped_steps,
         }
 
+    def _last_good(self) -> Path | None:
+        """The newest checkpoint this run saved, else the newest complete one in the run dir (a resume)."""
+        return self.last_checkpoint or checkpoint.latest_checkpoint(self.ckpt_root)
+
     def save(self) -> None:
+        if not self.guard.safe_to_save(self.engine.module, self.step, self._last_good()):
+            return
         extra = {"config.yaml": OmegaConf.to_yaml(self.resolved),
                  "tokenizer.json": self.tokenizer.tokenizer.to_str()}
         self.last_checkpoint = checkpoint.save(
@@ -248,7 +268,7 @@ class Trainer:
         stats.flops += self._batch_flops(batch)
         batch = batch.to(self.device, self.input_dtype)
         if self.grad_cache is None:
-            out, total = micro_step(self.engine, batch, self.weights, self.grad_clip)
+            out, total = micro_step(self.engine, batch, self.weights, self.grad_clip, self.guard.poison)
         elif (done := self.grad_cache.add(self.engine, batch, self.weights, self.grad_clip)) is not None:
             out, total = done  # the group's one contrastive loss, after its N backward passes
         else:
@@ -265,11 +285,7 @@ class Trainer:
 
     def _record(self, stats: IntervalStats) -> dict[str, Any]:
         values = stats.reduce()
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(
-                f"loss is {values['loss']} at step {self.step}; last good checkpoint: {self.last_checkpoint}. "
-                "Lower optimizer.lr, raise scheduler.warmup_steps, or use trainer.precision=fp32"
-            )
+        self.guard.settle_pending()  # this line's skip count is exact (a sync happens here anyway)
         elapsed = time.perf_counter() - stats.started
         per_group = self.cfg.data.batch_size * self.cfg.trainer.contrastive_accum_steps  # GradCache: groups
         samples = stats.micro_steps * per_group * self.env.world_size
@@ -284,6 +300,9 @@ class Trainer:
             record["train/mfu"] = tflops / self.peak_tflops
         record["train/data_wait"] = stats.data_wait_s / max(elapsed, 1e-9)
         record["train/skipped"] = skipped
+        record["train/skipped_steps"] = self.guard.skipped_steps  # optimizer steps skipped (divergence.py)
+        if self.cfg.trainer.spike_factor is not None:
+            record["train/spike_skips"] = self.guard.spike_skips
         record.update({f"train/{k}": v for k, v in stats.grad_norm_summary().items()})
         return record
 
@@ -337,13 +356,19 @@ class Trainer:
                 self._micro_step(batch, stats)
             self.step += 1
             stats.add_grad_norm(self.engine.get_global_grad_norm())
-            if self.after_step is not None:
+            applied = self.guard.after_step()  # False: skipped (divergence.py); None: known at the next step
+            if self.after_step is not None and applied is not False:
                 self.after_step(self.step)  # e.g. momentum teacher EMA: after the update, outside forward
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self.logger.log(self._record(stats))
                 stats = IntervalStats(skipped=stats.skipped)
             if self.step % t.save_every == 0 or self.step == t.max_steps:
                 self.save()
+            if self.guard.bad_streak >= t.max_bad_steps:  # stop: the last record counts every skipped step
+                if stats.micro_steps:
+                    self.logger.log(self._record(stats))
+                self.logger.close()
+                self.guard.stop_if_diverged(self.step, self._last_good)
             # at max_steps the run is complete anyway: finishing beats a requeue that would have nothing to do
             if self.step < t.max_steps and self.step % t.preempt_check_every == 0 and (signum := self.preemption.agreed()):
                 self._checkpoint_for_preemption(signum, stats)

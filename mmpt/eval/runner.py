@@ -1,6 +1,7 @@
 """Everything `eval` means for a model, decided by what the model can do (its protocol extras):
 
-- always: ITC retrieval (`retrieval/...`, the Karpathy/COCO protocol: mmpt.eval.retrieval);
+- always: ITC retrieval (`retrieval/...`, the Karpathy/COCO protocol: mmpt.eval.retrieval), with the eval samples
+  the loader skipped (`retrieval/skipped`, and `retrieval/skipped_<reason>` per reason);
 - `itm_score`: ITM re-ranking of the ITC top-k (`retrieval_itm/...`), ALBEF's second stage;
 - `generate`: captioning of the eval images, BLEU-4 and CIDEr-D against their captions (`caption/...`),
   plus a few sample rows (image, generated, reference) for a W&B table;
@@ -10,6 +11,8 @@ Collective: every rank must call it.
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,8 @@ from mmpt.eval.caption_metrics import caption_scores
 from mmpt.eval import zeroshot
 from mmpt.eval.retrieval import EvalEmbeddings, embed_eval_set, itm_rerank, retrieval_metrics
 from mmpt.models.protocol import PretrainModel, has_capability
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,6 +91,19 @@ def caption_eval(model: Any, emb: EvalEmbeddings, tokenizer: TextTokenizer, devi
     return EvalResult(metrics, samples)
 
 
+def skipped_metrics(loader: Iterable[Batch]) -> dict[str, float]:
+    """Eval samples skipped on all ranks (a `BatchLoader`'s `skipped_total` after its pass), total and by reason,
+    so a score computed on fewer samples than the set holds says so. Collective."""
+    total: Counter[str] = Counter()
+    for part in mdist.all_gather_objects(dict(getattr(loader, "skipped_total", {}))):
+        total.update(part)  # type: ignore[arg-type]
+    if total and mdist.rank() == 0:
+        log.warning("eval: %d sample(s) skipped (%s)", sum(total.values()), dict(sorted(total.items())))
+    out = {"retrieval/skipped": float(sum(total.values()))}
+    out.update({f"retrieval/skipped_{reason}": float(n) for reason, n in sorted(total.items())})
+    return out
+
+
 def evaluate_model(model: PretrainModel, loader: Iterable[Batch] | None, tokenizer: TextTokenizer, eval_cfg,
                    device: torch.device, dtype: torch.dtype | None, mean: Sequence[float],
                    std: Sequence[float], image_size: int | None = None, source: str = "") -> EvalResult:
@@ -115,6 +133,7 @@ def _retrieval_and_captions(model: PretrainModel, loader: Iterable[Batch], token
     can_caption = has_capability(model, "generate") and eval_cfg.caption_max_images > 0
     emb = embed_eval_set(model, loader, device, dtype, keep_inputs=can_rerank or can_caption)
     metrics = retrieval_metrics(emb, eval_cfg.ks)
+    metrics.update(skipped_metrics(loader))
     result = EvalResult(metrics)
     if can_rerank:
         reranked = itm_rerank(model, emb, eval_cfg.rerank_k, device, dtype, score=eval_cfg.rerank_score,
