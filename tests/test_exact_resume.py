@@ -103,8 +103,10 @@ def test_resumed_mixed_loader_continues_every_source(write_shards, image_bytes, 
     assert [b.parts["texts"].keys for b in resumed] == [b.parts["texts"].keys for b in full[4:]]
 
 
-@pytest.mark.parametrize("world, workers, needle", [(1, 2, "written by 2 ranks but this launch has 1"),
-                                                    (2, 1, "data.num_workers=2 per rank but this launch has data.num_workers=1")])
+@pytest.mark.parametrize("world, workers, needle", [
+    (1, 2, "written by 2 ranks but this launch has 1"),
+    (2, 1, "data.num_workers=2 per rank but this launch has data.num_workers=1"),
+])
 def test_resume_with_other_stream_count_is_refused(shards, tokenizer, world, workers, needle):
     saved = LoaderState(world_size=2, num_workers=2, batches=4)
     with pytest.raises(ValueError, match=needle):
