@@ -43,8 +43,8 @@ def shards(write_shards, image_bytes) -> list[str]:
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
     out = []
     for s in range(4):
-        samples = [{"__key__": f"s{s}_{i}", "jpg": image_bytes(colours[(s + i) % 4], size=(24, 20)), "txt": caption(5 * s + i)}
-                   for i in range(5)]
+        samples = [{"__key__": f"s{s}_{i}", "jpg": image_bytes(colours[(s + i) % 4], size=(24, 20)),
+                    "txt": caption(5 * s + i)} for i in range(5)]
         if s == 1:
             samples[2] = {"__key__": "bad", "jpg": b"not a jpeg", "txt": "a"}
         if s == 2:
@@ -121,8 +121,8 @@ def test_resume_with_other_stream_count_is_refused(shards, tokenizer, world, wor
 
 TINY = ["experiment=clip_tiny", "data.image_size=32", "data.batch_size=8", "data.eval_batch_size=32",
         "model.patch_dropout=0.5", "model.text.dropout=0.1",  # drawn from the global torch RNG: restored too
-        "trainer.log_every=1", "trainer.save_every=5", "trainer.keep_last=2", "eval.every=5", "scheduler.warmup_steps=5",
-        "logger=none"]  # W&B across a resume: tests/test_preemption.py
+        "trainer.log_every=1", "trainer.save_every=5", "trainer.keep_last=2", "eval.every=5",
+        "scheduler.warmup_steps=5", "logger=none"]  # W&B across a resume: tests/test_preemption.py
 
 
 def launch(run_dir: Path, world: int, overrides: list[str]) -> list[str]:
