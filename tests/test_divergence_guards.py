@@ -216,3 +216,22 @@ def test_guard_settings_are_checked_before_launch(demo_env, overrides, expected)
 
     with pytest.raises(ConfigError, match=re.escape(expected)):
         validate(composed(["experiment=clip_tiny", *overrides]), DistEnv(0, 0, 1, "127.0.0.1", 0, "single"))
+
+
+def test_spike_guard_memory_survives_a_checkpoint_round_trip():
+    """A resumed run must skip the same steps: the moving average and warm-up count travel in the checkpoint."""
+    from types import SimpleNamespace
+
+    from mmpt.engine.divergence import DivergenceGuard
+
+    def guard() -> DivergenceGuard:
+        engine = SimpleNamespace(optimizer=torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]))
+        return DivergenceGuard(engine, max_bad_steps=20, spike_factor=2.0, device=torch.device("cpu"), mmpt_clips=False)
+
+    warmed = guard()
+    warmed.load_rank_state({"spike_avg": 1.0, "spike_accepted": 25.0, "spike_skips": 3})
+    resumed = guard()
+    resumed.load_rank_state(warmed.rank_state())
+    assert resumed.rank_state() == {"spike_avg": 1.0, "spike_accepted": 25.0, "spike_skips": 3}
+    assert torch.isnan(resumed.poison(torch.tensor(3.0)))  # 3 > 2 x 1: a spike, as in the uninterrupted run
+    assert torch.isfinite(guard().poison(torch.tensor(3.0)))  # a guard that forgot would still be warming up

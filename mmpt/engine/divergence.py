@@ -95,6 +95,16 @@ class DivergenceGuard:
         if self.own_step:
             engine.optimizer.register_step_pre_hook(self._mask_update)
 
+    def rank_state(self) -> dict[str, float]:
+        """This rank's spike-guard memory for a checkpoint (read at save time only), so a resumed run skips the
+        same steps as an uninterrupted one."""
+        return {"spike_avg": float(self._avg), "spike_accepted": float(self._accepted), "spike_skips": self.spike_skips}
+
+    def load_rank_state(self, state: dict[str, float]) -> None:
+        self._avg.fill_(state["spike_avg"])
+        self._accepted.fill_(state["spike_accepted"])
+        self.spike_skips = int(state["spike_skips"])
+
     # ---- per micro-batch ----------------------------------------------------------------------------------
     def poison(self, loss: torch.Tensor) -> torch.Tensor:
         """`loss` times 1.0 (finite, no spike) or NaN: the decision travels inside the gradient (see module doc)."""

@@ -204,6 +204,9 @@ class Trainer:
         self.step = int(state["step"])
         self.wandb_run_id = str(state["wandb_run_id"])
         self.guard.skipped_steps = int(state.get("skipped_steps", 0))  # train/skipped_steps goes on counting
+        guards = state.get("guard_ranks")
+        if guards and len(guards) == self.env.world_size:  # (another world size is refused below)
+            self.guard.load_rank_state(guards[self.env.rank])
         self.data_resume = self._data_resume(state.get("data", {}), tag_dir)
         if self.env.is_main:
             log.info("resumed from %s at step %d (W&B run %s)", tag_dir, self.step, self.wandb_run_id)
@@ -245,6 +248,7 @@ class Trainer:
             "wandb_run_id": self.wandb_run_id,
             "world_size": self.env.world_size,
             "skipped_steps": self.guard.skipped_steps,
+            "guard_ranks": mdist.all_gather_objects(self.guard.rank_state()),  # per-rank spike-guard memory
         }
 
     def _last_good(self) -> Path | None:
