@@ -99,8 +99,12 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     model.to(device)
     loader = build_eval_loader_for(prep.cfg, prep.tokenizer, env) if prep.cfg.data.eval.urls else None
     d = prep.cfg.data
-    metrics = evaluate_model(model, loader, prep.tokenizer, prep.cfg.eval, device, None, d.mean, d.std,
-                             image_size=d.image_size, source=str(tag_dir)).metrics
+    try:
+        metrics = evaluate_model(model, loader, prep.tokenizer, prep.cfg.eval, device, None, d.mean, d.std,
+                                 image_size=d.image_size, source=str(tag_dir)).metrics
+    finally:
+        if loader is not None:
+            loader.close()  # workers left alive make the exit hang after an error (mmpt.data.worker_lifecycle)
     if env.is_main:
         metrics = {"checkpoint": str(tag_dir), **metrics}  # type: ignore[dict-item]
         text = json.dumps(metrics, indent=2)

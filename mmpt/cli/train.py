@@ -21,6 +21,7 @@ from mmpt.engine.divergence import DivergenceError
 from mmpt.engine.ds_config import global_batch_size
 from mmpt.engine.dry_run import dry_run_report, format_report
 from mmpt.engine.run_summary import RunFacts, build_summary, format_summary
+from mmpt.engine.run_lock import lock_run_dir
 from mmpt.engine.run_setup import configure_logging, current_env, start_distributed, validate
 
 log = logging.getLogger("mmpt")
@@ -51,6 +52,7 @@ def train(raw: DictConfig) -> None:
     device, run_dir = start_distributed(prep, Path(HydraConfig.get().runtime.output_dir))
     if env.is_main:
         log.info("run dir %s | %d ranks (%s) on %s", run_dir, env.world_size, env.launcher, device)
+    lock = lock_run_dir(run_dir, env.is_main)  # one training per run dir; refused: error line, exit 2
     trainer = Trainer(prep.cfg, prep.resolved, env, device, run_dir, prep.tokenizer)
     try:
         result = trainer.fit()
@@ -67,6 +69,8 @@ def train(raw: DictConfig) -> None:
         summary = build_summary(facts)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("%s", "\n".join(format_summary(summary)))
+    if lock is not None:
+        lock.release()  # a crashed run leaves its lock file: the next run notes it takes over a stale lock
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

@@ -13,10 +13,10 @@ import json
 import logging
 import os
 import random
-import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from multiprocessing.synchronize import Event
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from mmpt.data.stream_state import Cursor, LoaderState, resume_problem, stamp
 from mmpt.data.tar_samples import tar_samples
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.data.transforms import CLIP_MEAN, CLIP_STD, EvalTransform, TrainTransform, decode_image
+from mmpt.data.worker_lifecycle import WorkerInit, new_shutdown_event, shutdown_workers
 
 log = logging.getLogger(__name__)
 
@@ -511,10 +512,17 @@ class BatchLoader:
     is where the consumed stream stands. A stream that cannot give data (mmpt.data.stall) ends in one
     `DataStreamError` line."""
 
-    def __init__(self, dataloader: DataLoader, where: str = "data", state: LoaderState | None = None):
+    def __init__(self, dataloader: DataLoader, where: str = "data", state: LoaderState | None = None,
+                 shutdown: Event | None = None):
         self.dataloader, self.where = dataloader, where
         self.skipped_total: Counter[str] = Counter()
         self.state = state
+        self.shutdown = shutdown  # set by close(): the workers obey TERM from then on
+
+    def close(self) -> None:
+        """End the workers now; call it in a `finally`, or an error leaves workers that exit waits on."""
+        if self.shutdown is not None:
+            shutdown_workers(self.dataloader, self.shutdown)
 
     def __iter__(self) -> Iterator[Batch | MixedBatch]:
         items = iter(self.dataloader)
@@ -542,21 +550,9 @@ class BatchLoader:
 
     def _shut_down(self, items: Iterator[Any]) -> None:
         """Stop the workers now that the stream failed (this generator cannot resume): left to garbage collection,
-        a worker that outlives the error keeps the process from exiting. The next `iter` starts fresh workers."""
-        shut_down = getattr(items, "_shutdown_workers", None)  # DataLoader's multi-process iterator
-        if shut_down is not None:
-            shut_down()
-            self.dataloader._iterator = None  # type: ignore[attr-defined]  # persistent workers: not reusable now
-
-
-def _worker_init(_: int) -> None:
-    # each worker tokenizes its own batches; rayon threads per worker would only oversubscribe the CPUs
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # SLURM signals every process of a task: USR1's default action would kill a worker, and a dead worker
-    # makes PyTorch raise in the trainer mid-step. Preemption belongs to the trainer (mmpt.engine.preemption);
-    # workers end with it.
-    for number in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(number, signal.SIG_IGN)
+        a worker that outlives the error keeps the process from exiting."""
+        if self.shutdown is not None:
+            shutdown_workers(self.dataloader, self.shutdown, items)
 
 
 def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None,
@@ -570,17 +566,18 @@ def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | N
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    shutdown = new_shutdown_event() if num_workers > 0 else None
     loader = DataLoader(
         dataset,
         batch_size=None,  # batches are built inside the workers
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
+        worker_init_fn=WorkerInit(shutdown) if shutdown is not None else None,  # signals: worker_lifecycle.py
         timeout=max_empty_s if num_workers > 0 else 0,
         generator=torch.Generator().manual_seed(0),
     )
-    return BatchLoader(loader, f"data rank {getattr(dataset, 'rank', 0)}", state)
+    return BatchLoader(loader, f"data rank {getattr(dataset, 'rank', 0)}", state, shutdown)
 
 
 def build_train_loader(

@@ -1,14 +1,22 @@
 """Where am I in the job? Derive rank / world from the launcher, then start the process group."""
 from __future__ import annotations
 
+import logging
 import os
 import re
+import signal
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from mmpt.parent_death import die_with_parent
+from mmpt.torch_extensions import watch_build_locks
+
+log = logging.getLogger("mmpt")
 
 
 @dataclass(frozen=True)
@@ -83,16 +91,31 @@ def device_for(env: DistEnv) -> torch.device:
 
 
 def init_process_group(env: DistEnv, timeout_s: int) -> None:
-    """Export the variables DeepSpeed expects and start nccl (GPU) or gloo (CPU) with a finite timeout."""
+    """Export the variables DeepSpeed expects and start nccl (GPU) or gloo (CPU) with a finite timeout.
+
+    The timeout bounds every collective, on the world group AND on the groups DeepSpeed and mmpt create later
+    (torch gives those its own 30-minute default otherwise): a rank whose peer died or hangs raises after it
+    instead of waiting for ever. On nccl, async error handling makes the watchdog tear the rank down at the
+    timeout even inside a kernel wait. Rank 0 prints the timeout in force."""
     os.environ.update(
         RANK=str(env.rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.world_size),
         MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
     )
+    if env.launcher == "torchrun/deepspeed":
+        die_with_parent(signal.SIGKILL)  # a launcher killed with -9 takes its ranks along (no orphan training)
     if dist.is_initialized():
         return
+    watch_build_locks()  # DeepSpeed may JIT-build an op next: a killed earlier build's lock must not hang us
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(device_for(env))
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a user's own choice wins
+    timeout = timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = timeout  # read by torch's _get_default_timeout for every later new_group
+    c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+    if env.is_main:
+        log.info("distributed: %s, %d ranks, timeout %d s (trainer.dist_timeout_s): a rank whose peer stops "
+                 "responding raises after that long", backend, env.world_size, timeout_s)

@@ -327,8 +327,12 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         d = self.cfg.data
         loader = build_eval_loader_for(self.cfg, self.tokenizer, self.env) if d.eval.urls else None
-        result = evaluate_model(self.model, loader, self.tokenizer, self.cfg.eval, self.device, self.input_dtype,
-                                d.mean, d.std, image_size=d.image_size, source=f"{self.run_dir}@step{self.step}")
+        try:
+            result = evaluate_model(self.model, loader, self.tokenizer, self.cfg.eval, self.device, self.input_dtype,
+                                    d.mean, d.std, image_size=d.image_size, source=f"{self.run_dir}@step{self.step}")
+        finally:
+            if loader is not None:
+                loader.close()  # its workers must not outlive the pass (see fit)
         self.eval_metrics = result.metrics
         self.logger.log({"step": self.step, **{f"eval/{k}": v for k, v in result.metrics.items()}})
         if result.samples:
@@ -337,6 +341,15 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train to max_steps (or a preemption); the loader's workers are ended whatever happens, since a
+        worker left alive makes the process hang at exit after an error (mmpt.data.worker_lifecycle)."""
+        try:
+            return self._fit()
+        finally:
+            if self.train_loader is not None:
+                self.train_loader.close()
+
+    def _fit(self) -> TrainResult:
         t = self.cfg.trainer
         started = time.perf_counter()
         try:
