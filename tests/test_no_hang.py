@@ -278,3 +278,40 @@ def descendants(pid: int) -> list[int]:
     from tests.test_train_e2e import descendants as of
 
     return of(pid)
+
+
+# ---- the distributed timeout is in force on every group --------------------------------------------------------
+def _silent_peer_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 1 never joins the collectives; rank 0 times each one out (world group, and a group made later, as
+    DeepSpeed and the preemption watch make theirs)."""
+    import torch.distributed as dist
+
+    from mmpt.engine.dist_env import DistEnv, init_process_group
+
+    init_process_group(DistEnv(rank, rank, world, "127.0.0.1", port, "torchrun/deepspeed"), timeout_s=3)
+    later = dist.new_group(backend="gloo")
+    waited: dict[str, float | None] = {}
+    if rank == 0:
+        for name, group in (("world", None), ("later_group", later)):
+            started = time.time()
+            try:
+                dist.all_reduce(torch.ones(1), group=group)
+                waited[name] = None
+            except RuntimeError:
+                waited[name] = time.time() - started
+        (Path(out_dir) / "done").touch()
+    else:  # alive but silent until rank 0 is done (exiting would fail rank 0's wait at once, timeout or not)
+        deadline = time.time() + 60
+        while not (Path(out_dir) / "done").exists() and time.time() < deadline:
+            time.sleep(0.05)
+    torch.save(waited, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_a_rank_whose_peer_is_silent_raises_after_dist_timeout_s(tmp_path, monkeypatch):
+    from tests.dist_helpers import run_ranks
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    waited = run_ranks(_silent_peer_worker, tmp_path)[0]
+    for name in ("world", "later_group"):  # torch's own default for a later group would be 30 minutes
+        assert waited[name] is not None and 2.5 < waited[name] < 9, waited
