@@ -77,3 +77,5 @@ def shutdown_workers(dataloader: DataLoader, shutdown: Event, iterator: Any = No
             stop()
     if getattr(dataloader, "_iterator", None) is not None:
         dataloader._iterator = None  # a later iter() starts fresh workers instead of reusing dead ones
+    if shutdown in _EVENTS:
+        _EVENTS.remove(shutdown)  # done with: a long run making an eval loader per eval keeps no list of them
