@@ -117,5 +117,5 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
     c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     if env.is_main:
-        log.info("distributed: %s, %d ranks, timeout %d s (trainer.dist_timeout_s): a rank whose peer stops "
+        log.info("distributed: %s, %d rank(s), timeout %d s (trainer.dist_timeout_s): a rank whose peer stops "
                  "responding raises after that long", backend, env.world_size, timeout_s)
