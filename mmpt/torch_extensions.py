@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -26,6 +27,22 @@ def default_torch_extensions_dir(environ: MutableMapping[str, str] = os.environ,
         return None  # no venv (or a read-only one): keep torch's default
     environ[ENV_VAR] = str(Path(prefix) / FOLDER)
     return environ[ENV_VAR]
+
+
+def use_venv_ninja(environ: MutableMapping[str, str] = os.environ, prefix: str = sys.prefix) -> str | None:
+    """Build with the venv's own ninja (the pip `ninja` package) when it has one, even if the venv is not
+    activated; returns the ninja in effect (None: none in the venv, PATH's stays).
+
+    Why: torch runs `ninja` from PATH. A process started as `.venv/bin/mmpt-train` without activation finds the
+    system ninja, an activated one the venv's; two ninja versions hash build commands differently (log v5 vs
+    v7), so each sees the other's build as out of date and rebuilds the op (50-120 s) on every alternation."""
+    own = Path(prefix) / "bin" / "ninja"
+    if not (own.is_file() and os.access(own, os.X_OK)):
+        return None
+    found = shutil.which("ninja", path=environ.get("PATH"))
+    if found is None or Path(found).resolve() != own.resolve():
+        environ["PATH"] = os.pathsep.join(p for p in (str(own.parent), environ.get("PATH", "")) if p)
+    return str(own)
 
 
 # ---- stale build locks -------------------------------------------------------------------------------------

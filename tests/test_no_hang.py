@@ -327,3 +327,19 @@ def test_a_rank_whose_peer_is_silent_raises_after_dist_timeout_s(tmp_path, monke
     waited = run_ranks(_silent_peer_worker, tmp_path)[0]
     for name in ("world", "later_group"):  # torch's own default for a later group would be 30 minutes
         assert waited[name] is not None and 2.5 < waited[name] < 9, waited
+
+
+def test_the_venvs_own_ninja_builds_ops_even_when_the_venv_is_not_activated(tmp_path):
+    from mmpt.torch_extensions import use_venv_ninja
+
+    system, venv = tmp_path / "usr" / "bin", tmp_path / "venv" / "bin"
+    for folder in (system, venv):
+        folder.mkdir(parents=True)
+        (folder / "ninja").write_text("#!/bin/sh\n")
+        (folder / "ninja").chmod(0o755)
+    env = {"PATH": f"{system}{os.pathsep}/bin"}  # `.venv/bin/mmpt-train` run without activating the venv
+    assert use_venv_ninja(env, prefix=str(tmp_path / "venv")) == str(venv / "ninja")
+    assert env["PATH"] == f"{venv}{os.pathsep}{system}{os.pathsep}/bin"
+    assert use_venv_ninja(env, prefix=str(tmp_path / "venv")) == str(venv / "ninja")  # already first: unchanged
+    assert env["PATH"].count(str(venv)) == 1
+    assert use_venv_ninja(env, prefix=str(tmp_path / "no_ninja_venv")) is None

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from mmpt.parent_death import die_with_parent
-from mmpt.torch_extensions import watch_build_locks
+from mmpt.torch_extensions import use_venv_ninja, watch_build_locks
 
 log = logging.getLogger("mmpt")
 
@@ -106,6 +106,7 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
     if dist.is_initialized():
         return
     watch_build_locks()  # DeepSpeed may JIT-build an op next: a killed earlier build's lock must not hang us
+    use_venv_ninja()  # ... and with one ninja for every process of this venv, or each start rebuilds it
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
