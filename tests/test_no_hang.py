@@ -255,31 +255,25 @@ def test_a_killed_launcher_leaves_no_orphan_and_the_run_lock_refuses_then_takes_
         _kill_group(proc)
 
 
-MAX_HOG_S = 60
-
-
 @pytest.mark.slow
 def test_under_a_cpu_hog_a_run_completes_with_no_false_timeout_and_no_lost_step(demo_env, tmp_path):
     """Two busy processes saturate the 2 cores from the launch to the end of a 2-rank run with a 30 s
     distributed timeout: rendezvous, start-up and every training step run starved, and the run still trains
     to max_steps with every step logged once."""
     run_dir, log, max_steps = tmp_path / "run", tmp_path / "run.log", 40
-    hog = f"import time\nend = time.time() + {MAX_HOG_S}\nwhile time.time() < end: pass"
-    hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(2)]
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     started = time.time()
     proc = _start(_torchrun(run_dir, [f"trainer.max_steps={max_steps}", "trainer.log_every=1",
                                       "trainer.save_every=20", "trainer.dist_timeout_s=30"]), demo_env, log)
     try:
         rc = proc.wait(timeout=240)
-        hogged_to_the_end = all(h.poll() is None for h in hogs)
     finally:
         _kill_group(proc)
-        for h in hogs:
+        for h in hogs:  # busy until the run ended
             h.kill()
             h.wait()
     text = log.read_text()
     assert rc == 0, text[-3000:]
-    assert hogged_to_the_end, f"the run outlived the {MAX_HOG_S} s hog: raise MAX_HOG_S"
     assert "timeout 30 s (trainer.dist_timeout_s)" in text
     assert _steps(run_dir) == list(range(1, max_steps + 1))  # none lost, none repeated
     assert json.loads((run_dir / "summary.json").read_text())["step"] == max_steps
