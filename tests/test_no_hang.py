@@ -337,3 +337,29 @@ def test_the_venvs_own_ninja_builds_ops_even_when_the_venv_is_not_activated(tmp_
     assert use_venv_ninja(env, prefix=str(tmp_path / "venv")) == str(venv / "ninja")  # already first: unchanged
     assert env["PATH"].count(str(venv)) == 1
     assert use_venv_ninja(env, prefix=str(tmp_path / "no_ninja_venv")) is None
+
+
+# An error with a live worker and no `finally` anywhere: only the interpreter's exit can end the worker.
+UNCLOSED_LOADER = '''
+import torch
+from torch.utils.data import IterableDataset
+from mmpt.data.pipeline import make_loader
+
+class Forever(IterableDataset):
+    def __iter__(self):
+        while True:
+            yield {"x": torch.zeros(1)}
+
+batches = iter(make_loader(Forever(), num_workers=1, pin_memory=False).dataloader)
+next(batches)
+raise RuntimeError("planted error with a live worker")
+'''
+
+
+@pytest.mark.slow  # a Python subprocess
+def test_an_error_with_a_live_worker_and_no_close_still_exits():
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", UNCLOSED_LOADER], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.returncode == 1 and "planted error with a live worker" in proc.stderr, proc.stderr[-2000:]
+    assert time.time() - started < 30
