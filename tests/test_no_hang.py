@@ -197,7 +197,7 @@ def test_every_error_ends_every_rank_and_worker_within_60_s_of_its_message(demo_
     script = tmp_path / "failing_train.py"
     script.write_text(RAISE_IN_STEP)
     cases = {  # name -> (overrides, wrapper script, the error's message)
-        "nan_loss": (["optimizer.lr=1e30"], None, "loss is nan"),
+        "nan_loss": (["optimizer.lr=1e30", "trainer.max_bad_steps=3"], None, "training diverged"),
         "raise_in_step_on_one_rank": ([], script, "planted failure in a training step"),
         "empty_eval_set": (["eval.every=1", f"data.eval.urls=[{','.join(empty_eval)}]"], None,
                            "the eval set is empty on every rank"),
@@ -220,6 +220,8 @@ def test_every_error_ends_every_rank_and_worker_within_60_s_of_its_message(demo_
             time.sleep(0.1)
         for name, proc in procs.items():
             assert proc.returncode != 0, name
+        print({name: f"exit {procs[name].returncode}, {time.time() - at:.0f} s after the message (at most)"
+               for name, at in reported.items()})
     finally:
         for proc in procs.values():
             _kill_group(proc)
