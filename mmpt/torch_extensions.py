@@ -1,7 +1,11 @@
 """Where DeepSpeed's JIT-built ops (the CPU shared-memory comm op, 75-140 s to build here) are cached: inside the
 active virtual environment, so each venv or clone builds it once and keeps it, instead of rebuilding it on every
 start or sharing one folder between venvs with different torch/DeepSpeed versions. Runs at `import mmpt`,
-before any mmpt code imports DeepSpeed; a TORCH_EXTENSIONS_DIR the user set always wins."""
+before any mmpt code imports DeepSpeed; a TORCH_EXTENSIONS_DIR the user set always wins.
+
+Also here, because they too stop a start: `use_venv_ninja` (one ninja per venv, or every other start rebuilds the
+op) and `watch_build_locks` (a lock left by a killed build is removed instead of blocking every start).
+"""
 from __future__ import annotations
 
 import logging
@@ -29,7 +33,8 @@ def default_torch_extensions_dir(environ: MutableMapping[str, str] = os.environ,
     return environ[ENV_VAR]
 
 
-def use_venv_ninja(environ: MutableMapping[str, str] = os.environ, prefix: str = sys.prefix) -> str | None:
+def use_venv_ninja(environ: MutableMapping[str, str] = os.environ, prefix: str = sys.prefix,
+                   base_prefix: str = sys.base_prefix) -> str | None:
     """Build with the venv's own ninja (the pip `ninja` package) when it has one, even if the venv is not
     activated; returns the ninja in effect (None: none in the venv, PATH's stays).
 
@@ -37,8 +42,8 @@ def use_venv_ninja(environ: MutableMapping[str, str] = os.environ, prefix: str =
     system ninja, an activated one the venv's; two ninja versions hash build commands differently (log v5 vs
     v7), so each sees the other's build as out of date and rebuilds the op (50-120 s) on every alternation."""
     own = Path(prefix) / "bin" / "ninja"
-    if not (own.is_file() and os.access(own, os.X_OK)):
-        return None
+    if Path(prefix).resolve() == Path(base_prefix).resolve() or not (own.is_file() and os.access(own, os.X_OK)):
+        return None  # not a venv, or one without ninja: PATH decides, as before
     found = shutil.which("ninja", path=environ.get("PATH"))
     if found is None or Path(found).resolve() != own.resolve():
         environ["PATH"] = os.pathsep.join(p for p in (str(own.parent), environ.get("PATH", "")) if p)

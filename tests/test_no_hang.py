@@ -337,11 +337,13 @@ def test_the_venvs_own_ninja_builds_ops_even_when_the_venv_is_not_activated(tmp_
         (folder / "ninja").write_text("#!/bin/sh\n")
         (folder / "ninja").chmod(0o755)
     env = {"PATH": f"{system}{os.pathsep}/bin"}  # `.venv/bin/mmpt-train` run without activating the venv
-    assert use_venv_ninja(env, prefix=str(tmp_path / "venv")) == str(venv / "ninja")
+    base = str(tmp_path / "python")
+    assert use_venv_ninja(env, prefix=str(tmp_path / "venv"), base_prefix=base) == str(venv / "ninja")
     assert env["PATH"] == f"{venv}{os.pathsep}{system}{os.pathsep}/bin"
-    assert use_venv_ninja(env, prefix=str(tmp_path / "venv")) == str(venv / "ninja")  # already first: unchanged
+    assert use_venv_ninja(env, prefix=str(tmp_path / "venv"), base_prefix=base) == str(venv / "ninja")  # unchanged
     assert env["PATH"].count(str(venv)) == 1
-    assert use_venv_ninja(env, prefix=str(tmp_path / "no_ninja_venv")) is None
+    assert use_venv_ninja(env, prefix=str(tmp_path / "no_ninja_venv"), base_prefix=base) is None
+    assert use_venv_ninja(env, prefix=str(tmp_path / "venv"), base_prefix=str(tmp_path / "venv")) is None  # no venv
 
 
 # An error with a live worker and no `finally` anywhere: only the interpreter's exit can end the worker.
