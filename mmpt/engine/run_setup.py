@@ -120,6 +120,19 @@ def check_model_setup(cfg: TrainConfig, probe: torch.nn.Module, need_train: bool
         raise ConfigError(str(exc)) from None
 
 
+class CurrentStdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is at emit time, not the stream of the first call: a later redirect (a
+    notebook cell, pytest's capture of another test) must not leave the handler writing to a closed file."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def configure_logging(env: DistEnv) -> None:
     """Rank 0 speaks at INFO; other ranks only warn. Hydra may already have attached handlers.
 
@@ -130,7 +143,7 @@ def configure_logging(env: DistEnv) -> None:
     logger = logging.getLogger("mmpt")
     logger.setLevel(logging.INFO if env.is_main else logging.WARNING)
     if not logging.getLogger().handlers and not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = CurrentStdoutHandler()
         handler.setFormatter(logging.Formatter("[%(asctime)s][mmpt] %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
 
