@@ -83,3 +83,17 @@ def demo_env(demo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 from mmpt.models.registry import register_model_presets  # noqa: E402
 
 register_model_presets()
+
+
+@pytest.fixture(autouse=True)
+def _drop_log_handlers_on_closed_streams():
+    """In-process CLI runs (Hydra's job logging) attach handlers to the stream pytest captured for THAT test;
+    once it closes, a later test's log call would print 'Logging error' into its own stderr."""
+    yield
+    import logging
+
+    for logger in (logging.getLogger(), logging.getLogger("mmpt"), logging.getLogger("hydra")):
+        for handler in list(logger.handlers):
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and getattr(stream, "closed", False):
+                logger.removeHandler(handler)
