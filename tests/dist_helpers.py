@@ -4,6 +4,8 @@ A worker has the signature `worker(rank, world, port, out_dir)` and saves its re
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -23,3 +25,29 @@ def run_ranks(worker: Callable[..., None], out_dir: Path, world: int = 2) -> lis
     """Run `worker` on `world` gloo ranks and return what each rank saved, in rank order."""
     mp.spawn(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=True)
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (torchrun starts its workers in their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every descendant at once (like a node failure); gone ones are skipped."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

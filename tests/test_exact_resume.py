@@ -4,10 +4,8 @@ same command ends with weights bitwise equal to an uninterrupted run's and logs 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +20,8 @@ from mmpt.data.sources import SourceSpec, build_mixed_train_loader
 from mmpt.data.stream_state import LoaderState
 from mmpt.data.tokenizer import TextTokenizer, train_wordpiece
 from mmpt.engine.checkpoint import complete_checkpoints, load_model_weights
-from tests.test_train_e2e import BIN, descendants, metrics
+from tests.dist_helpers import kill_tree
+from tests.test_train_e2e import BIN, metrics
 
 SIZE = 16
 WORDS = ["red", "blue", "circle", "square", "small", "large", "on", "a", "the", "picture"]
@@ -142,11 +141,7 @@ def kill_at_random_step_after(cmd: list[str], env: dict, run_dir: Path, step: in
             assert proc.poll() is None, f"run ended before it could be killed:\n{log.read_text()[-3000:]}"
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.02)
-        for pid in [proc.pid, *descendants(proc.pid)]:  # like a node failure: every process at once
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_tree(proc.pid)  # like a node failure: every process at once
         proc.wait(timeout=30)
     killed_at = max(r["step"] for r in metrics(run_dir))
     assert killed_at >= target

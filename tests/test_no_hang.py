@@ -6,7 +6,6 @@ real CLI under torchrun with 2 ranks x 1 DataLoader worker, as a user would.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -25,6 +24,7 @@ from mmpt.data.pipeline import make_loader
 from mmpt.engine.config import ConfigError
 from mmpt.engine.run_lock import RunDirLocked, RunLock, lock_run_dir
 from mmpt.torch_extensions import clear_stale_build_locks
+from tests.dist_helpers import descendants, kill_tree
 
 BIN = Path(sys.executable).parent
 TINY = ["experiment=clip_tiny", "data.image_size=32", "data.batch_size=8", "data.num_workers=1",
@@ -162,11 +162,7 @@ def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout_s: float = 1
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """Leave nothing behind when a test fails: the launcher and every descendant."""
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_tree(proc.pid)
     proc.wait()
 
 
@@ -285,10 +281,6 @@ def test_under_a_cpu_hog_a_run_completes_with_no_false_timeout_and_no_lost_step(
     print(f"under load: the whole run ({time.time() - started:.0f} s) ran beside 2 CPU hogs")
 
 
-def descendants(pid: int) -> list[int]:
-    from tests.test_train_e2e import descendants as of
-
-    return of(pid)
 
 
 # ---- the distributed timeout is in force on every group --------------------------------------------------------

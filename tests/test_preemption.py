@@ -14,7 +14,8 @@ import pytest
 
 from mmpt.engine.preemption import PreemptionWatch, signal_number
 from mmpt.tools.wandb_offline import find_offline_runs, read_offline_run
-from tests.test_train_e2e import BIN, descendants, metrics, torchrun
+from tests.dist_helpers import descendants
+from tests.test_train_e2e import BIN, metrics, torchrun
 
 
 @pytest.mark.parametrize("name, number", [("USR1", signal.SIGUSR1), ("sigterm", signal.SIGTERM), ("12", signal.SIGUSR2)])

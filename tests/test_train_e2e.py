@@ -4,15 +4,15 @@ after a checkpoint). Killed-and-resumed 2-process runs: tests/test_exact_resume.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.dist_helpers import kill_tree
 import torch
 
 pytestmark = pytest.mark.slow
@@ -30,23 +30,6 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def descendants(pid: int) -> list[int]:
-    """All live descendants of `pid` (torchrun starts its workers in their own sessions)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def kill_after_checkpoint(cmd: list[str], env: dict, run_dir: Path, step: int, log: Path) -> None:
     """Start a run, SIGKILL its whole process group once checkpoint `step` is complete."""
     with log.open("w") as out:
@@ -58,11 +41,7 @@ def kill_after_checkpoint(cmd: list[str], env: dict, run_dir: Path, step: int, l
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed; raise max_steps"
-        for pid in [proc.pid, *descendants(proc.pid)]:  # like a node failure: every process at once
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_tree(proc.pid)  # like a node failure: every process at once
         proc.wait(timeout=30)
         time.sleep(0.5)
 
