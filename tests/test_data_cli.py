@@ -100,3 +100,16 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: shard not found:") and "Traceback" not in proc.stderr
+
+
+def test_every_mmpt_data_option_has_help_text():
+    import argparse
+
+    from mmpt.cli.data import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(action.option_strings) or action.dest}"
+               for name, sub in subparsers.choices.items() for action in sub._actions
+               if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()]
+    assert len(subparsers.choices) >= 7 and missing == []

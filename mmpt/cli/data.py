@@ -59,15 +59,16 @@ def add_synthetic(subparsers) -> None:
         description="Write scenes of 1-2 coloured shapes with exact captions as img2dataset-layout tar shards.",
     )
     p.add_argument("--out", required=True, help="output directory (created if missing)")
-    p.add_argument("--num-samples", type=int, required=True)
+    p.add_argument("--num-samples", type=int, required=True, help="how many image-caption pairs to write")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar (<= 10000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the scenes (another seed = new scenes)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (square; default 64)")
     p.add_argument("--start-index", type=int, default=0,
                    help="first global sample index (a multiple of --shard-size); use disjoint ranges for held-out sets")
     p.add_argument("--prefix", default="", help="prefix for shard file names and sample keys")
     p.add_argument("--p-two", type=float, default=0.7, help="fraction of scenes with two shapes")
-    p.add_argument("--jpeg-quality", type=int, default=90, choices=range(1, 101), metavar="[1-100]")
+    p.add_argument("--jpeg-quality", type=int, default=90, choices=range(1, 101), metavar="[1-100]",
+                   help="JPEG quality of the images (default 90)")
     from mmpt.data.synthetic_styles import STYLES  # light: no numpy/PIL, so `--help` stays fast
 
     p.add_argument("--style", default="demo", choices=list(STYLES),
@@ -156,7 +157,7 @@ def add_tokenizer(subparsers) -> None:
     p.add_argument("--shards", required=True,
                    help="brace pattern (DIR/{00000..00009}.tar), glob (DIR/*.tar) or comma-separated list")
     p.add_argument("--out", required=True, help="output tokenizer.json")
-    p.add_argument("--vocab-size", type=int, default=1000)
+    p.add_argument("--vocab-size", type=int, default=1000, help="WordPiece vocabulary size, special tokens included")
     p.set_defaults(handler=_tokenizer)
 
 
@@ -299,9 +300,9 @@ def add_visual_tokenizer(subparsers) -> None:
     p.add_argument("--out", required=True, help="output codebook file (safetensors when installed)")
     p.add_argument("--patch-size", type=int, default=8, help="the model's patch size")
     p.add_argument("--image-size", type=int, default=64, help="the training resolution (data.image_size)")
-    p.add_argument("--max-images", type=int, default=10000)
+    p.add_argument("--max-images", type=int, default=10000, help="images to fit the k-means codebook on")
     p.add_argument("--iters", type=int, default=20, help="Lloyd iterations (stops early once converged)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the k-means fit")
     p.add_argument("--eps", type=float, default=1e-2, help="per-patch normalisation: (x - mean) / (std + eps)")
     p.add_argument("--mean", type=float, nargs=3, default=None, help="data.mean (default CLIP's; recorded in the file)")
     p.add_argument("--std", type=float, nargs=3, default=None, help="data.std (default CLIP's; recorded in the file)")
