@@ -31,7 +31,8 @@ def job_records(losses: list[float], r1: list[float]) -> list[dict]:
         step = 10 * (i + 1)
         records.append({"step": step, "train/loss": loss, "train/lr": 1e-3 / (i + 1), "train/samples_per_s": 100.0 + i})
         if i % 2 == 1:
-            records.append({"step": step, "eval/retrieval/i2t_r1": r1[i // 2], "eval/retrieval/num_images": 400.0})
+            records.append({"step": step, "eval/retrieval/i2t_r1": r1[i // 2], "eval/retrieval/num_images": 400.0,
+                            "eval/retrieval/skipped": 2.0})
     return records
 
 
@@ -50,7 +51,7 @@ def test_multirun_table_has_one_row_per_job_with_its_swept_override_and_plots(tm
     assert "| 2026-12-07_10-00-00/2 | `optimizer.lr=0.1` | no metrics.jsonl (failed before its first log?) | - | - | - |" in table
     assert "Overrides shared by all runs above: `experiment=clip_tiny`" in table
     assert "| eval/retrieval/i2t_r1 | 2026-12-07_10-00-00/1 | 0.125 | 0.375 | 20 |" in table
-    assert "num_images" not in table  # a count, not a metric
+    assert "num_images" not in table and "skipped" not in table  # counts, not metrics
     printed = capsys.readouterr().out
     assert "| 2026-12-07_10-00-00/1 | `optimizer.lr=0.0003` |" in printed and printed.endswith("report.md\n")
     pngs = sorted(p.name for p in out.glob("*.png"))

@@ -121,8 +121,9 @@ HEADLINE_SUFFIXES = ("mean", "mean_caption", "_r1", "top1", "bleu4", "cider")  #
 
 
 def is_count(key: str) -> bool:
-    """Bookkeeping such as eval/retrieval/num_images: logged, but not a metric to plot or rank."""
-    return key.rsplit("/", 1)[-1].startswith("num_")
+    """Bookkeeping such as eval/retrieval/num_images or the skipped-sample counts: logged, not a metric to plot
+    or rank."""
+    return key.rsplit("/", 1)[-1].startswith(("num_", "skipped"))
 
 
 def eval_keys(runs: list[Run]) -> list[str]:
