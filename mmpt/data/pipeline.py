@@ -519,10 +519,12 @@ class BatchLoader:
         self.state = state
         self.shutdown = shutdown  # set by close(): the workers obey TERM from then on
 
-    def close(self) -> None:
-        """End the workers now; call it in a `finally`, or an error leaves workers that exit waits on."""
+    def close(self, iterator: Iterator[Any] | None = None) -> None:
+        """End the workers now; call it in a `finally`, or an error leaves workers that exit waits on. Also called
+        when the stream fails (`iterator`: the failed one; a worker left to garbage collection would keep the
+        process from exiting)."""
         if self.shutdown is not None:
-            shutdown_workers(self.dataloader, self.shutdown)
+            shutdown_workers(self.dataloader, self.shutdown, iterator)
 
     def __iter__(self) -> Iterator[Batch | MixedBatch]:
         items = iter(self.dataloader)
@@ -542,17 +544,11 @@ class BatchLoader:
                 self.skipped_total.update(batch.skipped)
                 yield batch
         except Exception as exn:
-            self._shut_down(items)
+            self.close(items)
             clear = loader_error(exn, self.dataloader.timeout, self.where)
             if clear is None:
                 raise
             raise clear from None
-
-    def _shut_down(self, items: Iterator[Any]) -> None:
-        """Stop the workers now that the stream failed (this generator cannot resume): left to garbage collection,
-        a worker that outlives the error keeps the process from exiting."""
-        if self.shutdown is not None:
-            shutdown_workers(self.dataloader, self.shutdown, items)
 
 
 def make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool | None,

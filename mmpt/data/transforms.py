@@ -21,7 +21,7 @@ Box = tuple[float, float, float, float]  # PIL (left, upper, right, lower)
 
 
 def decode_image(data: bytes | Image.Image) -> Image.Image:
-    """jpg/png/webp bytes (or an image opened from them, header read, pixels not: `limits.open_within_limits`)
+    """jpg/png/webp bytes (or an image opened from them, header read, pixels not: `limits.open_image`)
     -> fully loaded RGB image; raises on corrupt or truncated data."""
     return _finish_decode(_opened(data))
 

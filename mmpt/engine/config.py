@@ -15,6 +15,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from mmpt.data.limits import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from mmpt.data.stall import DEFAULT_MAX_EMPTY_S
 from mmpt.engine.preemption import signal_number
 from mmpt.eval.zeroshot import ZeroShotConfig
 from mmpt.models.registry import arch_names, model_config
@@ -75,9 +77,9 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     # bounded bad input (mmpt/data/limits.py, mmpt/data/stall.py): samples over these sizes are skipped before
     # decoding and counted; a train stream with no usable sample for max_empty_s seconds stops the run
-    max_image_pixels: int = 64_000_000
-    max_caption_bytes: int = 16384
-    max_empty_s: float = 300.0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES
+    max_empty_s: float = DEFAULT_MAX_EMPTY_S
 
 
 @dataclass

@@ -109,12 +109,13 @@ class DivergenceGuard:
     def poison(self, loss: torch.Tensor) -> torch.Tensor:
         """`loss` times 1.0 (finite, no spike) or NaN: the decision travels inside the gradient (see module doc)."""
         value = loss.detach().float()
-        ok = torch.isfinite(value)
+        finite = torch.isfinite(value)
+        ok = finite
         if self.spike_factor is not None:
             spike = (self._accepted >= self.spike_warmup) & (value > self.spike_factor * self._avg)
             self._step_spiked = torch.maximum(self._step_spiked, spike.float())
             ok = ok & ~spike
-            self._step_loss = self._step_loss + torch.where(torch.isfinite(value), value, 0.0)
+            self._step_loss = self._step_loss + torch.where(finite, value, 0.0)
             self._step_micro = self._step_micro + 1
         return loss * torch.where(ok, 1.0, float("nan")).to(loss.dtype)
 
@@ -123,9 +124,9 @@ class DivergenceGuard:
     def _mask_update(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Optimizer pre-step hook (mmpt's own step): the update is skipped on the device when the global
         gradient norm is non-finite. The norm is mmpt's clipping norm when it clips, else computed here."""
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = self.engine._global_grad_norm if self.mmpt_clips else None
-        if not isinstance(norm, torch.Tensor):
+        if not isinstance(norm, torch.Tensor):  # only then the gradients are walked here
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
             if not self.mmpt_clips:
                 self.engine._global_grad_norm = norm  # train/grad_norm, as when mmpt clips

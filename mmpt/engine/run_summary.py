@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpt.engine.progress import EVAL_SUFFIXES, format_duration
-
-LOWER_IS_BETTER = ("loss", "perplexity", "ppl")
-
+from mmpt.tools.run_report import best_point
 
 @dataclass
 class RunFacts:
@@ -51,10 +49,9 @@ def eval_history(metrics_path: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def best_of(name: str, points: list[tuple[int, float]]) -> tuple[int, float]:
-    """(step, value) of the best point: the highest, or the lowest for losses; the earliest on ties."""
-    lower = any(part in name for part in LOWER_IS_BETTER)
-    step, value = min(points, key=lambda p: (p[1] if lower else -p[1], p[0]))
-    return step, value
+    """(step, value) of the best point: the highest, or the lowest for losses; the earliest on ties (mmpt-report's
+    rule, so the summary and the report agree)."""
+    return best_point(name, points)
 
 
 def next_commands(facts: RunFacts) -> list[str]:

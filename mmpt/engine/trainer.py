@@ -397,7 +397,7 @@ class Trainer:
             if self.has_eval and self.cfg.eval.at_end:
                 self.evaluate()
         preempted = self.preempted_by
-        result = TrainResult(self.step, self.run_dir, self.last_checkpoint or checkpoint.latest_checkpoint(self.ckpt_root),
+        result = TrainResult(self.step, self.run_dir, self._last_good(),
                              self.eval_metrics, self.logger.wandb_location, self.wandb_run_id,
                              signal.Signals(preempted).name if preempted else None, self.start_step,
                              time.perf_counter() - started)
