@@ -125,6 +125,8 @@ REFUSED: list[tuple[list[str], str]] = [
     ([ALBEF, "model.vision.width=-8"], "vision.width=-8 must be >= 1"),
     ([ALBEF, "model.momentum.queue_size=0"], "momentum.queue_size=0 must be positive"),
     ([COCA, "model.multimodal_layers=0"], "multimodal_layers=0 must be >= 1"),
+    ([COCA, "model.init_std=0"], "init_std=0.0 must be in (0, 1]"),
+    (["model.init_std=2"], "init_std=2.0 must be in (0, 1]"),
     ([COCA, "model.num_decoder_queries=0"], "num_decoder_queries=0 must be >= 1"),
     ([COCA, "model.vision.layers=0"], "vision.layers=0 must be >= 1"),
     ([COCA, "model.contrastive.embed_dim=-1"], "contrastive.embed_dim=-1 must be >= 1"),

@@ -8,13 +8,14 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mmpt.cli.common import CONF_DIR
 from mmpt.engine.config import resolve, typed_config
 from mmpt.models.pretrained import InitConfig
-from mmpt.models.registry import arch_entry, arch_names, preset_config
+from mmpt.models.registry import arch_entry, arch_names, build_model, preset_config
 from mmpt.visual_tokenizer import VisualTokenizerConfig
 
 # Component configs of their own (where weights come from, the MIM target tokenizer): their keys name other
@@ -85,3 +86,21 @@ def test_momentum_is_stated_once_for_the_quickstart() -> None:
 def test_a_config_refuses_another_arch_name() -> None:
     with pytest.raises(ValueError, match="config of arch 'clip'"):
         arch_entry("clip").config_cls(arch="albef")
+
+
+@pytest.mark.parametrize("arch", arch_names())
+def test_init_std_reaches_every_initialised_weight(arch):
+    """`model.init_std` sets the trunc-normal std of every Linear / Conv / Embedding weight and position / [CLS]
+    token of every tower (0.02 = ViT/BERT's default): with 0.1 each such tensor's std is 5x the default build's.
+    (BEiT-3's masked-image head keeps PyTorch's fan-in init: it predicts a tokenizer's codes, not a tower.)"""
+    def weights(init_std: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model({"arch": arch, "preset": "tiny", "init_std": init_std})
+        return {n: p.detach() for n, p in model.named_parameters()
+                if p.numel() >= 64 and p.std() > 0 and not n.startswith("mim_head.") and ("weight" in n and p.dim() >= 2 or n.endswith(("pos_embed", "cls_token")))}
+    plain, wide = weights(0.02), weights(0.1)
+    assert plain.keys() == wide.keys() and len(plain) >= 10
+    ratios = {n: (wide[n].std() / plain[n].std()).item() for n in plain}
+    assert all(4.0 < r < 6.0 for r in ratios.values()), {n: r for n, r in ratios.items() if not 4.0 < r < 6.0}
+    trunc_normal_std = 0.02 * 0.8796  # a normal cut at +-2 std keeps 0.88 of its std
+    assert all(abs(w.std().item() - trunc_normal_std) < 0.3 * trunc_normal_std for w in plain.values())

@@ -81,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {"layers": 2}, "fusion_layers": 2,
         "contrastive": {**_ALBEF_ITC, "temperature_init": 0.03, "duplicate_positives": True},
         "itm": {"hardness_warmup_steps": 1000}, "loss_weights": {"itm": 0.25, "mlm": 0.25},
-        "momentum": {"decay": 0.99, "queue_size": 1024, "alpha_warmup_steps": 200},
+        "momentum": {"decay": 0.99, "queue_size": 1024, "alpha_warmup_steps": 200}, "init_std": 0.05,
     },
     # ALBEF-base: ViT-B/16 at 256 px, BERT-base split 6 text + 6 fusion layers (post-LN, so BERT weights load
     # with model.init.text), 256-d ITC, queue 65536; alpha ramps over ~one epoch of ALBEF-4M at batch 512

@@ -28,7 +28,7 @@ from mmpt.models.generation import (
 from mmpt.models.cached_contrastive import CachedContrastive, grad_cache_capability
 from mmpt.models.protocol import ModelOutput, check_kind
 from mmpt.models.registry import register_arch
-from mmpt.modules.block import Transformer
+from mmpt.modules.block import Transformer, trunc_normal_init_
 from mmpt.modules.cross_decoder import SelfCrossDecoder
 from mmpt.modules.embeddings import TextEmbedding
 from mmpt.modules.encoders import vision_tower_from
@@ -102,7 +102,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 64 px / patch 8 ViT 64 x 2, 2 unimodal + 1 multimodal layer, 8 queries, ITC from temperature 0.03; the
     # image embedding is the ViT's [CLS] (the paper's 1-query pooler and 1 unimodal layer: t2i R@1 0.145 vs
     # 0.286 on data no preset was tuned on, docs/RESULTS.md issue 11)
-    "tiny": {"text": {"layers": 2}, "image_pool": "cls", "contrastive": {"temperature_init": 0.03}},
+    "tiny": {"text": {"layers": 2}, "image_pool": "cls", "contrastive": {"temperature_init": 0.03}, "init_std": 0.05},
     # CoCa-Base (Yu et al. 2022): ViT-B/16, 12 + 12 decoder layers 768 wide, 256 decoder queries, 512-d ITC
     "base": {
         "vision": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "heads": 12},
@@ -146,7 +146,7 @@ class CoCa(CachedContrastive, nn.Module):
         # One extra position: the text [CLS] sits right after the last real token, which may be position L.
         self.text_embed = TextEmbedding(t.vocab_size, t.max_text_len + 1, t.width, dropout=t.dropout)
         self.text_cls_token = nn.Parameter(torch.zeros(t.width))  # name contains `cls_token`: no decay
-        nn.init.trunc_normal_(self.text_cls_token, std=0.02, a=-0.04, b=0.04)
+        trunc_normal_init_(self.text_cls_token)
         self.unimodal = Transformer(t.width, t.layers, t.heads, **drop)
         self.text_norm = nn.LayerNorm(t.width)
         self.text_proj = ProjectionHead(t.width, embed_dim)

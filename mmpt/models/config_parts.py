@@ -189,6 +189,10 @@ class ModelConfigBase:
     # mmpt/modules/patch_dropout.py). Every arch has a ViT, so it lives here; archs whose losses need every
     # patch refuse p > 0 (`patch_dropout_problems`).
     patch_dropout: float = 0.0
+    # trunc-normal std of every Linear / Conv / Embedding weight and position / [CLS] / [MASK] token at init
+    # (mmpt/modules/block.py). 0.02 is the value of ViT, BERT and CLIP at widths 512-1024; 64-wide towers learn
+    # 2x faster from a larger one (the tiny presets': docs/RESULTS.md, issue 11)
+    init_std: float = 0.02
     # recompute block activations in backward instead of keeping them (mmpt/modules/checkpointing.py):
     # true = every block of every tower, an int n = the first n blocks of each block stack (fewer where a
     # stack is shallower), false = none. Same results, about one extra forward per step, less memory.
@@ -236,6 +240,8 @@ class ModelConfigBase:
             p += [f"tokens.{k}={v} must be in [0, vocab_size={vocab})" for k, v in ids.items() if not 0 <= v < vocab]
         if not 0.0 <= self.patch_dropout < 1.0:
             p.append(f"patch_dropout={self.patch_dropout} must be in [0, 1) (the share of patch tokens dropped)")
+        if not 0.0 < self.init_std <= 1.0:
+            p.append(f"init_std={self.init_std} must be in (0, 1] (the std of initial weights; 0.02 is ViT/BERT's)")
         return p + self.checkpointing_problems()
 
     def checkpointing_problems(self) -> list[str]:

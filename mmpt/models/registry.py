@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from torch import nn
 
+from mmpt.modules.block import init_std_scope
 from mmpt.modules.checkpointing import set_activation_checkpointing
 
 BUILTIN_MODULES = ("clip", "albef", "coca", "vlmo", "beit3")
@@ -87,10 +88,11 @@ def preset_config(arch: str, preset: str, **overrides: Any) -> Any:
 
 
 def build_model(model_cfg: Any) -> nn.Module:
-    """Accepts the arch's typed config, or a dict/DictConfig that is validated into one first; applies the
-    config's `activation_checkpointing` to every block stack the builder made."""
+    """Accepts the arch's typed config, or a dict/DictConfig that is validated into one first; initialises every
+    module with the config's `init_std`; applies its `activation_checkpointing` to every block stack."""
     typed = model_cfg if is_dataclass(model_cfg) else model_config(model_cfg)
-    model = arch_entry(typed.arch).builder(typed)
+    with init_std_scope(typed.init_std):
+        model = arch_entry(typed.arch).builder(typed)
     set_activation_checkpointing(model, typed.activation_checkpointing)  # every tower's block stacks, one place
     return model
 

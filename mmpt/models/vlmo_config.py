@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ITC from temperature 0.03 and ITM negatives hardening over 1,000 steps: t2i R@1 0.306 vs 0.205 with fully
     # hard ones from step 0 (docs/RESULTS.md, issue 11)
     "tiny": {"multiway": {"norm_eps": 1e-6}, "contrastive": {"temperature_init": 0.03},
-             "itm": {"hardness_warmup_steps": 1000}},
+             "itm": {"hardness_warmup_steps": 1000}, "init_std": 0.05},
     "base": _paper(vlmo_base_dims()),  # VLMo-Base/16: 175.43M backbone
     "large": _paper(vlmo_large_dims()),  # VLMo-Large/16: 561.34M backbone
 }

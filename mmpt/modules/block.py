@@ -2,6 +2,9 @@
 recipe shared by every tower."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -13,13 +16,35 @@ from mmpt.modules.mlp import Mlp
 # Parameters that are not weights of a Linear/Conv/Embedding but are still initialised trunc-normal.
 TOKEN_PARAM_NAMES = ("pos_embed", "cls_token", "mask_token")
 
+DEFAULT_INIT_STD = 0.02  # ViT/BERT/CLIP's value, made for widths of 512-1024
+_init_std = DEFAULT_INIT_STD  # what init_weights_ uses while a model is built (`init_std_scope`)
 
-def init_weights_(module: nn.Module, std: float = 0.02) -> None:
+
+@contextmanager
+def init_std_scope(std: float) -> Iterator[None]:
+    """Every `init_weights_` / `trunc_normal_init_` call inside uses `std` (the model config's `init_std`):
+    one number reaches every tower's modules without threading it through each constructor."""
+    global _init_std
+    previous, _init_std = _init_std, std
+    try:
+        yield
+    finally:
+        _init_std = previous
+
+
+def trunc_normal_init_(p: torch.Tensor, std: float | None = None) -> None:
+    """In place: trunc-normal(std, +-2 std); std defaults to the current `init_std_scope`."""
+    std = _init_std if std is None else std
+    nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+
+
+def init_weights_(module: nn.Module, std: float | None = None) -> None:
     """In place: trunc-normal(std, +-2 std) for Linear/Conv/Embedding weights and position/cls tokens,
-    zeros for biases, ones/zeros for LayerNorm (BERT/ViT/CLIP-style). A no-op on the meta device."""
+    zeros for biases, ones/zeros for LayerNorm (BERT/ViT/CLIP-style). A no-op on the meta device.
+    std defaults to the current `init_std_scope` (0.02 outside one)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            trunc_normal_init_(m.weight, std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
@@ -29,7 +54,7 @@ def init_weights_(module: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(m.bias)
         for name, p in m.named_parameters(recurse=False):
             if name in TOKEN_PARAM_NAMES:
-                nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+                trunc_normal_init_(p, std)
 
 
 class Block(nn.Module):
