@@ -20,7 +20,7 @@ from mmpt.data.sources import SourceSpec, build_mixed_train_loader
 from mmpt.data.stream_state import LoaderState
 from mmpt.data.tokenizer import TextTokenizer, train_wordpiece
 from mmpt.engine.checkpoint import complete_checkpoints, load_model_weights
-from tests.dist_helpers import kill_tree
+from tests.dist_helpers import free_ports, kill_tree
 from tests.test_train_e2e import BIN, metrics
 
 SIZE = 16
@@ -159,9 +159,11 @@ def check_exact_resume(env: dict, tmp_path: Path, world: int, overrides: list[st
     with the `other` overrides on its dir runs beside the resume and must be refused: its one `error:` line."""
     overrides = [*overrides, f"trainer.max_steps={max_steps}"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
+    # side by side, each single process needs its own gloo port, MASTER_PORT (torchrun picks free ones itself)
+    env_straight, env_other, env = [{**env, "MASTER_PORT": str(port)} for port in free_ports(3)]
     with (tmp_path / "straight.log").open("w") as out:
-        reference = subprocess.Popen(launch(straight, world, overrides), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        reference = subprocess.Popen(launch(straight, world, overrides), env=env_straight, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
     try:
         killed_at = kill_at_random_step_after(launch(broken, world, overrides), env, broken, 5, tmp_path / "killed.log")
         assert reference.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
@@ -175,7 +177,7 @@ def check_exact_resume(env: dict, tmp_path: Path, world: int, overrides: list[st
     final = f"step_{max_steps:08d}"
     a = load_model_weights(straight / "checkpoints" / final)
 
-    refusal = subprocess.Popen(launch(straight, 1, other), env=env, stdout=subprocess.PIPE,
+    refusal = subprocess.Popen(launch(straight, 1, other), env=env_other, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     resumed = subprocess.run(launch(broken, world, overrides), env=env, capture_output=True, text=True, timeout=300)
     other_out, other_err = refusal.communicate(timeout=300)
