@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-mp.get_context("forkserver").set_forkserver_preload(["torch"])
+mp.get_context("forkserver").set_forkserver_preload(["torch", "torch._dynamo", "deepspeed"])
 
 
 def free_port() -> int:
