@@ -20,7 +20,7 @@ from mmpt.data.sources import SourceSpec, build_mixed_train_loader
 from mmpt.data.stream_state import LoaderState
 from mmpt.data.tokenizer import TextTokenizer, train_wordpiece
 from mmpt.engine.checkpoint import complete_checkpoints, load_model_weights
-from tests.dist_helpers import free_ports, kill_tree
+from tests.dist_helpers import kill_tree
 from tests.test_train_e2e import BIN, metrics
 
 SIZE = 16
@@ -152,48 +152,30 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in metrics(run_dir) if "train/loss" in r]
 
 
-def check_exact_resume(env: dict, tmp_path: Path, world: int, overrides: list[str], max_steps: int,
-                       other: list[str]) -> str:
-    """Uninterrupted vs killed-and-resumed run: bitwise equal weights, the same losses. The uninterrupted run
-    trains side by side with the one that is killed (the second core); once it is read, a 1-process launch
-    with the `other` overrides on its dir runs beside the resume and must be refused: its one `error:` line."""
+def check_exact_resume(env: dict, tmp_path: Path, world: int, overrides: list[str], max_steps: int) -> Path:
     overrides = [*overrides, f"trainer.max_steps={max_steps}"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    # side by side, each single process needs its own gloo port, MASTER_PORT (torchrun picks free ones itself)
-    env_straight, env_other, env = [{**env, "MASTER_PORT": str(port)} for port in free_ports(3)]
-    with (tmp_path / "straight.log").open("w") as out:
-        reference = subprocess.Popen(launch(straight, world, overrides), env=env_straight, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        killed_at = kill_at_random_step_after(launch(broken, world, overrides), env, broken, 5, tmp_path / "killed.log")
-        assert reference.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
-    finally:
-        if reference.poll() is None:  # the test failed before the run ended
-            kill_tree(reference.pid)
-            reference.wait()
+    done = subprocess.run(launch(straight, world, overrides), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    killed_at = kill_at_random_step_after(launch(broken, world, overrides), env, broken, 5, tmp_path / "killed.log")
     assert killed_at < max_steps, "the run finished before it could be killed; raise max_steps"
-    want = dict(losses(straight))
-    assert sorted(want) == list(range(1, max_steps + 1))
-    final = f"step_{max_steps:08d}"
-    a = load_model_weights(straight / "checkpoints" / final)
-
-    refusal = subprocess.Popen(launch(straight, 1, other), env=env_other, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
     resumed = subprocess.run(launch(broken, world, overrides), env=env, capture_output=True, text=True, timeout=300)
-    other_out, other_err = refusal.communicate(timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     start = re.search(r"resumed from \S+step_(\d+) at step (\d+)", resumed.stdout + resumed.stderr)
     assert start and int(start.group(2)) == killed_at // 5 * 5, (killed_at, start)  # the newest checkpoint
 
+    want = dict(losses(straight))
+    assert sorted(want) == list(range(1, max_steps + 1))
     got = losses(broken)  # the steps logged twice (after the checkpoint, before the kill) too
     assert {s for s, _ in got} == set(want) and len(got) > max_steps
     assert [(s, want[s]) for s, _ in got] == got
     kept = [p.name for p in complete_checkpoints(broken / "checkpoints")]
-    assert kept == [f"step_{max_steps - 1:08d}", final]  # keep_last=2, across the kill too
-    b = load_model_weights(broken / "checkpoints" / final)
+    assert kept == [f"step_{max_steps - 1:08d}", f"step_{max_steps:08d}"]  # keep_last=2, across the kill too
+    a = load_model_weights(straight / "checkpoints" / kept[-1])
+    b = load_model_weights(broken / "checkpoints" / kept[-1])
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
-    return refused(subprocess.CompletedProcess(refusal.args, refusal.returncode, other_out, other_err))
+    return broken
 
 
 def refused(run: subprocess.CompletedProcess) -> str:
@@ -205,14 +187,18 @@ def refused(run: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.slow
 def test_single_process_killed_run_resumes_bitwise_and_refuses_other_workers(demo_env, tmp_path):
-    error = check_exact_resume(demo_env, tmp_path, 1, ["data.num_workers=0"], max_steps=16,
-                               other=["data.num_workers=2", "trainer.max_steps=20"])
+    run_dir = check_exact_resume(demo_env, tmp_path, 1, ["data.num_workers=0"], max_steps=16)
+    other = subprocess.run(launch(run_dir, 1, ["data.num_workers=2", "trainer.max_steps=20"]), env=demo_env,
+                           capture_output=True, text=True, timeout=300)
+    error = refused(other)
     assert "data.num_workers=0 per rank but this launch has data.num_workers=2" in error
     assert "set data.num_workers=0" in error and "model.init.checkpoint" in error
 
 
 @pytest.mark.slow
 def test_two_process_killed_run_resumes_bitwise_and_refuses_another_world(demo_env, tmp_path):
-    error = check_exact_resume(demo_env, tmp_path, 2, ["data.num_workers=2", "deepspeed=zero2"], max_steps=16,
-                               other=["data.num_workers=2", "deepspeed=zero2", "trainer.max_steps=20"])
+    run_dir = check_exact_resume(demo_env, tmp_path, 2, ["data.num_workers=2", "deepspeed=zero2"], max_steps=16)
+    other = subprocess.run(launch(run_dir, 1, ["data.num_workers=2", "deepspeed=zero2", "trainer.max_steps=20"]),
+                           env=demo_env, capture_output=True, text=True, timeout=300)
+    error = refused(other)
     assert "written by 2 ranks but this launch has 1" in error and "model.init.checkpoint" in error
