@@ -19,19 +19,9 @@ mp.get_context("forkserver").set_forkserver_preload(["torch", "torch._dynamo", "
 
 
 def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free ports (all held open at once while they are picked)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _as_spawned(rank: int, cwd: str, environ: dict[str, str], worker: Callable[..., None], *args: Any) -> None:

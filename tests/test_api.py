@@ -207,13 +207,9 @@ def test_trained_clip_zero_shot_is_identical_in_trainer_mmpt_eval_and_api(demo_e
     trained = evals[-1]
 
     out, bench = tmp_path / "eval.json", tmp_path / "clip_benchmark.json"
-    # mmpt-export and mmpt-eval only read the run: side by side, on the second core
-    export = subprocess.Popen([sys.executable, "-m", "mmpt.cli.export", str(run), "--out", str(tmp_path / "export")],
-                              env=demo_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ev = subprocess.run([str(BIN / "mmpt-eval"), f"ckpt={run}", "data.eval.urls=null", *zeroshot_args,
                          f"eval.output={out}", f"eval.zeroshot.output={bench}"],
                         env=demo_env, capture_output=True, text=True, timeout=300)
-    exported_err = export.communicate(timeout=120)[1]
     assert ev.returncode == 0, ev.stderr[-3000:]
     evaluated = json.loads(out.read_text())
     assert not any(k.startswith("retrieval/") for k in evaluated)  # data.eval.urls=null: zero-shot only
@@ -235,7 +231,9 @@ def test_trained_clip_zero_shot_is_identical_in_trainer_mmpt_eval_and_api(demo_e
     print(f"zero-shot top-1 of the trained tiny CLIP on {len(samples)} held-out shapes: {top1:.3f} (chance 0.25)")
 
     # the export of the trained run gives the very same scores
-    assert export.returncode == 0, exported_err[-3000:]
+    exported = subprocess.run([sys.executable, "-m", "mmpt.cli.export", str(run), "--out", str(tmp_path / "export")],
+                              env=demo_env, capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0, exported.stderr[-3000:]
     again = mmpt.load(tmp_path / "export").zero_shot([read_image(p) for p, _ in samples], classes, str(templates))
     assert torch.equal(again, scores)
     card = (tmp_path / "export" / "README.md").read_text()
