@@ -1,4 +1,5 @@
-"""End to end through the real CLI: a single-process bf16 run on foreign shards, TFLOP/s and MFU lines,
+"""End to end through the real CLI: a single-process bf16 run on foreign shards, TFLOP/s and MFU lines (a run
+whose argv is all `--key=value`, as a W&B agent passes it),
 mmpt-eval's refusal of a missing checkpoint; the helpers other CLI tests share (torchrun, SIGKILL of a run
 after a checkpoint). Killed-and-resumed 2-process runs: tests/test_exact_resume.py."""
 from __future__ import annotations
