@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
 from mmpt.cli.common import CONF_DIR
@@ -27,7 +26,7 @@ from mmpt.models.clip import CLIPConfig
 from mmpt.models.freezing import ParamCounts, apply_freeze, parameter_counts
 from mmpt.models.pretrained import InitConfig, apply_init
 from mmpt.models.registry import build_model
-from tests.dist_helpers import free_port
+from tests.dist_helpers import free_port, spawn
 
 W, VOCAB, L = 32, 64, 8
 # Tiny CLIP (width 32, 2 + 2 layers, 32 px / 8 px patches) by hand: its vision tower is
@@ -330,7 +329,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_frozen_parameters_through_deepspeed_zero2(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
+    spawn(_worker, (free_port(), str(tmp_path)), nprocs=1)
     r = torch.load(tmp_path / "result.pt", weights_only=False)
     frozen = set(r["frozen"])
     assert frozen == {n for n in r["initial"] if n.startswith(("visual.", "text.embed."))}

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from mmpt.engine.optim import param_groups
 from mmpt.models.momentum import MomentumTeacher, assert_supported
-from tests.dist_helpers import free_port
+from tests.dist_helpers import free_port, spawn
 
 
 class Scaled(nn.Module):
@@ -211,7 +210,7 @@ def assert_differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
 
 @pytest.mark.slow
 def test_deepspeed_zero2_checkpoint_saves_and_restores_the_teacher(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
+    spawn(_worker, (free_port(), str(tmp_path)), nprocs=1)
     r = torch.load(tmp_path / "result.pt", weights_only=False)
 
     assert r["teacher_dtype"] == torch.bfloat16  # DeepSpeed cast it: the shadow path is the one exercised

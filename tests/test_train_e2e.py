@@ -1,4 +1,5 @@
-"""End to end through the real CLI: a single-process bf16 run on foreign shards, TFLOP/s and MFU lines,
+"""End to end through the real CLI: a single-process bf16 run on foreign shards, TFLOP/s and MFU lines (a run
+whose argv is all `--key=value`, as a W&B agent passes it),
 mmpt-eval's refusal of a missing checkpoint; the helpers other CLI tests share (torchrun, SIGKILL of a run
 after a checkpoint). Killed-and-resumed 2-process runs: tests/test_exact_resume.py."""
 from __future__ import annotations
@@ -92,7 +93,10 @@ def test_single_process_bf16_run_on_foreign_shards_without_tracker(demo_env, tmp
         assert not any("train/mfu" in r for r in recs)
 
 
-def test_single_process_run_logs_tflops_and_mfu_against_the_configured_peak(demo_env, tmp_path):
+def test_single_process_run_from_hyphenated_args_logs_tflops_and_mfu_against_the_configured_peak(demo_env, tmp_path):
+    """Every override as --key=value (one as --key value): a W&B agent's `${args}` form trains end to end and is
+    saved as plain Hydra overrides (the parsing itself: tests/test_cli_args.py). Every log line has TFLOP/s
+    and MFU against trainer.peak_tflops."""
     from hydra import compose, initialize_config_dir
 
     from mmpt.cli.common import CONF_DIR
@@ -102,10 +106,15 @@ def test_single_process_run_logs_tflops_and_mfu_against_the_configured_peak(demo
     run_dir = tmp_path / "run"
     overrides = ["experiment=clip_tiny", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
                  "trainer.max_steps=20", "trainer.log_every=5", "trainer.save_every=20", "eval.at_end=false",
-                 "logger=none", "deepspeed=zero0", "trainer.peak_tflops=1.0"]
-    proc = subprocess.run([str(BIN / "mmpt-train"), *overrides, f"hydra.run.dir={run_dir}"], env=demo_env,
+                 "logger=none", "deepspeed=zero0", "trainer.peak_tflops=1.0", "optimizer.lr=0.0003"]
+    hyphenated = [f"--{o}" for o in overrides if o != "trainer.log_every=5"] + ["--trainer.log_every", "5"]
+    proc = subprocess.run([str(BIN / "mmpt-train"), *hyphenated, f"--hydra.run.dir={run_dir}"], env=demo_env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 20
+    saved = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "trainer.max_steps=20" in saved and "optimizer.lr=0.0003" in saved and "trainer.log_every=5" in saved
+    assert "--" not in saved
     recs = metrics(run_dir)
     assert [r["step"] for r in recs] == [5, 10, 15, 20] and all("train/loss" in r for r in recs)
     for r in recs:  # every log line: achieved TFLOP/s, and MFU against the configured peak of 1 TFLOP/s
