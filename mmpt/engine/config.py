@@ -176,8 +176,8 @@ class EvalConfig:
     rerank_k: int = 4  # ITM re-ranks each query's ITC top-k (models with itm_score); 0 = off
     # itm+itc_logit: log ITM probability + ITC logit; itm: ITM alone (ALBEF); itm+itc: + ITC cosine (BLIP/LAVIS-style)
     rerank_score: str = "itm+itc_logit"
-    rerank_itm_weight: float = 2.0  # itm+itc*: weight * log p(ITM) + the ITC term (retrieval.rerank_scores)
-    rerank_min_itm: float = 0.6  # itm+itc*: a query whose best p(ITM) in its top-k is below this keeps its ITC order
+    rerank_itm_weight: float = 1.0  # itm+itc*: weight * log p(ITM) + the ITC term (retrieval.rerank_scores)
+    rerank_min_itm: float = 0.8  # itm+itc*: a query whose best p(ITM) in its top-k is below this keeps its ITC order
     caption_max_images: int = 256  # captioning eval (models with generate); 0 = off
     caption_max_len: int = 20
     caption_beams: int = 3
