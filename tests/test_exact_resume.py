@@ -159,10 +159,14 @@ def check_exact_resume(env: dict, tmp_path: Path, world: int, overrides: list[st
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     killed_at = kill_at_random_step_after(launch(broken, world, overrides), env, broken, 5, tmp_path / "killed.log")
     assert killed_at < max_steps, "the run finished before it could be killed; raise max_steps"
+    # the newest complete checkpoint: killed_at's multiple of 5, or the one before when the kill hit its save
+    newest = int(complete_checkpoints(broken / "checkpoints")[-1].name.split("_")[1])
+    saving = killed_at % 5 == 0
+    assert newest == killed_at // 5 * 5 or (saving and newest == killed_at - 5), (killed_at, newest)
     resumed = subprocess.run(launch(broken, world, overrides), env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     start = re.search(r"resumed from \S+step_(\d+) at step (\d+)", resumed.stdout + resumed.stderr)
-    assert start and int(start.group(2)) == killed_at // 5 * 5, (killed_at, start)  # the newest checkpoint
+    assert start and int(start.group(2)) == newest, (killed_at, newest, start)
 
     want = dict(losses(straight))
     assert sorted(want) == list(range(1, max_steps + 1))
