@@ -52,7 +52,7 @@ class Tower(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, num_tokens + 1, WIDTH) * 0.02)
         layer = nn.TransformerEncoderLayer(WIDTH, HEADS, 4 * WIDTH, 0.0, batch_first=True, norm_first=True,
                                            activation="gelu")
-        self.blocks = nn.TransformerEncoder(layer, LAYERS)
+        self.blocks = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(WIDTH)
         self.proj = nn.Linear(WIDTH, EMBED, bias=False)
 
