@@ -42,7 +42,7 @@ class CLIPConfig(DualTowerConfig):
 
 PRESETS: dict[str, dict[str, Any]] = {
     # 64 px / patch 8, 64 wide x 2 blocks per tower, 64-d ITC; temperature from 0.03 (0.07: t2i R@1 0.203 vs 0.274
-    # on data no preset was tuned on), weights from std 0.05 (0.02: 0.192 / 0.282 vs 0.357 / 0.377 on the two seeds;
+    # on data no preset was tuned on), weights from std 0.05 (0.02: 0.192 / 0.263 vs 0.357 / 0.377 on the two seeds;
     # docs/RESULTS.md issue 11)
     "tiny": {"contrastive": {"temperature_init": 0.03}, "init_std": 0.05},
     # OpenAI CLIP ViT-B/16 shapes (149.6M parameters): 224 px, 12x768 ViT, 12x512 text, 512-d embedding
