@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mmpt.modules.attention import Attention, make_attn_mask
+from mmpt.modules.attention import CPU_FP32_ATTENTION_MAX_KEYS, Attention, attend, make_attn_mask
 from mmpt.modules.block import Block, Transformer, init_weights_, no_weight_decay_names
 from mmpt.modules.embeddings import PatchEmbedding, TextEmbedding
 from mmpt.modules.encoders import TextTransformer, VisionTransformer
@@ -88,6 +88,28 @@ def test_causal_future_keys_do_not_leak(attn: Attention) -> None:
     out_x, out_y = attn(x, is_causal=True), attn(y, is_causal=True)
     torch.testing.assert_close(out_x[:, :4], out_y[:, :4])
     assert not torch.allclose(out_x[:, 4:], out_y[:, 4:])
+
+
+@pytest.mark.parametrize("keys", [CPU_FP32_ATTENTION_MAX_KEYS, CPU_FP32_ATTENTION_MAX_KEYS + 1])
+def test_bf16_attention_on_cpu_runs_in_fp32_below_the_threshold(keys: int) -> None:
+    """Short key sequences: the kernel runs on the fp32 upcasts (bitwise what fp32 SDPA then a cast gives,
+    and closer to the fp32 result than the bf16 kernel); longer ones keep the bf16 kernel, bitwise."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=gen) for n in (keys, keys, keys))
+    pad = torch.ones(2, keys, dtype=torch.long)
+    pad[0, keys // 2:] = 0
+    mask = make_attn_mask(keys, keys, pad)
+    exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    lo = [t.bfloat16() for t in (q, k, v)]
+    upcast = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in lo), attn_mask=mask).bfloat16()
+    in_bf16 = torch.nn.functional.scaled_dot_product_attention(*lo, attn_mask=mask)
+    out = attend(*lo, mask)
+    assert out.dtype == torch.bfloat16
+    expected = upcast if keys <= CPU_FP32_ATTENTION_MAX_KEYS else in_bf16
+    assert torch.equal(out, expected.transpose(1, 2).flatten(2))
+    assert not torch.equal(upcast, in_bf16)  # the two paths are told apart
+    if keys <= CPU_FP32_ATTENTION_MAX_KEYS:
+        assert (upcast.float() - exact).abs().mean() < (in_bf16.float() - exact).abs().mean()
 
 
 def test_make_attn_mask_combinations() -> None:

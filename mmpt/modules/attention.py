@@ -14,6 +14,11 @@ from torch import nn
 
 from mmpt.modules.kv_cache import KVCache
 
+# On CPU, torch's flash-attention kernel runs bf16 / fp16 slower than fp32 over short key sequences (2-5x
+# below 128 keys, 1.06-1.6x at 197, even at 257; bf16 wins from ~325 on). Measured fwd + bwd on torch 2.13,
+# 1 thread, head width 32-64 (docs/PERFORMANCE.md, "bf16 on CPU").
+CPU_FP32_ATTENTION_MAX_KEYS = 256
+
 
 def make_attn_mask(
     q_len: int,
@@ -74,8 +79,19 @@ def attend(
     wrong for cached decoding).
     """
     sdpa_causal = is_causal and mask is None and q.shape[-2] == k.shape[-2]
+    dtype = q.dtype
+    if cpu_attention_in_fp32(q, k):
+        q, k, v = q.float(), k.float(), v.float()
+        mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=sdpa_causal)
-    return rearrange(out, "b h n d -> b n (h d)")
+    return rearrange(out.to(dtype), "b h n d -> b n (h d)")
+
+
+def cpu_attention_in_fp32(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Low-precision attention on CPU over short key sequences runs its kernel in fp32 (faster and exact-er
+    there, see CPU_FP32_ATTENTION_MAX_KEYS); the projections around it stay in bf16. GPUs never take it."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and k.shape[-2] <= CPU_FP32_ATTENTION_MAX_KEYS)
 
 
 class Attention(nn.Module):

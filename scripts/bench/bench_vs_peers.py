@@ -1,29 +1,37 @@
 """mmpt's training step vs its peers', in one process, at equal geometry (parameter counts printed).
 
     python scripts/bench/bench_vs_peers.py [--only clip,coca,beit3,albef] [--rounds 6] [--steps 4]
-        [--batch 32] [--image-size 64] [--width 128] [--layers 4] [--threads 1] [--profile]
+        [--batch 32] [--image-size 64] [--width 128] [--layers 4] [--threads 1] [--precision fp32|bf16] [--profile]
 
 Pairs: CLIP and CoCa vs open_clip, BEiT-3's Multiway backbone vs torchscale, ALBEF's towers (ViT + text +
-fusion layers) vs TorchMultimodal. A training step is forward + backward + optimizer step, fp32, each side at
-its recommended settings: open_clip's models with its ClipLoss / CoCaLoss and torch.optim.AdamW as
-open_clip_train builds it (decay groups, default implementation); mmpt's models with their own losses and
-mmpt's `build_optimizer`. For BEiT-3 and ALBEF the bench puts the same small loss on both backbones' outputs
-(a vocabulary head on the fused text tokens; ITC on the unimodal [CLS] + the fused [CLS]), so only the
-backbones differ. Rounds alternate which side runs first; each prints samples/s (per wall-clock second and per
+fusion layers) vs TorchMultimodal. A training step is forward + backward + optimizer step, each side at its
+recommended settings: open_clip's models with its ClipLoss / CoCaLoss and torch.optim.AdamW as open_clip_train
+builds it (decay groups, default implementation); mmpt's models with their own losses, stepped the way mmpt's
+trainer steps them (the DeepSpeed engine built from mmpt's config with its defaults: one process at stage 0,
+mmpt's `build_optimizer`, gradient clipping at 1.0, `engine_step.backward_and_step`).
+`--precision bf16` is each side's mixed-precision recipe: mmpt's `trainer.precision=bf16` (DeepSpeed bf16:
+bf16 weights and activations, fp32 master weights, gradients and optimizer state); the peers' standard PyTorch
+AMP (open_clip_train's `--precision amp_bf16`: `torch.autocast` in bf16 around forward and loss, fp32 weights
+and optimizer). On CPUs with AMX (Sapphire Rapids and later) bf16 matrix multiplies run many times faster
+than fp32, so the rest of the step weighs more. For BEiT-3 and ALBEF the bench puts the same small loss on both
+backbones' outputs (a vocabulary head on the fused text tokens; ITC on the unimodal [CLS] + the fused [CLS]), so
+only the backbones differ. Rounds alternate which side runs first; each prints samples/s (per wall-clock second and per
 CPU second of the process), the medians are reported with the ratio mmpt / peer (> 1: mmpt is faster).
 
 The peers are dev-time installs in a separate venv (open_clip needs torchvision; see docs/PERFORMANCE.md):
     python3.11 -m venv /work/bench_venv
-    /work/bench_venv/bin/pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch torchscale \
-        torchmultimodal-nightly iopath omegaconf hydra-core webdataset tokenizers einops
-    PYTHONPATH=. /work/bench_venv/bin/python scripts/bench/bench_vs_peers.py
+    /work/bench_venv/bin/pip install torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0 torchscale \
+        torchmultimodal-nightly deepspeed==0.19.8 numpy iopath omegaconf hydra-core webdataset tokenizers einops
+    PYTHONPATH=. /work/bench_venv/bin/python scripts/bench/bench_vs_peers.py [--precision bf16]
 A peer that does not import prints a skip line. `--profile` prints torch.profiler's op table (self CPU
 time) of one step of each side instead of timing.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import os
 import statistics
 import time
 import warnings
@@ -37,6 +45,7 @@ from torch import nn
 from mmpt.data.batch import Batch
 
 Step = Callable[[], None]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -63,11 +72,33 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None
     optimizer.zero_grad(set_to_none=True)
 
 
-def mmpt_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    from mmpt.engine.config import OptimizerConfig
+def mmpt_update(model: nn.Module, args: argparse.Namespace) -> tuple[nn.Module, Callable[[torch.Tensor], None]]:
+    """mmpt's side of a step after the loss: the DeepSpeed engine built as the trainer builds it (its default
+    config at `--precision`), returned with the module it casts (bf16: the weights become bf16) and the update
+    `engine_step.backward_and_step` (backward, mmpt's clipping, step)."""
+    import deepspeed
+
+    from mmpt.engine.config import OptimizerConfig, TrainConfig
+    from mmpt.engine.ds_config import build_deepspeed_config, mmpt_grad_clip, skip_single_rank_allreduce
+    from mmpt.engine.engine_step import backward_and_step
     from mmpt.engine.optim import build_optimizer
 
-    return build_optimizer(model, OptimizerConfig(lr=1e-4))
+    init_one_process_dist()
+    cfg = TrainConfig()
+    cfg.data.batch_size, cfg.trainer.precision = args.batch, args.precision
+    ds_config = build_deepspeed_config(cfg, world_size=1)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimizerConfig(lr=1e-4)),
+                                           config=ds_config)
+    skip_single_rank_allreduce(engine, world_size=1)
+    clip = mmpt_grad_clip(cfg, ds_config)
+    return engine, lambda loss: backward_and_step(engine, loss, clip)
+
+
+def peer_autocast(args: argparse.Namespace) -> Callable[[], contextlib.AbstractContextManager]:
+    """The peers' mixed precision: torch.autocast in bf16 around forward and loss (open_clip_train's amp_bf16)."""
+    if args.precision == "bf16":
+        return lambda: torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def peer_optimizer(model: nn.Module, weight_decay: float = 0.2) -> torch.optim.Optimizer:
@@ -121,11 +152,10 @@ def clip_match(args: argparse.Namespace) -> Match | str:
     batch = random_pairs(args, seq, vocab)
     images, ids, mask = batch.images, batch.input_ids, batch.attention_mask
 
-    ours = build_clip(cfg).train()
-    ours_opt = mmpt_optimizer(ours)
+    ours, ours_update = mmpt_update(build_clip(cfg).train(), args)
 
     def ours_step() -> None:
-        optimizer_step(ours(batch).losses["itc"], ours_opt)
+        ours_update(ours(batch.to("cpu", DTYPES[args.precision])).losses["itc"])
 
     peer = open_clip.CLIP(
         embed_dim=w,
@@ -134,11 +164,13 @@ def clip_match(args: argparse.Namespace) -> Match | str:
         text_cfg={"context_length": seq, "vocab_size": vocab, "width": w, "heads": heads, "layers": depth},
         output_dict=True,
     ).train()  # fmt: skip
-    peer_loss, peer_opt = open_clip.ClipLoss(), peer_optimizer(peer)
+    peer_loss, peer_opt, amp = open_clip.ClipLoss(), peer_optimizer(peer), peer_autocast(args)
 
     def peer_step() -> None:
-        out = peer(images, ids)
-        optimizer_step(peer_loss(out["image_features"], out["text_features"], out["logit_scale"]), peer_opt)
+        with amp():
+            out = peer(images, ids)
+            loss = peer_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        optimizer_step(loss, peer_opt)
 
     return Match("CLIP", Side("mmpt", ours, ours_step), Side(f"open_clip {open_clip.__version__}", peer, peer_step))
 
@@ -167,13 +199,13 @@ def coca_match(args: argparse.Namespace) -> Match | str:
     batch = random_pairs(args, seq, vocab)
     images, ids, mask = batch.images, batch.input_ids, batch.attention_mask
 
-    ours = build_coca(cfg).train()
-    ours_opt = mmpt_optimizer(ours)
-    weights = ours.default_loss_weights  # itc 1, caption 2: open_clip's CoCa recipe too
+    model = build_coca(cfg).train()
+    weights = model.default_loss_weights  # itc 1, caption 2: open_clip's CoCa recipe too
+    ours, ours_update = mmpt_update(model, args)
 
     def ours_step() -> None:
-        losses = ours(batch).losses
-        optimizer_step(sum(weights[k] * v for k, v in losses.items()), ours_opt)
+        losses = ours(batch.to("cpu", DTYPES[args.precision])).losses
+        ours_update(sum(weights[k] * v for k, v in losses.items()))
 
     peer = open_clip.CoCa(
         embed_dim=w,
@@ -185,11 +217,13 @@ def coca_match(args: argparse.Namespace) -> Match | str:
                     "attn_pooler_heads": heads, "output_tokens": True},
     ).train()  # fmt: skip
     peer_loss, peer_opt = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0), peer_optimizer(peer)
+    amp = peer_autocast(args)
 
     def peer_step() -> None:
-        out = peer(images, ids)
-        clip_loss, caption_loss = peer_loss(out["image_features"], out["text_features"], out["logits"], out["labels"],
-                                            out["logit_scale"])  # fmt: skip
+        with amp():
+            out = peer(images, ids)
+            clip_loss, caption_loss = peer_loss(out["image_features"], out["text_features"], out["logits"],
+                                                out["labels"], out["logit_scale"])  # fmt: skip
         optimizer_step(clip_loss + caption_loss, peer_opt)
 
     return Match("CoCa", Side("mmpt", ours, ours_step), Side(f"open_clip {open_clip.__version__}", peer, peer_step))
@@ -229,13 +263,13 @@ def beit3_match(args: argparse.Namespace) -> Match | str:
     pairs = random_pairs(args, seq, vocab)
     images, ids, mask = pairs.images, pairs.input_ids, pairs.attention_mask
 
-    ours = WithHead(build_model(cfg).encoder, w, vocab).train()
-    ours_opt = mmpt_optimizer(ours)
+    engine, ours_update = mmpt_update(WithHead(build_model(cfg).encoder, w, vocab).train(), args)
+    ours = engine.module
 
     def ours_step() -> None:
-        out = ours.backbone.encode_pair(images, ids, mask)
+        out = ours.backbone.encode_pair(images.to(DTYPES[args.precision]), ids, mask)
         split = ours.backbone.num_image_tokens
-        optimizer_step(text_token_loss(ours.head, out[:, split:], ids, mask), ours_opt)
+        ours_update(text_token_loss(ours.head, out[:, split:], ids, mask))
 
     ts_args = EncoderConfig(
         vocab_size=vocab, multiway=True, layernorm_embedding=False, normalize_output=True, no_output_layer=True,
@@ -244,16 +278,18 @@ def beit3_match(args: argparse.Namespace) -> Match | str:
         max_source_positions=seq + 2,  # fairseq positions start at 2
     )  # fmt: skip  (BEiT-3's own _get_base_config, at this geometry)
     peer = WithHead(TorchscaleBEiT3(ts_args), w, vocab).train()
-    peer_opt = peer_optimizer(peer)
+    peer_opt, amp = peer_optimizer(peer), peer_autocast(args)
     padding = mask == 0
 
     def peer_step() -> None:
-        out = peer.backbone(textual_tokens=ids, visual_tokens=images, text_padding_position=padding)
-        split = out["multiway_split_position"]
-        optimizer_step(text_token_loss(peer.head, out["encoder_out"][:, split:], ids, mask), peer_opt)
+        with amp():
+            out = peer.backbone(textual_tokens=ids, visual_tokens=images, text_padding_position=padding)
+            split = out["multiway_split_position"]
+            loss = text_token_loss(peer.head, out["encoder_out"][:, split:], ids, mask)
+        optimizer_step(loss, peer_opt)
 
     version = getattr(torchscale, "__version__", "")
-    return Match("BEiT-3", Side("mmpt", ours, ours_step), Side(f"torchscale {version}".strip(), peer, peer_step))
+    return Match("BEiT-3", Side("mmpt", engine, ours_step), Side(f"torchscale {version}".strip(), peer, peer_step))
 
 
 # ---- ALBEF towers ----------------------------------------------------------------------------------------
@@ -296,14 +332,14 @@ def albef_match(args: argparse.Namespace) -> Match | str:
     images, ids, mask = pairs.images, pairs.input_ids, pairs.attention_mask
 
     model = build_model(cfg)
-    ours = Towers(model.visual, model.text).train()
-    ours_opt = mmpt_optimizer(ours)
+    engine, ours_update = mmpt_update(Towers(model.visual, model.text).train(), args)
+    ours = engine.module
 
     def ours_step() -> None:
-        image_tokens = ours.visual(images)
+        image_tokens = ours.visual(images.to(DTYPES[args.precision]))
         text_tokens = ours.text.encode(ids, mask)
         fused = ours.text.fuse(text_tokens, mask, image_tokens)
-        optimizer_step(towers_loss(image_tokens, text_tokens, fused), ours_opt)
+        ours_update(towers_loss(image_tokens, text_tokens, fused))
 
     peer = Towers(
         ALBEFVisionEncoder(args.image_size, args.patch_size, depth, heads, w, 4 * w),
@@ -311,15 +347,17 @@ def albef_match(args: argparse.Namespace) -> Match | str:
                           intermediate_size=4 * w, dropout=0.0, vocab_size=vocab, max_position_embeddings=seq),
         ALBEFMultimodalEncoder(w, depth - text_layers, heads, 4 * w),
     ).train()  # fmt: skip
-    peer_opt = peer_optimizer(peer)
+    peer_opt, amp = peer_optimizer(peer), peer_autocast(args)
 
     def peer_step() -> None:
-        image_tokens = peer.visual(images)
-        text_tokens = peer.text(ids, mask).last_hidden_state
-        fused = peer.fusion(text_tokens, mask, image_tokens)
-        optimizer_step(towers_loss(image_tokens, text_tokens, fused), peer_opt)
+        with amp():
+            image_tokens = peer.visual(images)
+            text_tokens = peer.text(ids, mask).last_hidden_state
+            fused = peer.fusion(text_tokens, mask, image_tokens)
+            loss = towers_loss(image_tokens, text_tokens, fused)
+        optimizer_step(loss, peer_opt)
 
-    return Match("ALBEF towers", Side("mmpt", ours, ours_step), Side("TorchMultimodal", peer, peer_step))
+    return Match("ALBEF towers", Side("mmpt", engine, ours_step), Side("TorchMultimodal", peer, peer_step))
 
 
 MATCHES: dict[str, Callable[[argparse.Namespace], Match | str]] = {
@@ -328,6 +366,18 @@ MATCHES: dict[str, Callable[[argparse.Namespace], Match | str]] = {
     "beit3": beit3_match,
     "albef": albef_match,
 }
+
+
+def init_one_process_dist() -> None:
+    """A one-rank gloo group, as the trainer has on one process (DeepSpeed's engine needs one)."""
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29518")
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
 
 # ---- timing --------------------------------------------------------------------------------------------
@@ -390,13 +440,15 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", default="fp32", choices=list(DTYPES),
+                    help="bf16: mmpt's trainer.precision=bf16 vs the peers' torch.autocast bf16 (amp_bf16)")
     ap.add_argument("--profile", action="store_true", help="print op tables of one step per side instead")
     ap.add_argument("--profile-rows", type=int, default=25)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__} | threads {args.threads} | batch {args.batch} | {args.image_size} px / "
-          f"patch {args.patch_size} | width {args.width} x {args.layers} layers | fp32 | "
+          f"patch {args.patch_size} | width {args.width} x {args.layers} layers | {args.precision} | "
           f"{args.rounds} rounds x {args.steps} steps")
     ratios: dict[str, tuple[float, float]] = {}
     for key in args.only.split(","):
