@@ -87,6 +87,7 @@ def test_single_process_bf16_run_on_foreign_shards_without_tracker(demo_env, tmp
     assert json.loads((run_dir / "summary.json").read_text())["retrieval/num_pairs"] == 22
     assert not (run_dir / "wandb").exists()
     assert "1 ranks (single)" in proc.stdout + proc.stderr
+    assert "this CPU has AMX" not in proc.stdout + proc.stderr  # already bf16: no precision hint
     # no trainer.peak_tflops: achieved TFLOP/s is logged, MFU only where a known GPU gives the peak
     assert all(r["train/tflops"] > 0 for r in train)
     if not torch.cuda.is_available():
@@ -126,6 +127,11 @@ def test_single_process_run_from_hyphenated_args_logs_tflops_and_mfu_against_the
     for r in recs:
         assert r["train/tflops"] * 1e12 / r["train/samples_per_s"] == pytest.approx(per_sample, rel=1e-6)
     assert re.search(r"step 20/20 \(100%\) \|.* TFLOP/s \| MFU \d+\.\d% \|", proc.stdout + proc.stderr)  # the console line
+    # an fp32 run on a CPU with AMX says once that bf16 is faster there (mmpt/engine/precision_hint.py)
+    from mmpt.engine.precision_hint import cpu_has_amx_bf16
+
+    hinted = (proc.stdout + proc.stderr).count("this CPU has AMX: trainer.precision=bf16")
+    assert hinted == (1 if cpu_has_amx_bf16() and not torch.cuda.is_available() else 0)
 
 
 def test_mmpt_eval_rejects_missing_checkpoint(demo_env, tmp_path):

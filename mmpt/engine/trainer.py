@@ -35,6 +35,7 @@ from mmpt.engine.grad_cache import GradCacheAccumulator
 from mmpt.engine.loggers import RunLogger
 from mmpt.engine.mfu import peak_tflops
 from mmpt.engine.optim import build_optimizer, build_scheduler
+from mmpt.engine.precision_hint import bf16_hint
 from mmpt.engine.preemption import PreemptionWatch
 from mmpt.engine.progress import default_console_keys
 from mmpt.engine.run_setup import build_eval_loader_for, build_train_loader_for
@@ -363,6 +364,9 @@ class Trainer:
         if self.env.is_main:
             log.info("training from step %d to %d, global batch %d", self.step, t.max_steps,
                      global_batch_size(self.cfg, self.env.world_size))
+            hint = bf16_hint(self.device, t.precision)
+            if hint:
+                log.info("%s", hint)
         while self.step < t.max_steps:
             for _ in range(t.grad_accum * t.contrastive_accum_steps):
                 waited = time.perf_counter()
