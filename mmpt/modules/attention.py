@@ -14,9 +14,9 @@ from torch import nn
 
 from mmpt.modules.kv_cache import KVCache
 
-# On CPU, torch's flash-attention kernel runs bf16 / fp16 slower than fp32 over short key sequences (2-5x
-# below 128 keys, 1.06-1.6x at 197, even at 257; bf16 wins from ~325 on). Measured fwd + bwd on torch 2.13,
-# 1 thread, head width 32-64 (docs/PERFORMANCE.md, "bf16 on CPU").
+# On CPU, torch's flash-attention kernel runs bf16 / fp16 slower than fp32 over short key sequences (2-4.4x
+# up to 128 keys, 1.06-1.76x at 197, even at 257-325; bf16 wins from ~400). Measured fwd + bwd on torch 2.13,
+# 1 thread, head width 32-64 (scripts/bench/bench_cpu_attention.py; docs/PERFORMANCE.md, "bf16 on CPU").
 CPU_FP32_ATTENTION_MAX_KEYS = 256
 
 
