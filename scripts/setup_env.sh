@@ -35,7 +35,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] && \
   echo "[setup] installing mmpt${EXTRAS:+[$EXTRAS]} into $VENV"
   if ! python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
-      quiet_pip install -q "torch>=2.3,<2.15"
+      quiet_pip install -q "torch>=2.5,<2.15"
     else
       # CPU machine: the local CPU wheel of torch 2.13 (a plain 'torch' would pull a multi-GB CUDA build).
       quiet_pip install -q "torch==2.13.0"
