@@ -96,8 +96,11 @@ def test_init_std_reaches_every_initialised_weight(arch):
     def weights(init_std: float) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         model = build_model({"arch": arch, "preset": "tiny", "init_std": init_std})
-        return {n: p.detach() for n, p in model.named_parameters()
-                if p.numel() >= 64 and p.std() > 0 and not n.startswith("mim_head.") and ("weight" in n and p.dim() >= 2 or n.endswith(("pos_embed", "cls_token")))}
+        def initialised(n: str, p: torch.Tensor) -> bool:  # matrices and tokens, not norms / biases / the MIM head
+            drawn = ("weight" in n and p.dim() >= 2) or n.endswith(("pos_embed", "cls_token"))
+            return drawn and p.numel() >= 64 and p.std() > 0 and not n.startswith("mim_head.")
+
+        return {n: p.detach() for n, p in model.named_parameters() if initialised(n, p)}
     plain, wide = weights(0.02), weights(0.1)
     assert plain.keys() == wide.keys() and len(plain) >= 10
     ratios = {n: (wide[n].std() / plain[n].std()).item() for n in plain}

@@ -95,7 +95,7 @@ def test_bf16_attention_on_cpu_runs_in_fp32_below_the_threshold(keys: int) -> No
     """Short key sequences: the kernel runs on the fp32 upcasts (bitwise what fp32 SDPA then a cast gives,
     and closer to the fp32 result than the bf16 kernel); longer ones keep the bf16 kernel, bitwise."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, n, 16, generator=gen) for n in (keys, keys, keys))
+    q, k, v = (torch.randn(2, 2, keys, 16, generator=gen) for _ in range(3))
     pad = torch.ones(2, keys, dtype=torch.long)
     pad[0, keys // 2:] = 0
     mask = make_attn_mask(keys, keys, pad)

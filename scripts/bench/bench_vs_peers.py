@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import os
 import statistics
 import time
 import warnings
@@ -43,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpt.data.batch import Batch
+from mmpt.engine.trainer import PRECISION_DTYPES
 
 Step = Callable[[], None]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -79,12 +78,15 @@ def mmpt_update(model: nn.Module, args: argparse.Namespace) -> tuple[nn.Module, 
     import deepspeed
 
     from mmpt.engine.config import OptimizerConfig, TrainConfig
+    from mmpt.engine.dist_env import init_process_group
     from mmpt.engine.ds_config import build_deepspeed_config, mmpt_grad_clip, skip_single_rank_allreduce
     from mmpt.engine.engine_step import backward_and_step
     from mmpt.engine.optim import build_optimizer
+    from mmpt.engine.run_setup import current_env
 
-    init_one_process_dist()
     cfg = TrainConfig()
+    if not torch.distributed.is_initialized():  # the trainer's one-rank gloo group (a free port, its timeout)
+        init_process_group(current_env(), cfg.trainer.dist_timeout_s)
     cfg.data.batch_size, cfg.trainer.precision = args.batch, args.precision
     ds_config = build_deepspeed_config(cfg, world_size=1)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimizerConfig(lr=1e-4)),
@@ -155,7 +157,7 @@ def clip_match(args: argparse.Namespace) -> Match | str:
     ours, ours_update = mmpt_update(build_clip(cfg).train(), args)
 
     def ours_step() -> None:
-        ours_update(ours(batch.to("cpu", DTYPES[args.precision])).losses["itc"])
+        ours_update(ours(batch.to("cpu", PRECISION_DTYPES[args.precision])).losses["itc"])
 
     peer = open_clip.CLIP(
         embed_dim=w,
@@ -204,7 +206,7 @@ def coca_match(args: argparse.Namespace) -> Match | str:
     ours, ours_update = mmpt_update(model, args)
 
     def ours_step() -> None:
-        losses = ours(batch.to("cpu", DTYPES[args.precision])).losses
+        losses = ours(batch.to("cpu", PRECISION_DTYPES[args.precision])).losses
         ours_update(sum(weights[k] * v for k, v in losses.items()))
 
     peer = open_clip.CoCa(
@@ -267,7 +269,7 @@ def beit3_match(args: argparse.Namespace) -> Match | str:
     ours = engine.module
 
     def ours_step() -> None:
-        out = ours.backbone.encode_pair(images.to(DTYPES[args.precision]), ids, mask)
+        out = ours.backbone.encode_pair(images.to(PRECISION_DTYPES[args.precision]), ids, mask)
         split = ours.backbone.num_image_tokens
         ours_update(text_token_loss(ours.head, out[:, split:], ids, mask))
 
@@ -336,7 +338,7 @@ def albef_match(args: argparse.Namespace) -> Match | str:
     ours = engine.module
 
     def ours_step() -> None:
-        image_tokens = ours.visual(images.to(DTYPES[args.precision]))
+        image_tokens = ours.visual(images.to(PRECISION_DTYPES[args.precision]))
         text_tokens = ours.text.encode(ids, mask)
         fused = ours.text.fuse(text_tokens, mask, image_tokens)
         ours_update(towers_loss(image_tokens, text_tokens, fused))
@@ -366,18 +368,6 @@ MATCHES: dict[str, Callable[[argparse.Namespace], Match | str]] = {
     "beit3": beit3_match,
     "albef": albef_match,
 }
-
-
-def init_one_process_dist() -> None:
-    """A one-rank gloo group, as the trainer has on one process (DeepSpeed's engine needs one)."""
-    import deepspeed
-
-    if torch.distributed.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29518")
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
 
 # ---- timing --------------------------------------------------------------------------------------------
@@ -440,7 +430,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--precision", default="fp32", choices=list(DTYPES),
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="bf16: mmpt's trainer.precision=bf16 vs the peers' torch.autocast bf16 (amp_bf16)")
     ap.add_argument("--profile", action="store_true", help="print op tables of one step per side instead")
     ap.add_argument("--profile-rows", type=int, default=25)
