@@ -34,7 +34,7 @@ def _finish_decode(img: Image.Image) -> Image.Image:
     img.load()  # force the decode here so corrupt bytes fail now, not in a later transform
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # PIL's recommended path for palette transparency
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() to the same mode copies
 
 
 DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes directly (DCT scaling), largest first
@@ -66,23 +66,28 @@ def decode_for_crop(data: bytes | Image.Image, box_of: Callable[[int, int], Box]
     return _finish_decode(img), box
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> `c h w` float32 in [0, 1]."""
-    array = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
 class Normalize:
-    """`c h w` -> (x - mean) / std per channel."""
+    """RGB image -> `c h w` float32 (pixel / 255 - mean) / std per channel."""
 
     def __init__(self, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"need 3 means and 3 positive stds, got mean={mean} std={std}")
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # uint8 v -> (v / 255 - mean) / std = v * scale + shift
+        self.scale = 1.0 / (255.0 * self.std)
+        self.shift = -self.mean / self.std
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> normalised `c h w` float32.
+
+        One float tensor is written and scaled in place: converting to [0, 1] first and then computing
+        (x - mean) / std allocates three, and their page faults made that 2.8x slower at 224 px.
+        """
+        array = np.array(img, dtype=np.uint8)  # h w c, a writable copy (torch refuses to wrap a read-only buffer)
+        out = torch.empty(3, *array.shape[:2])
+        out.copy_(torch.from_numpy(array).permute(2, 0, 1))  # h w c -> c h w, uint8 -> float32 in one pass
+        return out.mul_(self.scale).add_(self.shift)
 
 
 def random_resized_crop_box(
@@ -162,7 +167,7 @@ class TrainTransform:
         out = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
         if self.hflip and rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self.normalize(to_tensor(out))
+        return self.normalize(out)
 
 
 class EvalTransform:
@@ -179,4 +184,4 @@ class EvalTransform:
         left, top = (img.width - side) / 2, (img.height - side) / 2
         box = (left, top, left + side, top + side)
         out = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
-        return self.normalize(to_tensor(out))
+        return self.normalize(out)
