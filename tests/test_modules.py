@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from mmpt.modules.attention import CPU_FP32_ATTENTION_MAX_KEYS, Attention, attend, make_attn_mask
+from mmpt.modules.attention import (CPU_FP32_ATTENTION_MAX_KEYS, CPU_MATMUL_ATTENTION_MAX_KEYS,
+                                    CPU_MATMUL_ATTENTION_MIN_HEAD_DIM, CPU_MATMUL_ATTENTION_MIN_KEYS, Attention, attend, cpu_attention_path,
+                                    make_attn_mask)
 from mmpt.modules.block import Block, Transformer, init_weights_, no_weight_decay_names
 from mmpt.modules.embeddings import PatchEmbedding, TextEmbedding
 from mmpt.modules.encoders import TextTransformer, VisionTransformer
@@ -88,6 +90,79 @@ def test_causal_future_keys_do_not_leak(attn: Attention) -> None:
     out_x, out_y = attn(x, is_causal=True), attn(y, is_causal=True)
     torch.testing.assert_close(out_x[:, :4], out_y[:, :4])
     assert not torch.allclose(out_x[:, 4:], out_y[:, 4:])
+
+
+def test_cpu_attention_path_depends_on_dtype_head_width_and_keys() -> None:
+    def path(dtype: torch.dtype, head_dim: int, keys: int) -> str | None:
+        return cpu_attention_path(torch.zeros(1, 1, 4, head_dim, dtype=dtype), torch.zeros(1, 1, keys, head_dim, dtype=dtype))
+
+    wide, short, long = CPU_MATMUL_ATTENTION_MIN_HEAD_DIM, CPU_MATMUL_ATTENTION_MIN_KEYS, CPU_MATMUL_ATTENTION_MAX_KEYS
+    assert path(torch.bfloat16, wide, short) == "matmul"
+    assert path(torch.bfloat16, wide, long) == "matmul"
+    assert path(torch.bfloat16, wide, long + 1) == "fp32"
+    assert path(torch.bfloat16, wide, CPU_FP32_ATTENTION_MAX_KEYS) == "fp32"
+    assert path(torch.bfloat16, wide, CPU_FP32_ATTENTION_MAX_KEYS + 1) is None  # the bf16 kernel
+    assert path(torch.bfloat16, wide // 2, 97) == "fp32"
+    assert path(torch.bfloat16, wide, short - 1) == "fp32"
+    assert path(torch.float16, wide, 97) == "fp32"  # no fast fp16 products on CPUs
+    assert path(torch.float32, wide, 97) is None
+
+
+def _bf16_case(kind: str, q_len: int = 40, keys: int = 40) -> tuple[list[torch.Tensor], torch.Tensor | None, bool]:
+    """bf16 q, k, v `2 2 n 64` (leaves) and the mask / causal flag that `Attention` would pass to `attend`."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, q_len, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 2, keys, 64, generator=gen).bfloat16() for _ in range(2))
+    keep = torch.ones(2, keys, dtype=torch.long)
+    keep[0, keys // 2:] = 0
+    mask, causal = {
+        "full": (None, False),
+        "padded": (make_attn_mask(q_len, keys, keep), False),
+        "causal": (make_attn_mask(q_len, keys, is_causal=True), True),
+        "padded_causal": (make_attn_mask(q_len, keys, keep, is_causal=True), True),
+        "cached_causal": (make_attn_mask(q_len, keys, is_causal=True), True),  # fewer queries than keys
+        "additive": (make_attn_mask(q_len, keys, keep, attn_mask=torch.randn(q_len, keys, generator=gen),
+                                    dtype=torch.bfloat16), False),
+    }[kind]
+    return [t.requires_grad_() for t in (q, k, v)], mask, causal
+
+
+@pytest.mark.parametrize("kind", ["full", "padded", "causal", "padded_causal", "cached_causal", "additive"])
+def test_bf16_attention_by_matmul_matches_the_fp32_kernel(kind: str) -> None:
+    """The matmul path (bf16 products, fp32 softmax) against fp32 SDPA on the same bf16 values: outputs and
+    gradients within bf16 rounding (measured 2.7e-3 to 5.1e-3 relative). Its scores and probabilities are rounded to
+    bf16 (as autocast attention's are), so its output error is 1.5-1.7x that of torch's bf16 kernel, which keeps
+    the scores in fp32 (2.3x with an additive bias, added in bf16): bounded at 2.5x."""
+    lo, mask, causal = _bf16_case(kind, q_len=8 if kind == "cached_causal" else 40)
+    assert cpu_attention_path(lo[0], lo[1]) == "matmul"
+    grad_out = torch.randn(2, lo[0].shape[2], 128, generator=torch.Generator().manual_seed(1))
+    out = attend(*lo, mask, is_causal=causal)
+    (out.float() * grad_out).sum().backward()
+    got = [out.detach().float()] + [t.grad.float() for t in lo]
+    hi = [t.detach().float().requires_grad_() for t in lo]
+    fp32_mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
+    ref_out = attend(*hi, fp32_mask, is_causal=causal)
+    (ref_out * grad_out).sum().backward()
+    ref = [ref_out.detach()] + [t.grad for t in hi]
+    sdpa_causal = causal and mask is None
+    kernel = torch.nn.functional.scaled_dot_product_attention(*[t.detach() for t in lo], attn_mask=mask,
+                                                               is_causal=sdpa_causal).transpose(1, 2).flatten(2)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < 2e-2, f"{name}: relative error {err:.3g}"
+    assert (got[0] - ref[0]).abs().mean() <= 2.5 * (kernel.float() - ref[0]).abs().mean()
+
+
+def test_bf16_attention_by_matmul_gives_zeros_for_a_fully_masked_query() -> None:
+    lo, _, _ = _bf16_case("full")
+    mask = torch.ones(2, 1, 40, 40, dtype=torch.bool)
+    mask[1, 0, 3] = False  # query 3 of sample 1 may attend to nothing
+    out = attend(*lo, mask)
+    out.float().sum().backward()
+    assert torch.equal(out[1, 3], torch.zeros(128, dtype=torch.bfloat16))
+    assert out[0, 3].abs().sum() > 0 and all(torch.isfinite(t.grad).all() for t in lo)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*[t.detach().float() for t in lo], attn_mask=mask)
+    assert torch.equal(sdpa[1, :, 3], torch.zeros(2, 64))  # what SDPA does too
 
 
 @pytest.mark.parametrize("keys", [CPU_FP32_ATTENTION_MAX_KEYS, CPU_FP32_ATTENTION_MAX_KEYS + 1])

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from mmpt.modules.block import init_weights_, no_weight_decay_names
 from mmpt.modules.mlp import Mlp
-from mmpt.modules.multiway import DecoupledAttention, MultiwayBlock, MultiwayTransformer, route
+from mmpt.modules.multiway import (DecoupledAttention, MultiwayBlock, MultiwayTransformer, join_streams, route,
+                                   split_streams)
 from mmpt.modules.multiway_encoder import MultiwayEncoder
 
 B, N, SPLIT, D, H = 2, 7, 3, 32, 4
@@ -32,6 +33,11 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def _block(**kwargs: object) -> MultiwayBlock:
     return _randomise(MultiwayBlock(D, H, mlp_ratio=2.0, vl_expert=True, **kwargs))  # type: ignore[arg-type]
+
+
+def _joint(module: torch.nn.Module, x: torch.Tensor, split: int, *args: object, **kwargs: object) -> torch.Tensor:
+    """A block or decoupled attention (which take `Streams`) on a joint `b n d` sequence with `split` image tokens."""
+    return join_streams(module(split_streams(x, split), *args, **kwargs))
 
 
 def _x(n: int = N, seed: int = 1) -> torch.Tensor:
@@ -72,12 +78,23 @@ def test_route_applies_each_side_and_skips_an_empty_one() -> None:
         calls.append(-t.shape[1])
         return t - 1
 
-    torch.testing.assert_close(route(x, SPLIT, image_fn, text_fn), torch.cat([x[:, :SPLIT] * 2, x[:, SPLIT:] - 1], 1))
+    routed = join_streams(route(split_streams(x, SPLIT), image_fn, text_fn))
+    torch.testing.assert_close(routed, torch.cat([x[:, :SPLIT] * 2, x[:, SPLIT:] - 1], 1))
     assert calls == [SPLIT, -(N - SPLIT)]
     calls.clear()
-    route(x, N, image_fn, text_fn)
-    route(x, 0, image_fn, text_fn)
+    assert split_streams(x, N)[1] is None and split_streams(x, 0)[0] is None
+    route(split_streams(x, N), image_fn, text_fn)
+    route(split_streams(x, 0), image_fn, text_fn)
     assert calls == [N, -N]
+
+
+def test_split_streams_backward_is_the_gradient_of_each_side() -> None:
+    x = _x().requires_grad_()
+    image, text = split_streams(x, SPLIT)
+    assert image is not None and text is not None
+    (image.sum() * 2 + text.sum() * 3).backward()
+    assert x.grad is not None
+    assert (x.grad[:, :SPLIT] == 2).all() and (x.grad[:, SPLIT:] == 3).all()
 
 
 @pytest.mark.parametrize("layer_scale", [None, 0.5])
@@ -99,10 +116,10 @@ def test_block_matches_reference_routing(layer_scale: float | None) -> None:
     with torch.no_grad():
         h = x + g1 * block.attn(block.attn_norm(x))  # type: ignore[misc]
         routed = torch.cat([expert("ffn_v", h[:, :SPLIT]), expert("ffn_l", h[:, SPLIT:])], 1)
-        torch.testing.assert_close(block(x, SPLIT), h + g2 * routed)
-        torch.testing.assert_close(block(x, N), h + g2 * expert("ffn_v", h))
-        torch.testing.assert_close(block(x, 0), h + g2 * expert("ffn_l", h))
-        torch.testing.assert_close(block(x, SPLIT, vl=True), h + g2 * expert("ffn_vl", h))
+        torch.testing.assert_close(_joint(block, x, SPLIT), h + g2 * routed)
+        torch.testing.assert_close(_joint(block, x, N), h + g2 * expert("ffn_v", h))
+        torch.testing.assert_close(_joint(block, x, 0), h + g2 * expert("ffn_l", h))
+        torch.testing.assert_close(_joint(block, x, SPLIT, vl=True), h + g2 * expert("ffn_vl", h))
 
 
 @pytest.mark.parametrize(
@@ -119,9 +136,9 @@ def test_perturbing_an_expert_moves_only_its_tokens(split: int, vl: bool, moves:
     for name, where in moves.items():
         block = _block()
         with torch.no_grad():
-            before = block(x, split, vl=vl)
+            before = _joint(block, x, split, vl=vl)
             _perturb(getattr(block, name))
-            changed = (block(x, split, vl=vl) - before).abs().amax(dim=(0, 2)) > 1e-6  # `n`
+            changed = (_joint(block, x, split, vl=vl) - before).abs().amax(dim=(0, 2)) > 1e-6  # `n`
         expected = torch.zeros(N, dtype=torch.bool)
         if where == "image":
             expected[:split] = True
@@ -152,7 +169,7 @@ def test_stack_uses_vl_ffn_only_in_fused_top_layers() -> None:
     x = _x()
     stack(x, None, SPLIT, fused=True)
     low = [(i, e, n) for i in (0, 1) for e, n in (("ffn_v", SPLIT), ("ffn_l", N - SPLIT))]
-    assert calls == [*low, (2, "ffn_vl", N)]
+    assert calls == [*low, (2, "ffn_vl", SPLIT), (2, "ffn_vl", N - SPLIT)]  # VL-FFN is per token: run per side
     calls.clear()
     stack(x, None, N)  # image-only: V-FFN everywhere, the top block included (dual-encoder ITC)
     assert calls == [(i, "ffn_v", N) for i in range(3)]
@@ -208,7 +225,7 @@ def test_decoupled_attention_matches_reference() -> None:
     ol = F.linear(F.layer_norm(out[:, SPLIT:], (D,), sl.weight, sl.bias, sl.eps), attn.l.proj.weight, attn.l.proj.bias)
     mask = keep.bool()[:, None, None, :]
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, SPLIT, mask), torch.cat([ov, ol], 1))
+        torch.testing.assert_close(_joint(attn, x, SPLIT, mask), torch.cat([ov, ol], 1))
 
 
 def test_decoupled_text_side_does_not_touch_image_only_outputs() -> None:
@@ -216,12 +233,12 @@ def test_decoupled_text_side_does_not_touch_image_only_outputs() -> None:
     assert block.attn_norm is None and isinstance(block.attn, DecoupledAttention)
     x = _x()
     with torch.no_grad():
-        image_only, fused = block(x, N), block(x, SPLIT)
+        image_only, fused = _joint(block, x, N), _joint(block, x, SPLIT)
         for side in (block.attn.l, block.attn.norm_l, block.attn.sub_norm_l):
             _perturb(side)
-        torch.testing.assert_close(block(x, N), image_only, rtol=0, atol=0)
+        torch.testing.assert_close(_joint(block, x, N), image_only, rtol=0, atol=0)
         # ...while in a fused pass image tokens attend to the (now different) text keys/values: joint attention
-        assert (block(x, SPLIT)[:, :SPLIT] - fused[:, :SPLIT]).abs().amax() > 1e-3
+        assert (_joint(block, x, SPLIT)[:, :SPLIT] - fused[:, :SPLIT]).abs().amax() > 1e-3
 
 
 def test_decoupled_image_only_pass_gives_no_gradient_to_text_attention() -> None:
@@ -301,7 +318,8 @@ def test_padding_does_not_change_real_outputs(pair: bool) -> None:
 def test_image_mask_replaces_exactly_the_masked_patch_inputs() -> None:
     enc = _encoder()
     seen: list[torch.Tensor] = []
-    enc.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    # the image side of the first block's input: `Streams` (image tokens, text tokens)
+    enc.transformer.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0][0].detach().clone()))
     image_mask = torch.zeros(B, enc.num_patches, dtype=torch.bool)
     image_mask[0, [0, 5, 15]] = True
     image_mask[1, 3] = True
@@ -358,7 +376,7 @@ def test_bad_input_gets_a_clear_error() -> None:
     with pytest.raises(ValueError, match="key_padding_mask must be"):
         stack(x, torch.ones(B, N - 1), SPLIT)
     with pytest.raises(ValueError, match="vl=True needs a block built with vl_expert=True"):
-        stack.blocks[0](x, SPLIT, vl=True)
+        stack.blocks[0](split_streams(x, SPLIT), vl=True)
     with pytest.raises(ValueError, match="vl_layers=3 must be in"):
         MultiwayTransformer(D, 2, H, vl_layers=3)
     with pytest.raises(ValueError, match="needs decoupled_attention=True"):

@@ -18,6 +18,12 @@ from mmpt.modules.kv_cache import KVCache
 # up to 128 keys, 1.06-1.76x at 197, even at 257-325; bf16 wins from ~400). Measured fwd + bwd on torch 2.13,
 # 1 thread, head width 32-64 (scripts/bench/bench_cpu_attention.py; docs/PERFORMANCE.md, "bf16 on CPU").
 CPU_FP32_ATTENTION_MAX_KEYS = 256
+# Over 32-128 keys, bf16 attention with heads of >= 64 channels runs faster still as two bf16 matrix multiplies
+# around an fp32 softmax (AMX does the products): 1.04-1.40x the fp32 kernel, fwd + bwd from a qkv projection
+# (same bench); at 197 keys 0.86-1.04x, with 32-channel heads 0.78-1.05x, at 17 keys 0.97-1.09x.
+CPU_MATMUL_ATTENTION_MIN_HEAD_DIM = 64
+CPU_MATMUL_ATTENTION_MIN_KEYS = 32
+CPU_MATMUL_ATTENTION_MAX_KEYS = 128
 
 
 def make_attn_mask(
@@ -79,19 +85,54 @@ def attend(
     wrong for cached decoding).
     """
     sdpa_causal = is_causal and mask is None and q.shape[-2] == k.shape[-2]
+    path = cpu_attention_path(q, k)
+    if path == "matmul":
+        return matmul_attention(q, k, v, mask, sdpa_causal, dropout_p)
     dtype = q.dtype
-    if cpu_attention_in_fp32(q, k):
+    if path == "fp32":
         q, k, v = q.float(), k.float(), v.float()
         mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=sdpa_causal)
     return rearrange(out.to(dtype), "b h n d -> b n (h d)")
 
 
-def cpu_attention_in_fp32(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Low-precision attention on CPU over short key sequences runs its kernel in fp32 (faster and exact-er
-    there, see CPU_FP32_ATTENTION_MAX_KEYS); the projections around it stay in bf16. GPUs never take it."""
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            and k.shape[-2] <= CPU_FP32_ATTENTION_MAX_KEYS)
+def cpu_attention_path(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """How low-precision attention runs on CPU, where torch's bf16 / fp16 kernel is slow over short key
+    sequences (see the constants above): "matmul" (bf16 products around an fp32 softmax), "fp32" (the kernel
+    on fp32 upcasts; the projections around it stay in bf16), or None: SDPA as called. GPUs always get None."""
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    keys = k.shape[-2]
+    if keys > CPU_FP32_ATTENTION_MAX_KEYS:
+        return None
+    if (q.dtype == torch.bfloat16 and q.shape[-1] >= CPU_MATMUL_ATTENTION_MIN_HEAD_DIM
+            and CPU_MATMUL_ATTENTION_MIN_KEYS <= keys <= CPU_MATMUL_ATTENTION_MAX_KEYS):
+        return "matmul"
+    return "fp32"
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      is_causal: bool, dropout_p: float) -> torch.Tensor:
+    """`attend` as `b h n d @ b h d m` products in q's dtype around a softmax that accumulates in fp32 (scores and
+    probabilities are rounded to bf16, as in autocast attention); fully masked query rows give zeros, as SDPA's."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))  # b h n m
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    dead = None
+    if mask is not None and mask.dtype == torch.bool:
+        # in place: the product's backward does not read its output, and a copy of `b h n m` costs 10-15% here
+        scores.masked_fill_(~mask, float("-inf"))
+        dead = ~mask.any(dim=-1, keepdim=True)  # query rows that may attend to nothing
+    elif mask is not None:
+        scores = scores + mask.to(scores.dtype)
+    # softmax straight to q's dtype: the CPU kernel accumulates in fp32 (its bf16 output is what the second product
+    # reads anyway), and skips the fp32 copies of `b h n m` that an fp32 softmax and its cast cost (13-26% here)
+    probs = F.softmax(scores, dim=-1)
+    if dead is not None and bool(dead.any()):  # a host check, free on CPU
+        probs = probs.masked_fill(dead, 0.0)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return rearrange(torch.matmul(probs, v), "b h n d -> b n (h d)")
 
 
 class Attention(nn.Module):

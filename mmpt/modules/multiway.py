@@ -2,9 +2,13 @@
 then a feed-forward expert chosen by modality.
 
 Token layout, everywhere: image tokens first, then text tokens. `split` is the number of leading image tokens
-(image-only pass: split = n; text-only pass: split = 0; fused pass: split = image tokens). Routing is two
-slices at `split`, never a gather/scatter or a loop over tokens, and an empty side is skipped entirely, so a
-unimodal pass runs exactly one expert and the others get no gradient (VLMo's stagewise training relies on it).
+(image-only pass: split = n; text-only pass: split = 0; fused pass: split = image tokens). Inside the stack the
+two modalities travel as separate tensors (`Streams`: image tokens, text tokens; an absent side is None): every
+norm, projection and expert runs on its own side, and the sequence is joined only where tokens meet, for the
+joint softmax of each attention (one concatenation per block, and one split of its output). An empty side is
+skipped entirely, so a unimodal pass runs exactly one expert and the others get no gradient (VLMo's stagewise
+training relies on it). Keeping the sides apart instead of slicing one `b n d` tensor at every expert saves the
+slices' backward (a zero-filled full-size gradient per slice) and two concatenations per block.
 
 Two attention layouts:
 - shared (VLMo paper, BEiT-3 paper): one pre-norm `attn_norm` + one `Attention` for all tokens;
@@ -29,23 +33,44 @@ from mmpt.modules.checkpointing import run_block
 from mmpt.modules.mlp import Mlp
 
 
-def route(
-    x: torch.Tensor,
-    split: int,
-    image_fn: Callable[[torch.Tensor], torch.Tensor],
-    text_fn: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """`b n d -> b n e`: image_fn on `x[:, :split]`, text_fn on `x[:, split:]`, an empty side never runs.
+Streams = tuple[torch.Tensor | None, torch.Tensor | None]  # (image tokens `b n_i d`, text tokens `b n_t d`)
 
-    The one routing primitive of the module (experts, per-modality norms and projections, final norms), so a
-    unimodal pass touches one side's weights only and a fused pass costs one concatenation.
-    """
+
+def split_streams(x: torch.Tensor, split: int) -> Streams:
+    """`b n d` -> (`x[:, :split]`, `x[:, split:]`), an empty side None; one split op, whose backward is one cat."""
     n = x.shape[1]
     if split >= n:
-        return image_fn(x)
+        return x, None
     if split <= 0:
-        return text_fn(x)
-    return torch.cat([image_fn(x[:, :split]), text_fn(x[:, split:])], dim=1)
+        return None, x
+    image, text = x.split([split, n - split], dim=1)
+    return image, text
+
+
+def join_streams(xs: Streams) -> torch.Tensor:
+    """(image tokens, text tokens) -> `b n d`, image tokens first."""
+    image, text = xs
+    if image is None or text is None:
+        present = image if image is not None else text
+        assert present is not None, "Streams with neither side"
+        return present
+    return torch.cat([image, text], dim=1)
+
+
+def route(xs: Streams, image_fn: Callable[[torch.Tensor], torch.Tensor],
+          text_fn: Callable[[torch.Tensor], torch.Tensor]) -> Streams:
+    """image_fn on the image side, text_fn on the text side; an absent side never runs.
+
+    The one routing primitive of the module (experts, per-modality norms and projections, final norms), so a
+    unimodal pass touches one side's weights only."""
+    image, text = xs
+    return (None if image is None else image_fn(image), None if text is None else text_fn(text))
+
+
+def _add_residual(xs: Streams, hs: Streams, gamma: torch.Tensor | None) -> Streams:
+    """x + gamma * h on each present side (LayerScale when gamma is given)."""
+    return tuple(None if x is None else x + (h * gamma if gamma is not None else h)  # type: ignore[return-value]
+                 for x, h in zip(xs, hs))
 
 
 def check_split(split: int, n: int, where: str) -> None:
@@ -113,18 +138,19 @@ class DecoupledAttention(nn.Module):
     def _out_l(self, x: torch.Tensor) -> torch.Tensor:
         return self.l.proj_drop(self.l.proj(self.sub_norm_l(x) if self.sub_norm_l is not None else x))
 
-    def forward(self, x: torch.Tensor, split: int, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: `b n d` (not normalised: the norms are per modality); attn_mask: broadcastable to `b h n n`."""
-        qkv = route(x, split, self._qkv_v, self._qkv_l)
+    def forward(self, xs: Streams, attn_mask: torch.Tensor | None = None) -> Streams:
+        """xs: the two sides (not normalised: the norms are per modality); attn_mask: broadcastable to `b h n n`
+        over the joined sequence."""
+        qkv = join_streams(route(xs, self._qkv_v, self._qkv_l))  # b n 3d
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.v.num_heads)
         out = attend(q, k, v, attn_mask, dropout_p=self.v.attn_dropout if self.training else 0.0)
-        return route(out, split, self._out_v, self._out_l)
+        return route(split_streams(out, _image_len(xs)), self._out_v, self._out_l)
 
 
 class MultiwayBlock(nn.Module):
-    """Pre-LN Multiway block, `b n d -> b n d`: x + attn(x); x + expert(x) with the expert chosen per token.
+    """Pre-LN Multiway block on `Streams` (image tokens, text tokens): x + attn(x); x + expert(x) per side.
 
-    `forward(x, split, vl=False)`: image tokens (`x[:, :split]`) go to `ffn_v`, text tokens to `ffn_l`; with
+    `forward(xs, vl=False)`: image tokens go to `ffn_v`, text tokens to `ffn_l`; with
     `vl=True` every token goes to `ffn_vl` (only blocks built with `vl_expert=True` have one: VLMo's top
     layers in a fused pass). `layer_scale` (BEiT/VLMo use 0.1) multiplies each residual branch by a learned
     per-channel `gamma_*`, which keeps early training of deep pre-LN stacks stable.
@@ -173,22 +199,24 @@ class MultiwayBlock(nn.Module):
             self.gamma_ffn = nn.Parameter(torch.full((dim,), float(layer_scale)))
         init_weights_(self)
 
-    def forward(
-        self, x: torch.Tensor, split: int, vl: bool = False, attn_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x: `b n d`, image tokens first; split: leading image tokens; attn_mask: broadcastable to `b h n n`
-        (True = may attend; `MultiwayTransformer` builds it once from the padding mask)."""
-        check_split(split, x.shape[1], "MultiwayBlock")
+    def forward(self, xs: Streams, vl: bool = False, attn_mask: torch.Tensor | None = None) -> Streams:
+        """xs: (image tokens, text tokens), either None when absent; attn_mask: broadcastable to `b h n n` over the
+        joined sequence, image tokens first (True = may attend; `MultiwayTransformer` builds it once)."""
         if vl and self.ffn_vl is None:
             raise ValueError("vl=True needs a block built with vl_expert=True (only the top vl_layers have a VL-FFN)")
         if isinstance(self.attn, DecoupledAttention):
-            h = self.attn(x, split, attn_mask)
+            h = self.attn(xs, attn_mask)
         else:
             assert self.attn_norm is not None
-            h = self.attn(self.attn_norm(x), attn_mask=attn_mask)
-        x = x + (h * self.gamma_attn if self.gamma_attn is not None else h)
-        h = self.ffn_vl(x) if vl and self.ffn_vl is not None else route(x, split, self.ffn_v, self.ffn_l)
-        return x + (h * self.gamma_ffn if self.gamma_ffn is not None else h)
+            h = split_streams(self.attn(self.attn_norm(join_streams(xs)), attn_mask=attn_mask), _image_len(xs))
+        xs = _add_residual(xs, h, self.gamma_attn)
+        # VL-FFN is per token: running it on each side equals running it on the joined sequence
+        h = route(xs, self.ffn_vl, self.ffn_vl) if vl and self.ffn_vl is not None else route(xs, self.ffn_v, self.ffn_l)
+        return _add_residual(xs, h, self.gamma_ffn)
+
+
+def _image_len(xs: Streams) -> int:
+    return 0 if xs[0] is None else xs[0].shape[1]
 
 
 class MultiwayTransformer(nn.Module):
@@ -246,11 +274,19 @@ class MultiwayTransformer(nn.Module):
     ) -> torch.Tensor:
         """x: `b n d`, image tokens first; key_padding_mask: `b n` (1 = real token) or None; split: the number
         of leading image tokens; fused: an image+text pass (the top vl_layers use VL-FFN)."""
-        b, n, _ = x.shape
-        check_split(split, n, "MultiwayTransformer")
-        if fused and not 0 < split < n:
+        check_split(split, x.shape[1], "MultiwayTransformer")
+        return join_streams(self.forward_streams(split_streams(x, split), key_padding_mask, fused))
+
+    def forward_streams(self, xs: Streams, key_padding_mask: torch.Tensor | None, fused: bool = False) -> Streams:
+        """`forward` on the two sides kept apart (what `MultiwayEncoder` calls: its embeddings come apart, and
+        its final norms are per side); key_padding_mask covers the joined sequence, image tokens first."""
+        present = [t for t in xs if t is not None]
+        if not present:
+            raise ValueError("MultiwayTransformer needs image tokens, text tokens or both; got neither")
+        b, n = present[0].shape[0], sum(t.shape[1] for t in present)
+        if fused and len(present) != 2:
             raise ValueError(
-                f"fused=True needs image and text tokens (0 < split < n), got split={split}, n={n}; "
+                f"fused=True needs image and text tokens (0 < split < n), got split={_image_len(xs)}, n={n}; "
                 "use fused=False for an image-only or text-only pass"
             )
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (b, n):
@@ -258,10 +294,10 @@ class MultiwayTransformer(nn.Module):
                 f"key_padding_mask must be `b n` = {(b, n)} covering image and text tokens (1 = real token), "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-        mask = make_attn_mask(n, n, key_padding_mask, dtype=x.dtype, device=x.device)
+        mask = make_attn_mask(n, n, key_padding_mask, dtype=present[0].dtype, device=present[0].device)
         for i, block in enumerate(self.blocks):
-            x = run_block(block, i < self.checkpoint_blocks, x, split, vl=fused and i >= self.vl_start, attn_mask=mask)
-        return x
+            xs = run_block(block, i < self.checkpoint_blocks, xs, vl=fused and i >= self.vl_start, attn_mask=mask)
+        return xs
 
     def matmul_params_per_token(self) -> int:
         """Linear weights one token meets on its way up: one attention copy and one expert per block

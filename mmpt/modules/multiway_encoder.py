@@ -30,7 +30,7 @@ from torch import nn
 
 from mmpt.modules.block import init_weights_
 from mmpt.modules.embeddings import PatchEmbedding, TextEmbedding
-from mmpt.modules.multiway import MultiwayTransformer, route
+from mmpt.modules.multiway import MultiwayTransformer, Streams, join_streams, route
 from mmpt.modules.patch_dropout import PatchDropout, kept_patches
 
 IMAGE_TYPE, TEXT_TYPE = 0, 1
@@ -132,23 +132,23 @@ class MultiwayEncoder(nn.Module):
             )
         return self._with_type(self.text_embed(input_ids), TEXT_TYPE)
 
-    def _final_norm(self, x: torch.Tensor, split: int) -> torch.Tensor:
+    def _final_norm(self, xs: Streams) -> torch.Tensor:
+        """The final LayerNorm(s) on each side, then the sides joined: `b n d`, image tokens first."""
         if self.norm is not None:
-            return self.norm(x)
+            return join_streams(route(xs, self.norm, self.norm))
         assert self.norm_v is not None and self.norm_l is not None
-        return route(x, split, self.norm_v, self.norm_l)
+        return join_streams(route(xs, self.norm_v, self.norm_l))
 
     def encode_image(self, images: torch.Tensor, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """images `b c h w` (+ image_mask `b n` bool, True = masked patch) -> `b (1+n) d`, [CLS] first (n: the
         kept patches in training with patch dropout)."""
         x = self.drop(self._embed_image(images, image_mask))
-        split = x.shape[1]
-        return self._final_norm(self.transformer(x, None, split), split)
+        return self._final_norm(self.transformer.forward_streams((x, None), None))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids `b l`, attention_mask `b l` (1 = real token) -> `b l d` (padded rows are meaningless)."""
         x = self.drop(self._embed_text(input_ids, attention_mask))
-        return self._final_norm(self.transformer(x, attention_mask, 0), 0)
+        return self._final_norm(self.transformer.forward_streams((None, x), attention_mask))
 
     def encode_pair(
         self,
@@ -163,11 +163,10 @@ class MultiwayEncoder(nn.Module):
         txt = self._embed_text(input_ids, attention_mask)
         if img.shape[0] != txt.shape[0]:
             raise ValueError(f"encode_pair got {img.shape[0]} images but {txt.shape[0]} texts")
-        split = img.shape[1]
-        image_keep = repeat(torch.ones(split, dtype=torch.bool, device=img.device), "n -> b n", b=img.shape[0])
+        image_keep = repeat(torch.ones(img.shape[1], dtype=torch.bool, device=img.device), "n -> b n", b=img.shape[0])
         keep = torch.cat([image_keep, attention_mask.bool()], dim=1)
-        x = self.drop(torch.cat([img, txt], dim=1))
-        return self._final_norm(self.transformer(x, keep, split, fused=True), split)
+        xs = (self.drop(img), self.drop(txt))  # the sides stay apart until the final norms (multiway.py)
+        return self._final_norm(self.transformer.forward_streams(xs, keep, fused=True))
 
     @staticmethod
     def text_start(fused: torch.Tensor, input_ids: torch.Tensor) -> int:
