@@ -24,6 +24,7 @@ from mmpt.data.pipeline import BatchLoader
 from mmpt.data.stream_state import LoaderState, resume_problem
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.engine import checkpoint
+from mmpt.engine.bf16_step import use_foreach_bf16_step
 from mmpt.engine.compile import compile_blocks
 from mmpt.engine.config import ConfigError, TrainConfig
 from mmpt.engine.divergence import DivergenceGuard
@@ -148,6 +149,7 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
         skip_single_rank_allreduce(self.engine, env.world_size)
+        use_foreach_bf16_step(self.engine)
         self.model: PretrainModel = self.engine.module
         self.guard = DivergenceGuard(self.engine, cfg.trainer.max_bad_steps, cfg.trainer.spike_factor, device,
                                      mmpt_clips=self.grad_clip > 0)

@@ -8,7 +8,8 @@ fusion layers) vs TorchMultimodal. A training step is forward + backward + optim
 recommended settings: open_clip's models with its ClipLoss / CoCaLoss and torch.optim.AdamW as open_clip_train
 builds it (decay groups, default implementation); mmpt's models with their own losses, stepped the way mmpt's
 trainer steps them (the DeepSpeed engine built from mmpt's config with its defaults: one process at stage 0,
-mmpt's `build_optimizer`, gradient clipping at 1.0, `engine_step.backward_and_step`).
+mmpt's `build_optimizer`, gradient clipping at 1.0, `engine_step.backward_and_step`, in bf16 the
+multi-tensor step of `mmpt/engine/bf16_step.py`).
 `--precision bf16` is each side's mixed-precision recipe: mmpt's `trainer.precision=bf16` (DeepSpeed bf16:
 bf16 weights and activations, fp32 master weights, gradients and optimizer state); the peers' standard PyTorch
 AMP (open_clip_train's `--precision amp_bf16`: `torch.autocast` in bf16 around forward and loss, fp32 weights
@@ -77,6 +78,7 @@ def mmpt_update(model: nn.Module, args: argparse.Namespace) -> tuple[nn.Module, 
     `engine_step.backward_and_step` (backward, mmpt's clipping, step)."""
     import deepspeed
 
+    from mmpt.engine.bf16_step import use_foreach_bf16_step
     from mmpt.engine.config import OptimizerConfig, TrainConfig
     from mmpt.engine.dist_env import init_process_group
     from mmpt.engine.ds_config import build_deepspeed_config, mmpt_grad_clip, skip_single_rank_allreduce
@@ -92,6 +94,7 @@ def mmpt_update(model: nn.Module, args: argparse.Namespace) -> tuple[nn.Module, 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimizerConfig(lr=1e-4)),
                                            config=ds_config)
     skip_single_rank_allreduce(engine, world_size=1)
+    use_foreach_bf16_step(engine)
     clip = mmpt_grad_clip(cfg, ds_config)
     return engine, lambda loss: backward_and_step(engine, loss, clip)
 
