@@ -43,21 +43,20 @@ def _foreach_step(self: Any, closure: Any = None) -> bool:
     """`FP16_UnfusedOptimizer.step` (bf16, no MoE, no model parallelism) with multi-tensor ops; returns overflow."""
     low = [p for group in self.fp16_groups for p in group]
     master = [p for group in self.fp32_groups for p in group]
-    grads = [p.grad for p in low]
-    present = [g for g in grads if g is not None]
-    norms = torch._foreach_norm(present, 2.0, dtype=torch.float32) if present else []
-    total = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0  # the host sync DeepSpeed makes too
-    if not math.isfinite(total):  # an inf/NaN gradient (or a norm past fp32's range): DeepSpeed skips the step
-        return self._skip_invalid_grad_norm()
     if self._mmpt_grad_buffers is None:  # fp32 gradients, allocated once instead of every step
         self._mmpt_grad_buffers = [torch.empty_like(p) for p in master]
     buffers = self._mmpt_grad_buffers
-    copied = [b for b, g in zip(buffers, grads) if g is not None]
-    if copied:
-        torch._foreach_copy_(copied, present)
+    grads = [p.grad for p in low]
+    present = [g for g in grads if g is not None]
+    if present:
+        torch._foreach_copy_([b for b, g in zip(buffers, grads) if g is not None], present)
     for b, g in zip(buffers, grads):
         if g is None:
             b.zero_()  # DeepSpeed steps a parameter without a gradient with a zero one
+    norms = torch._foreach_norm(buffers, 2.0)  # of the fp32 copies: the same values as DeepSpeed's norm
+    total = float(torch.linalg.vector_norm(torch.stack(norms)))  # the host sync DeepSpeed makes too
+    if not math.isfinite(total):  # an inf/NaN gradient (or a norm past fp32's range): DeepSpeed skips the step
+        return self._skip_invalid_grad_norm()
     self.overflow = False
     self._global_grad_norm = total
     self._update_scale(False)

@@ -112,27 +112,45 @@ def cpu_attention_path(q: torch.Tensor, k: torch.Tensor) -> str | None:
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                      is_causal: bool, dropout_p: float) -> torch.Tensor:
-    """`attend` as `b h n d @ b h d m` products in q's dtype around a softmax that accumulates in fp32 (scores and
-    probabilities are rounded to bf16, as in autocast attention); fully masked query rows give zeros, as SDPA's."""
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))  # b h n m
+                     is_causal: bool, dropout_p: float) -> torch.Tensor:
+    """`attend` as two batched products in q's dtype around a softmax that accumulates in fp32: scores and
+    probabilities are rounded to bf16, as in autocast attention. The scale and the mask go into the first product
+    (`baddbmm`: scale * q k^T + additive mask, one op); fully masked query rows give zeros, as SDPA's do."""
+    b, h, n, d = q.shape
+    m = k.shape[-2]
     if is_causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    dead = None
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
+    bias, beta = q.new_zeros(1, 1, 1), 0.0  # beta 0: no mask, the bias is never read
+    if mask is not None:
+        beta = 1.0
+        # a finite lowest value, not -inf: a fully masked row then stays finite through backward (its output is
+        # zeroed below), while exp(lowest - max) is still exactly 0 in every other row
+        bias = mask.to(q.dtype) if mask.dtype != torch.bool else (
+            torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, torch.finfo(q.dtype).min))
+        bias = _per_batch_head(bias, b, h)
+    scores = torch.baddbmm(bias, q.reshape(b * h, n, d), k.reshape(b * h, m, d).transpose(1, 2), beta=beta,
+                           alpha=d ** -0.5)  # (b h) n m
+    # softmax straight to q's dtype: the CPU kernel accumulates in fp32, and its bf16 output is what the second
+    # product reads anyway (an fp32 softmax and its cast copy `b h n m` twice: 13-26% slower here)
+    probs = F.softmax(scores, dim=-1).view(b, h, n, m)
     if mask is not None and mask.dtype == torch.bool:
-        # in place: the product's backward does not read its output, and a copy of `b h n m` costs 10-15% here
-        scores.masked_fill_(~mask, float("-inf"))
         dead = ~mask.any(dim=-1, keepdim=True)  # query rows that may attend to nothing
-    elif mask is not None:
-        scores = scores + mask.to(scores.dtype)
-    # softmax straight to q's dtype: the CPU kernel accumulates in fp32 (its bf16 output is what the second product
-    # reads anyway), and skips the fp32 copies of `b h n m` that an fp32 softmax and its cast cost (13-26% here)
-    probs = F.softmax(scores, dim=-1)
-    if dead is not None and bool(dead.any()):  # a host check, free on CPU
-        probs = probs.masked_fill(dead, 0.0)
+        if bool(dead.any()):  # a host check, free on CPU
+            probs = probs.masked_fill(dead, 0.0)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    return rearrange(torch.matmul(probs, v), "b h n d -> b n (h d)")
+    out = torch.bmm(probs.reshape(b * h, n, m), v.reshape(b * h, m, d))
+    return rearrange(out, "(b h) n d -> b n (h d)", b=b)
+
+
+def _per_batch_head(bias: torch.Tensor, b: int, h: int) -> torch.Tensor:
+    """An additive mask broadcastable to `b h q m` -> broadcastable to `(b h) q m` (q may be 1): one shared by
+    every sample and head stays a view; otherwise it is expanded over `b h` (`b h` rows of its size)."""
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    if bias.shape[0] == 1 and bias.shape[1] == 1:
+        return bias[0]
+    return bias.expand(b, h, *bias.shape[2:]).reshape(b * h, *bias.shape[2:])
 
 
 class Attention(nn.Module):

@@ -57,6 +57,11 @@ def join_streams(xs: Streams) -> torch.Tensor:
     return torch.cat([image, text], dim=1)
 
 
+def _image_len(xs: Streams) -> int:
+    """Image tokens in `xs`: where the joined sequence splits."""
+    return 0 if xs[0] is None else xs[0].shape[1]
+
+
 def route(xs: Streams, image_fn: Callable[[torch.Tensor], torch.Tensor],
           text_fn: Callable[[torch.Tensor], torch.Tensor]) -> Streams:
     """image_fn on the image side, text_fn on the text side; an absent side never runs.
@@ -213,10 +218,6 @@ class MultiwayBlock(nn.Module):
         # VL-FFN is per token: running it on each side equals running it on the joined sequence
         h = route(xs, self.ffn_vl, self.ffn_vl) if vl and self.ffn_vl is not None else route(xs, self.ffn_v, self.ffn_l)
         return _add_residual(xs, h, self.gamma_ffn)
-
-
-def _image_len(xs: Streams) -> int:
-    return 0 if xs[0] is None else xs[0].shape[1]
 
 
 class MultiwayTransformer(nn.Module):
