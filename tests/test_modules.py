@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-from mmpt.modules.attention import (CPU_FP32_ATTENTION_MAX_KEYS, CPU_MATMUL_ATTENTION_MAX_KEYS,
-                                    CPU_MATMUL_ATTENTION_MIN_HEAD_DIM, CPU_MATMUL_ATTENTION_MIN_KEYS, Attention, attend, cpu_attention_path,
+from mmpt.modules.attention import (CPU_ATTENTION_MAX_KEYS, Attention, attend, cpu_attention_path,
                                     make_attn_mask)
 from mmpt.modules.block import Block, Transformer, init_weights_, no_weight_decay_names
 from mmpt.modules.embeddings import PatchEmbedding, TextEmbedding
@@ -92,27 +91,24 @@ def test_causal_future_keys_do_not_leak(attn: Attention) -> None:
     assert not torch.allclose(out_x[:, 4:], out_y[:, 4:])
 
 
-def test_cpu_attention_path_depends_on_dtype_head_width_and_keys() -> None:
+def test_cpu_attention_path_depends_on_dtype_and_keys() -> None:
     def path(dtype: torch.dtype, head_dim: int, keys: int) -> str | None:
         return cpu_attention_path(torch.zeros(1, 1, 4, head_dim, dtype=dtype), torch.zeros(1, 1, keys, head_dim, dtype=dtype))
 
-    wide, short, long = CPU_MATMUL_ATTENTION_MIN_HEAD_DIM, CPU_MATMUL_ATTENTION_MIN_KEYS, CPU_MATMUL_ATTENTION_MAX_KEYS
-    assert path(torch.bfloat16, wide, short) == "matmul"
-    assert path(torch.bfloat16, wide, long) == "matmul"
-    assert path(torch.bfloat16, wide, long + 1) == "fp32"
-    assert path(torch.bfloat16, wide, CPU_FP32_ATTENTION_MAX_KEYS) == "fp32"
-    assert path(torch.bfloat16, wide, CPU_FP32_ATTENTION_MAX_KEYS + 1) is None  # the bf16 kernel
-    assert path(torch.bfloat16, wide // 2, 97) == "fp32"
-    assert path(torch.bfloat16, wide, short - 1) == "fp32"
-    assert path(torch.float16, wide, 97) == "fp32"  # no fast fp16 products on CPUs
-    assert path(torch.float32, wide, 97) is None
+    for head_dim in (32, 64):
+        assert path(torch.bfloat16, head_dim, 1) == path(torch.bfloat16, head_dim, CPU_ATTENTION_MAX_KEYS) == "matmul"
+        assert path(torch.float16, head_dim, CPU_ATTENTION_MAX_KEYS) == "fp32"  # no fast fp16 products on CPUs
+        for dtype in (torch.bfloat16, torch.float16):
+            assert path(dtype, head_dim, CPU_ATTENTION_MAX_KEYS + 1) is None  # long sequences: the kernel
+        assert path(torch.float32, head_dim, 97) is None
 
 
-def _bf16_case(kind: str, q_len: int = 40, keys: int = 40) -> tuple[list[torch.Tensor], torch.Tensor | None, bool]:
-    """bf16 q, k, v `2 2 n 64` (leaves) and the mask / causal flag that `Attention` would pass to `attend`."""
+def _bf16_case(kind: str, q_len: int = 40, keys: int = 40,
+               head_dim: int = 64) -> tuple[list[torch.Tensor], torch.Tensor | None, bool]:
+    """bf16 q, k, v `2 2 n d` (leaves) and the mask / causal flag that `Attention` would pass to `attend`."""
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 2, q_len, 64, generator=gen).bfloat16()
-    k, v = (torch.randn(2, 2, keys, 64, generator=gen).bfloat16() for _ in range(2))
+    q = torch.randn(2, 2, q_len, head_dim, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 2, keys, head_dim, generator=gen).bfloat16() for _ in range(2))
     keep = torch.ones(2, keys, dtype=torch.long)
     keep[0, keys // 2:] = 0
     mask, causal = {
@@ -127,15 +123,16 @@ def _bf16_case(kind: str, q_len: int = 40, keys: int = 40) -> tuple[list[torch.T
     return [t.requires_grad_() for t in (q, k, v)], mask, causal
 
 
+@pytest.mark.parametrize("head_dim", [32, 64])
 @pytest.mark.parametrize("kind", ["full", "padded", "causal", "padded_causal", "cached_causal", "additive"])
-def test_bf16_attention_by_matmul_matches_the_fp32_kernel(kind: str) -> None:
+def test_bf16_attention_by_matmul_matches_the_fp32_kernel(kind: str, head_dim: int) -> None:
     """The matmul path (bf16 products, fp32 softmax) against fp32 SDPA on the same bf16 values: outputs and
     gradients within bf16 rounding (measured 2.7e-3 to 4.6e-3 relative). Its scores and probabilities are rounded to
     bf16 (as autocast attention's are), so its output error is 1.5-1.7x that of torch's bf16 kernel, which keeps
     the scores in fp32 (2.0x with an additive bias): bounded at 2.5x."""
-    lo, mask, causal = _bf16_case(kind, q_len=8 if kind == "cached_causal" else 40)
+    lo, mask, causal = _bf16_case(kind, q_len=8 if kind == "cached_causal" else 40, head_dim=head_dim)
     assert cpu_attention_path(lo[0], lo[1]) == "matmul"
-    grad_out = torch.randn(2, lo[0].shape[2], 128, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(2, lo[0].shape[2], 2 * head_dim, generator=torch.Generator().manual_seed(1))
     out = attend(*lo, mask, is_causal=causal)
     (out.float() * grad_out).sum().backward()
     got = [out.detach().float()] + [t.grad.float() for t in lo]
@@ -165,26 +162,31 @@ def test_bf16_attention_by_matmul_gives_zeros_for_a_fully_masked_query() -> None
     assert torch.equal(sdpa[1, :, 3], torch.zeros(2, 64))  # what SDPA does too
 
 
-@pytest.mark.parametrize("keys", [CPU_FP32_ATTENTION_MAX_KEYS, CPU_FP32_ATTENTION_MAX_KEYS + 1])
-def test_bf16_attention_on_cpu_runs_in_fp32_below_the_threshold(keys: int) -> None:
-    """Short key sequences: the kernel runs on the fp32 upcasts (bitwise what fp32 SDPA then a cast gives,
-    and closer to the fp32 result than the bf16 kernel); longer ones keep the bf16 kernel, bitwise."""
+@pytest.mark.parametrize("keys", [CPU_ATTENTION_MAX_KEYS, CPU_ATTENTION_MAX_KEYS + 1])
+def test_fp16_attention_on_cpu_runs_in_fp32_up_to_the_threshold(keys: int) -> None:
+    """fp16 over short key sequences: the kernel runs on the fp32 upcasts (bitwise what fp32 SDPA then a cast
+    gives, and closer to the fp32 result than the fp16 kernel); longer ones keep the fp16 kernel, bitwise. bf16
+    beyond the threshold keeps its kernel too."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, keys, 16, generator=gen) for _ in range(3))
     pad = torch.ones(2, keys, dtype=torch.long)
     pad[0, keys // 2:] = 0
     mask = make_attn_mask(keys, keys, pad)
     exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    lo = [t.bfloat16() for t in (q, k, v)]
-    upcast = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in lo), attn_mask=mask).bfloat16()
-    in_bf16 = torch.nn.functional.scaled_dot_product_attention(*lo, attn_mask=mask)
+    lo = [t.half() for t in (q, k, v)]
+    upcast = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in lo), attn_mask=mask).half()
+    in_fp16 = torch.nn.functional.scaled_dot_product_attention(*lo, attn_mask=mask)
     out = attend(*lo, mask)
-    assert out.dtype == torch.bfloat16
-    expected = upcast if keys <= CPU_FP32_ATTENTION_MAX_KEYS else in_bf16
+    assert out.dtype == torch.float16
+    expected = upcast if keys <= CPU_ATTENTION_MAX_KEYS else in_fp16
     assert torch.equal(out, expected.transpose(1, 2).flatten(2))
-    assert not torch.equal(upcast, in_bf16)  # the two paths are told apart
-    if keys <= CPU_FP32_ATTENTION_MAX_KEYS:
-        assert (upcast.float() - exact).abs().mean() < (in_bf16.float() - exact).abs().mean()
+    assert not torch.equal(upcast, in_fp16)  # the two paths are told apart
+    if keys <= CPU_ATTENTION_MAX_KEYS:
+        assert (upcast.float() - exact).abs().mean() < (in_fp16.float() - exact).abs().mean()
+    else:
+        bf16 = [t.bfloat16() for t in (q, k, v)]
+        kernel = torch.nn.functional.scaled_dot_product_attention(*bf16, attn_mask=mask)
+        assert torch.equal(attend(*bf16, mask), kernel.transpose(1, 2).flatten(2))
 
 
 def test_make_attn_mask_combinations() -> None:

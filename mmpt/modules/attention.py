@@ -14,16 +14,13 @@ from torch import nn
 
 from mmpt.modules.kv_cache import KVCache
 
-# On CPU, torch's flash-attention kernel runs bf16 / fp16 slower than fp32 over short key sequences (2-4.4x
-# up to 128 keys, 1.06-1.76x at 197, even at 257-325; bf16 wins from ~400). Measured fwd + bwd on torch 2.13,
-# 1 thread, head width 32-64 (scripts/bench/bench_cpu_attention.py; docs/PERFORMANCE.md, "bf16 on CPU").
-CPU_FP32_ATTENTION_MAX_KEYS = 256
-# Over 32-128 keys, bf16 attention with heads of >= 64 channels runs faster still as two bf16 matrix multiplies
-# around an fp32 softmax (AMX does the products): 1.04-1.40x the fp32 kernel, fwd + bwd from a qkv projection
-# (same bench); at 197 keys 0.86-1.04x, with 32-channel heads 0.78-1.05x, at 17 keys 0.97-1.09x.
-CPU_MATMUL_ATTENTION_MIN_HEAD_DIM = 64
-CPU_MATMUL_ATTENTION_MIN_KEYS = 32
-CPU_MATMUL_ATTENTION_MAX_KEYS = 128
+# On CPU, torch's flash-attention kernel runs bf16 / fp16 slower than fp32 over short key sequences (1.5-3.5x up to
+# 128 keys, 1.0-1.1x at 197-257), and two bf16 matrix multiplies around a softmax beat both (AMX does the
+# products): 1.0-1.8x the fp32 kernel at 17-197 keys, 1.9x at 257. Measured fwd + bwd on torch 2.13, 1 thread,
+# heads of 32 and 64 channels (scripts/bench/bench_cpu_attention.py; docs/PERFORMANCE.md, "bf16 on CPU"). Up to
+# this many keys mmpt takes the products for bf16 and the fp32 kernel for fp16 (CPUs lack fast fp16 products);
+# longer sequences keep the kernel, whose memory does not grow with the `n x n` scores.
+CPU_ATTENTION_MAX_KEYS = 256
 
 
 def make_attn_mask(
@@ -98,17 +95,11 @@ def attend(
 
 def cpu_attention_path(q: torch.Tensor, k: torch.Tensor) -> str | None:
     """How low-precision attention runs on CPU, where torch's bf16 / fp16 kernel is slow over short key
-    sequences (see the constants above): "matmul" (bf16 products around an fp32 softmax), "fp32" (the kernel
-    on fp32 upcasts; the projections around it stay in bf16), or None: SDPA as called. GPUs always get None."""
-    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
+    sequences (see CPU_ATTENTION_MAX_KEYS): "matmul" (bf16: `matmul_attention`), "fp32" (fp16: the kernel on fp32
+    upcasts; the projections around it stay in fp16), or None: SDPA as called. GPUs always get None."""
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or k.shape[-2] > CPU_ATTENTION_MAX_KEYS:
         return None
-    keys = k.shape[-2]
-    if keys > CPU_FP32_ATTENTION_MAX_KEYS:
-        return None
-    if (q.dtype == torch.bfloat16 and q.shape[-1] >= CPU_MATMUL_ATTENTION_MIN_HEAD_DIM
-            and CPU_MATMUL_ATTENTION_MIN_KEYS <= keys <= CPU_MATMUL_ATTENTION_MAX_KEYS):
-        return "matmul"
-    return "fp32"
+    return "matmul" if q.dtype == torch.bfloat16 else "fp32"
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
