@@ -40,5 +40,6 @@ def test_gpu_mfu_bench_refuses_a_file_without_the_markers(tmp_path: Path) -> Non
     doc = tmp_path / "PERFORMANCE.md"
     doc.write_text("# no markers here\n")
     proc = _run(tmp_path, doc, "--batch", "8")
-    assert proc.returncode == 2 and "error: " in proc.stderr and "needs exactly two '<!-- gpu-mfu -->' lines" in proc.stderr
+    assert proc.returncode == 2 and "error: " in proc.stderr
+    assert "needs exactly two '<!-- gpu-mfu -->' lines" in proc.stderr
     assert doc.read_text() == "# no markers here\n"

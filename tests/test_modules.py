@@ -93,7 +93,8 @@ def test_causal_future_keys_do_not_leak(attn: Attention) -> None:
 
 def test_cpu_attention_path_depends_on_dtype_and_keys() -> None:
     def path(dtype: torch.dtype, head_dim: int, keys: int) -> str | None:
-        return cpu_attention_path(torch.zeros(1, 1, 4, head_dim, dtype=dtype), torch.zeros(1, 1, keys, head_dim, dtype=dtype))
+        q, k = torch.zeros(1, 1, 4, head_dim, dtype=dtype), torch.zeros(1, 1, keys, head_dim, dtype=dtype)
+        return cpu_attention_path(q, k)
 
     for head_dim in (32, 64):
         assert path(torch.bfloat16, head_dim, 1) == path(torch.bfloat16, head_dim, CPU_ATTENTION_MAX_KEYS) == "matmul"

@@ -14,12 +14,12 @@ from torch import nn
 
 from mmpt.modules.kv_cache import KVCache
 
-# On CPU, torch's flash-attention kernel runs bf16 / fp16 slower than fp32 over short key sequences (1.5-3.5x up to
-# 128 keys, 1.0-1.1x at 197-257), and two bf16 matrix multiplies around a softmax beat both (AMX does the
-# products): 1.0-1.8x the fp32 kernel at 17-197 keys, 1.9x at 257. Measured fwd + bwd on torch 2.13, 1 thread,
-# heads of 32 and 64 channels (scripts/bench/bench_cpu_attention.py; docs/PERFORMANCE.md, "bf16 on CPU"). Up to
-# this many keys mmpt takes the products for bf16 and the fp32 kernel for fp16 (CPUs lack fast fp16 products);
-# longer sequences keep the kernel, whose memory does not grow with the `n x n` scores.
+# On CPU, torch's flash-attention kernel runs bf16 / fp16 slower than fp32 over short key sequences (1.5-3.5x up
+# to 128 keys, 1.0-1.7x at 197-257), and two bf16 matrix multiplies around a softmax beat both (AMX does the
+# products): 0.98-1.07x the fp32 kernel at 17 keys, 1.27-1.87x at 32-197, 1.8-1.9x at 257 (fwd + bwd, torch 2.13,
+# 1 thread, heads of 32 and 64 channels; scripts/bench/bench_cpu_attention.py, docs/PERFORMANCE.md "bf16 on CPU").
+# Up to this many keys mmpt takes the products for bf16 and the fp32 kernel for fp16 (CPUs lack fast fp16
+# products); longer sequences keep the kernel, whose memory does not grow with the `n x n` scores.
 CPU_ATTENTION_MAX_KEYS = 256
 
 
