@@ -4,12 +4,13 @@ There DeepSpeed wraps mmpt's torch AdamW in its `FP16_UnfusedOptimizer`, whose s
 Python several times: an inf/NaN test per gradient, a norm per gradient, a freshly allocated fp32 copy of each
 gradient, an unscale per gradient, then a copy of each fp32 master weight back into its bf16 weight (about 8
 small ops x 140 tensors for a width-128 BEiT-3; on a GPU each is a kernel launch). `use_foreach_bf16_step`
-replaces that one method with the same update done by multi-tensor ops: the per-tensor norms in one call, the
-global norm from them (non-finite = overflow: the same skip, via DeepSpeed's own `_skip_invalid_grad_norm`),
-gradient copies into fp32 buffers kept across steps, DeepSpeed's own clip/unscale factor, the wrapped optimizer's
-step, and one multi-tensor copy back. State, checkpoints, `get_global_grad_norm()` and `was_step_applied()`
-are DeepSpeed's, unchanged (tests/test_bf16_step.py: the same weights as DeepSpeed's step to 1e-6, skips
-included). On one CPU process it takes 5.6 ms off a 165 ms bf16 BEiT-3 step (scripts/bench/bench_vs_peers.py).
+replaces that one method with the same update done by multi-tensor ops: gradient copies into fp32 buffers kept
+across steps, their norms in one call and the global norm from them (non-finite = overflow: the same skip, via
+DeepSpeed's own `_skip_invalid_grad_norm`), DeepSpeed's own clip/unscale factor, the wrapped optimizer's step,
+and one multi-tensor copy back. State, checkpoints, `get_global_grad_norm()` and `was_step_applied()` are
+DeepSpeed's, unchanged (tests/test_bf16_step.py: the same weights as DeepSpeed's step to 1e-6, skips included).
+On one CPU process `engine.step()` of the width-128 BEiT-3 of scripts/bench/bench_vs_peers.py takes 10.3 ms
+instead of 16.6 ms.
 """
 from __future__ import annotations
 

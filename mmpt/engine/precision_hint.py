@@ -1,8 +1,8 @@
 """One start-up line for fp32 runs on a CPU whose AMX units make bf16 the faster precision.
 
 Measured on such a CPU (docs/PERFORMANCE.md, "bf16 on CPU"): `clip/tiny` and `albef/tiny` train 1.28x and 1.35x
-faster in bf16, width-128 models 1.64-1.81x, with the same R@1 within seed noise. fp32 stays the default, so the run only
-says so; nothing is switched behind the user's back.
+faster in bf16, width-128 models 1.64-1.81x, with the same R@1 within seed noise. fp32 stays the default, so the
+run only says so; nothing is switched behind the user's back.
 """
 from __future__ import annotations
 

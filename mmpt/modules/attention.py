@@ -97,7 +97,8 @@ def cpu_attention_path(q: torch.Tensor, k: torch.Tensor) -> str | None:
     """How low-precision attention runs on CPU, where torch's bf16 / fp16 kernel is slow over short key
     sequences (see CPU_ATTENTION_MAX_KEYS): "matmul" (bf16: `matmul_attention`), "fp32" (fp16: the kernel on fp32
     upcasts; the projections around it stay in fp16), or None: SDPA as called. GPUs always get None."""
-    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16) or k.shape[-2] > CPU_ATTENTION_MAX_KEYS:
+    low_precision = q.dtype in (torch.bfloat16, torch.float16)
+    if q.device.type != "cpu" or not low_precision or k.shape[-2] > CPU_ATTENTION_MAX_KEYS:
         return None
     return "matmul" if q.dtype == torch.bfloat16 else "fp32"
 
