@@ -405,3 +405,19 @@ def test_base_mdm_experiment_composes() -> None:
     assert [s.kind for s in typed.data.sources] == ["pairs", "images", "texts"] and typed.data.batch_size == 96
     assert typed.trainer.global_batch_size == 6144 and typed.data.image_mask.num_masked == 75
     assert typed.model.visual_tokenizer.kind == "frozen" and typed.model.multiway.width == 768
+
+
+def test_masked_image_objective_without_patch_masks_is_a_launch_problem() -> None:
+    """Refused at launch with the fix, instead of a ValueError at the first step."""
+    from mmpt.models.config_parts import Launch
+
+    def problems(objectives: list[str], mask_patch: int | None, training: bool = True) -> list[str]:
+        cfg = preset_config("beit3", "tiny", objectives=objectives)
+        return cfg.launch_problems(Launch(world_size=1, micro_batch=4, zero_stage=0, image_size=64,
+                                          image_mask_patch=mask_patch, training=training))
+
+    (no_masks,) = problems(["mdm_text", "mdm_image"], None)
+    assert "mdm_image" in no_masks and "data.image_mask.enabled=true" in no_masks
+    assert problems(["mdm_text", "mdm_image"], 8) == []
+    assert problems(["mdm_text", "itc"], None) == []
+    assert problems(["mdm_text", "mdm_image"], None, training=False) == []  # evaluating or loading needs no masks

@@ -497,7 +497,7 @@ def check_grad_cache(cfg: TrainConfig, capabilities: frozenset[str]) -> None:
         )
 
 
-def check_model_launch(cfg: TrainConfig, world_size: int, tokenizer: Any = None) -> None:
+def check_model_launch(cfg: TrainConfig, world_size: int, tokenizer: Any = None, training: bool = True) -> None:
     """The model config's own checks against this run (`launch_problems`: momentum vs ZeRO, queue size, patch
     and image geometry, token ids); the engine does not know which architecture it asks."""
     from mmpt.models.config_parts import Launch
@@ -507,7 +507,7 @@ def check_model_launch(cfg: TrainConfig, world_size: int, tokenizer: Any = None)
         check_text_length(cfg.data.max_text_len, tokenizer)
     launch = Launch(world_size, cfg.data.batch_size, zero_stage(cfg), cfg.data.image_size,
                     mask.patch_size if mask.enabled else None, tokenizer, cfg.data.mean, cfg.data.std,
-                    cfg.trainer.contrastive_accum_steps, max_text_len=cfg.data.max_text_len)
+                    cfg.trainer.contrastive_accum_steps, max_text_len=cfg.data.max_text_len, training=training)
     problems = cfg.model.launch_problems(launch)
     if problems:
         raise ConfigError("model: " + "; ".join(problems))

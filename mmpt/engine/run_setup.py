@@ -61,7 +61,7 @@ def validate(raw: DictConfig, env: DistEnv, need_train: bool = True) -> Prepared
             f"tokenizer {cfg.tokenizer.path} has {tokenizer.vocab_size} tokens but tokenizer.vocab_size="
             f"{cfg.tokenizer.vocab_size} embedding rows; set tokenizer.vocab_size={tokenizer.vocab_size} or more"
         )
-    check_model_launch(cfg, env.world_size, tokenizer)  # token ids set by hand must agree with the tokenizer
+    check_model_launch(cfg, env.world_size, tokenizer, training=need_train)  # token ids must agree with the tokenizer
     fill_tokens(cfg.model.tokens, tokenizer)  # ... and unset ones are the tokenizer's
     with torch.device("meta"):
         probe = build_model(cfg.model)

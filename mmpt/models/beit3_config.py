@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from mmpt.models.config_parts import MultiwayModelConfig
+from mmpt.models.config_parts import Launch, MultiwayModelConfig
 from mmpt.models.multiway_presets import beit3_base_dims, beit3_giant_dims, beit3_large_dims
 
 
@@ -33,6 +33,13 @@ class BEiT3Config(MultiwayModelConfig):
         for key in ("text_mask_ratio", "pair_text_mask_ratio"):
             if not 0.0 < getattr(self, key) < 1.0:
                 p.append(f"{key}={getattr(self, key)} must be in (0, 1)")
+        return p
+
+    def launch_problems(self, launch: Launch) -> list[str]:
+        p = super().launch_problems(launch)
+        if launch.training and self.uses("mdm_image") and launch.image_mask_patch is None:  # else step 1 fails
+            p.append("objective mdm_image predicts masked patches but the data makes no patch masks: set "
+                     "data.image_mask.enabled=true (experiment=beit3_tiny does), or drop mdm_image from model.objectives")
         return p
 
 

@@ -158,6 +158,7 @@ class Launch:
     std: Optional[list[float]] = None
     contrastive_accum_steps: int = 1  # trainer.contrastive_accum_steps (GradCache)
     max_text_len: Optional[int] = None  # data.max_text_len: the longest caption the model is fed
+    training: bool = True  # False: an eval / load of the config, where training-only needs do not apply
 
 
 @dataclass
