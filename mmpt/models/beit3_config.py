@@ -38,8 +38,9 @@ class BEiT3Config(MultiwayModelConfig):
     def launch_problems(self, launch: Launch) -> list[str]:
         p = super().launch_problems(launch)
         if launch.training and self.uses("mdm_image") and launch.image_mask_patch is None:  # else step 1 fails
-            p.append("objective mdm_image predicts masked patches but the data makes no patch masks: set "
-                     "data.image_mask.enabled=true (experiment=beit3_tiny does), or drop mdm_image from model.objectives")
+            p.append("objective mdm_image predicts masked patches but the data makes no patch masks: use "
+                     "experiment=beit3_tiny_mdm, or data.image_mask.enabled=true with data.image_mask.patch_size "
+                     "equal to the model's, or drop mdm_image from model.objectives")
         return p
 
 
