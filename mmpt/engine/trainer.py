@@ -24,13 +24,12 @@ from mmpt.data.pipeline import BatchLoader
 from mmpt.data.stream_state import LoaderState, resume_problem
 from mmpt.data.tokenizer import TextTokenizer
 from mmpt.engine import checkpoint
-from mmpt.engine.bf16_step import use_foreach_bf16_step
 from mmpt.engine.compile import compile_blocks
 from mmpt.engine.config import ConfigError, TrainConfig
 from mmpt.engine.divergence import DivergenceGuard
 from mmpt.engine.dist_env import DistEnv
-from mmpt.engine.ds_config import (build_deepspeed_config, global_batch_size, mmpt_grad_clip,
-                                   skip_single_rank_allreduce)
+from mmpt.engine.ds_config import global_batch_size
+from mmpt.engine.engine_init import initialize_engine
 from mmpt.engine.engine_step import backward_and_step
 from mmpt.engine.grad_cache import GradCacheAccumulator
 from mmpt.engine.loggers import RunLogger
@@ -131,8 +130,6 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: TrainConfig, resolved: dict[str, Any], env: DistEnv, device: torch.device,
                  run_dir: Path, tokenizer: TextTokenizer):
-        import deepspeed
-
         self.cfg, self.env, self.device, self.run_dir, self.tokenizer = cfg, env, device, run_dir, tokenizer
         self.ckpt_root = run_dir / "checkpoints"
         torch.manual_seed(cfg.trainer.seed)  # identical init on every rank
@@ -143,13 +140,8 @@ class Trainer:
             checkpoint.remove_stale_saves(self.ckpt_root)
         resume_dir = checkpoint.resume_target(cfg.trainer.resume, self.ckpt_root)
         self._refuse_other_world(resume_dir)
-        self.ds_config = build_deepspeed_config(cfg, env.world_size, checkpoint.is_legacy_zero(resume_dir))
-        self.grad_clip = mmpt_grad_clip(cfg, self.ds_config)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
-        )
-        skip_single_rank_allreduce(self.engine, env.world_size)
-        use_foreach_bf16_step(self.engine)
+        self.engine, self.grad_clip = initialize_engine(model, optimizer, cfg, env.world_size, scheduler,
+                                                        checkpoint.is_legacy_zero(resume_dir))
         self.model: PretrainModel = self.engine.module
         self.guard = DivergenceGuard(self.engine, cfg.trainer.max_bad_steps, cfg.trainer.spike_factor, device,
                                      mmpt_clips=self.grad_clip > 0)

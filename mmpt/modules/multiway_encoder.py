@@ -135,7 +135,7 @@ class MultiwayEncoder(nn.Module):
     def _final_norm(self, xs: Streams) -> torch.Tensor:
         """The final LayerNorm(s) on each side, then the sides joined: `b n d`, image tokens first."""
         if self.norm is not None:
-            return join_streams(route(xs, self.norm, self.norm))
+            return self.norm(join_streams(xs))  # one norm for both sides: one call on the joined sequence
         assert self.norm_v is not None and self.norm_l is not None
         return join_streams(route(xs, self.norm_v, self.norm_l))
 

@@ -5,9 +5,9 @@ largest batch that fits (issue 13 item 8).
         [--steps 20] [--warmup 3] [--no-compile] [--write docs/PERFORMANCE.md] [--device cuda]
 
 Per model: built from its preset as `mmpt-train model=<arch>/<preset>` builds it, wrapped in the DeepSpeed engine
-the trainer builds at `trainer.precision=bf16` (one process: stage 0, fused AdamW, clipping at 1.0, the
-multi-tensor bf16 step) and stepped by the trainer's `micro_step` on random pairs that already sit on the device
-(no loader: the step alone). The batch doubles from 8 in eager mode until a step runs out of memory or reaches
+the trainer builds (`initialize_engine`) at `trainer.precision=bf16` (one process: stage 0, fused AdamW, clipping
+at 1.0, the multi-tensor bf16 step) and stepped by the trainer's `micro_step` on random pairs that already sit on
+the device (no loader: the step alone). The batch doubles from 8 in eager mode until a step runs out of memory or reaches
 `--max-batch` (`--batch N` skips the search); then the blocks are compiled as `trainer.compile=true` compiles them
 (inductor, once, at that batch) and `--steps` steps are timed after `--warmup` (synchronised wall clock).
 TFLOP/s come from `step_flops` (the trainer's `train/tflops`) and MFU from the detected dense peak
@@ -47,13 +47,10 @@ def random_pairs(model_cfg, batch: int, device: str) -> Batch:
 
 
 def build_engine(name: str, batch: int, compiled: bool):
-    """(engine, model config, clip norm): the trainer's model, engine and one-process rules at bf16."""
-    import deepspeed
-
-    from mmpt.engine.bf16_step import use_foreach_bf16_step
+    """(engine, model config, clip norm): the trainer's model and engine at bf16 (`initialize_engine`)."""
     from mmpt.engine.compile import compile_blocks
     from mmpt.engine.config import TrainConfig
-    from mmpt.engine.ds_config import build_deepspeed_config, mmpt_grad_clip, skip_single_rank_allreduce
+    from mmpt.engine.engine_init import initialize_engine
     from mmpt.engine.optim import build_optimizer
     from mmpt.models.registry import build_model, preset_config
 
@@ -65,11 +62,8 @@ def build_engine(name: str, batch: int, compiled: bool):
     model = build_model(model_cfg)
     if compiled:
         compile_blocks(model)
-    ds = build_deepspeed_config(cfg, world_size=1)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optimizer), config=ds)
-    skip_single_rank_allreduce(engine, world_size=1)
-    use_foreach_bf16_step(engine)
-    return engine, model_cfg, mmpt_grad_clip(cfg, ds)
+    engine, clip = initialize_engine(model, build_optimizer(model, cfg.optimizer), cfg, world_size=1)
+    return engine, model_cfg, clip
 
 
 def timed_steps(engine, batch: Batch, clip: float, steps: int, warmup: int, device: str) -> float:

@@ -76,12 +76,9 @@ def mmpt_update(model: nn.Module, args: argparse.Namespace) -> tuple[nn.Module, 
     """mmpt's side of a step after the loss: the DeepSpeed engine built as the trainer builds it (its default
     config at `--precision`), returned with the module it casts (bf16: the weights become bf16) and the update
     `engine_step.backward_and_step` (backward, mmpt's clipping, step)."""
-    import deepspeed
-
-    from mmpt.engine.bf16_step import use_foreach_bf16_step
     from mmpt.engine.config import OptimizerConfig, TrainConfig
     from mmpt.engine.dist_env import init_process_group
-    from mmpt.engine.ds_config import build_deepspeed_config, mmpt_grad_clip, skip_single_rank_allreduce
+    from mmpt.engine.engine_init import initialize_engine
     from mmpt.engine.engine_step import backward_and_step
     from mmpt.engine.optim import build_optimizer
     from mmpt.engine.run_setup import current_env
@@ -90,12 +87,7 @@ def mmpt_update(model: nn.Module, args: argparse.Namespace) -> tuple[nn.Module, 
     if not torch.distributed.is_initialized():  # the trainer's one-rank gloo group (a free port, its timeout)
         init_process_group(current_env(), cfg.trainer.dist_timeout_s)
     cfg.data.batch_size, cfg.trainer.precision = args.batch, args.precision
-    ds_config = build_deepspeed_config(cfg, world_size=1)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimizerConfig(lr=1e-4)),
-                                           config=ds_config)
-    skip_single_rank_allreduce(engine, world_size=1)
-    use_foreach_bf16_step(engine)
-    clip = mmpt_grad_clip(cfg, ds_config)
+    engine, clip = initialize_engine(model, build_optimizer(model, OptimizerConfig(lr=1e-4)), cfg, world_size=1)
     return engine, lambda loss: backward_and_step(engine, loss, clip)
 
 
