@@ -43,3 +43,11 @@ def test_gpu_mfu_bench_refuses_a_file_without_the_markers(tmp_path: Path) -> Non
     assert proc.returncode == 2 and "error: " in proc.stderr
     assert "needs exactly two '<!-- gpu-mfu -->' lines" in proc.stderr
     assert doc.read_text() == "# no markers here\n"
+
+
+def test_gpu_mfu_bench_without_a_gpu_says_so_unless_asked_for_cpu(tmp_path: Path) -> None:
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is here")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--models", "clip/tiny"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no GPU here") and "--device cpu" in proc.stderr

@@ -12,8 +12,8 @@ the device (no loader: the step alone). The batch doubles from 8 in eager mode u
 (inductor, once, at that batch) and `--steps` steps are timed after `--warmup` (synchronised wall clock).
 TFLOP/s come from `step_flops` (the trainer's `train/tflops`) and MFU from the detected dense peak
 (`mmpt/engine/mfu.py`). `--write FILE` replaces the table between the `<!-- gpu-mfu -->` markers of FILE.
-Where there is no GPU, `--device cpu --models clip/tiny --max-batch 8 --steps 2 --no-compile` checks the script
-(MFU blank).
+Without a GPU it stops with one `error:` line; `--device cpu --models clip/tiny --max-batch 8 --steps 2
+--no-compile` checks the script there (MFU blank).
 """
 from __future__ import annotations
 
@@ -142,9 +142,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda", help="cpu only checks the script (base models take minutes a step)")
     ap.add_argument("--write", type=Path, default=None, help="a markdown file with two gpu-mfu markers")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("no GPU here: this bench measures GPU throughput; `--device cpu --models clip/tiny --max-batch 8 "
+             "--steps 2 --no-compile` checks the script on CPU")
     if args.write is not None:
         check_markers(args.write)
 
